@@ -1,0 +1,178 @@
+"""The run config: YAML → frozen typed dataclasses, with `--set section.key=value` overrides.
+
+Sections `input`, `output`, `cluster` are the engine's; each stage module declares its own section
+(`download`, `captions`, `dedup`, `clip`, `write`). Paths in a YAML file are relative to that file's
+folder; paths given with `--set` are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from curate.pipeline.configspec import ConfigError, build, describe, option
+from curate.stages.clean_captions import CaptionsConfig
+from curate.stages.clip_filter import ClipConfig
+from curate.stages.download import DownloadConfig
+from curate.stages.phash_dedup import DedupConfig
+from curate.stages.write import WriteConfig
+
+InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "webdataset"]
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    path: str = option("", help="Input table(s): a file, folder, glob or brace pattern; local or fsspec URL.", path=True)
+    format: InputFormat = option("auto", help="Input format; `auto` picks it from the file extension.")
+    url_column: str = option("url", help="Column holding the image URL (LAION: `URL`).")
+    caption_column: str = option("caption", help="Column holding the caption (LAION: `TEXT`).")
+    shard_size: int = option(10000, help="Rows per partition (the unit of work, resume and stats).", range=(1, None))
+    limit: int = option(0, help="Only take the first N input rows (0 = all). Handy for trials.", range=(0, None))
+
+    def validate(self, key_path: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{key_path}.path", "is required (the input table or tars)")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    path: str = option("", help="Run directory (local or fsspec URL); see docs/architecture.md for its layout.", path=True)
+
+    def validate(self, key_path: str) -> None:
+        if not self.path:
+            raise ConfigError(f"{key_path}.path", "is required (the run directory)")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    scheduler_address: str = option("", help="Connect to this Dask scheduler (tcp://host:8786) instead of starting a LocalCluster.")
+    n_workers: int = option(0, help="LocalCluster worker processes (0 = one per core, capped by memory).", range=(0, None))
+    threads_per_worker: int = option(1, help="Threads per LocalCluster worker process.", range=(1, None))
+    memory_limit: str = option("auto", help="Per-worker memory limit for the LocalCluster (Dask syntax, e.g. '4GiB').")
+    processes: bool = option(True, help="LocalCluster with worker processes (false = threads in this process).")
+    dashboard: bool = option(True, help="Serve the Dask dashboard on a free local port and print its link.")
+    gpu_workers: int = option(0, help="LocalCluster workers that advertise `GPU=1` (0 = one per visible CUDA device).", range=(0, None))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    input: InputConfig = option(InputConfig(), help="What to read.")
+    output: OutputConfig = option(OutputConfig(), help="Where to write.")
+    cluster: ClusterConfig = option(ClusterConfig(), help="Where to compute.")
+    download: DownloadConfig = option(DownloadConfig(), help="Download stage.")
+    captions: CaptionsConfig = option(CaptionsConfig(), help="Caption cleaning stage.")
+    dedup: DedupConfig = option(DedupConfig(), help="pHash eval-set dedup stage.")
+    clip: ClipConfig = option(ClipConfig(), help="CLIP similarity filter stage.")
+    write: WriteConfig = option(WriteConfig(), help="Shard writer.")
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(".".join(parts[: i + 1]), f"cannot set {dotted}: not a mapping")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """`section.key=value` strings → (key path, YAML-parsed value)."""
+    out = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "expected --set section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key or any(not p for p in key.split(".")):
+            raise ConfigError(key or item, "expected --set section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(key, f"could not parse value {raw!r}: {err}") from err
+        out.append((key, value))
+    return out
+
+
+def _absolutize_overrides(cls: type, key: str, value: Any, cwd: Path) -> Any:
+    """Resolve path-typed overrides against the current directory (not the config's folder)."""
+    node: Any = cls
+    field_meta = None
+    for part in key.split("."):
+        match = [f for f in fields(node)] if hasattr(node, "__dataclass_fields__") else []
+        found = next((f for f in match if f.name == part), None)
+        if found is None:
+            return value
+        field_meta = found.metadata
+        node = found.type if isinstance(found.type, type) else getattr(found.default, "__class__", None)
+    if field_meta and field_meta.get("path") and isinstance(value, str) and value and "://" not in value:
+        p = Path(value).expanduser()
+        return str(p if p.is_absolute() else (cwd / p).resolve())
+    return value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    overrides: Sequence[str] = (),
+    data: Mapping[str, Any] | None = None,
+) -> RunConfig:
+    """Read a YAML config (safe_load), apply overrides, validate. Raises ConfigError."""
+    base_dir: Path | None = None
+    if data is None:
+        if path is None:
+            raise ConfigError("", "no config given")
+        p = Path(path)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError("", f"cannot read config {str(p)!r}: {err.strerror or err}") from err
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError("", f"{p}: not valid YAML: {err}") from err
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError("", f"{p}: expected a mapping of sections at top level, got {type(loaded).__name__}")
+        raw: dict[str, Any] = loaded
+        base_dir = p.resolve().parent
+    else:
+        raw = copy.deepcopy(dict(data))
+    cwd = Path.cwd()
+    for key, value in parse_overrides(overrides):
+        _set_dotted(raw, key, _absolutize_overrides(RunConfig, key, value, cwd))
+    for section, value in raw.items():
+        if value is None:
+            raw[section] = {}
+    return build(RunConfig, raw, "", base_dir)
+
+
+def config_reference_markdown() -> str:
+    """docs/config.md's option tables, generated from the dataclasses (tests keep them in sync)."""
+    lines: list[str] = []
+    current = None
+    for key, type_text, default, help_text in describe(RunConfig):
+        section = key.split(".")[0]
+        if section != current:
+            current = section
+            lines += ["", f"### `{section}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+        lines.append(f"| `{key}` | {type_text} | `{default}` | {help_text} |")
+    return "\n".join(lines).lstrip() + "\n"
+
+
+def to_dict(obj: Any) -> Any:
+    """A config object as plain data (for logs and the run's saved config)."""
+    if hasattr(obj, "__dataclass_fields__"):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj

@@ -1,0 +1,172 @@
+"""The stage contract.
+
+A stage transforms one partition (a `pyarrow.Table`) into another. The runner hands a stage only the
+rows that are still alive (`status == "success"`); the stage returns the **same rows in the same
+order**, with columns added and, for rows it turns down, `status`, `reject_stage`, `reject_reason`
+(and optionally `error_message`) set. Rows are never dropped: the runner checks the count and moves
+turned-down rows aside itself, so the first failure always wins.
+
+Heavy set-up (models, indexes) happens in :meth:`Stage.setup`, which the runner calls once per worker
+process; the stage instance is then reused for every partition that worker runs.
+
+A stage that needs a run-wide decision before it can filter (e.g. keep the top 30% by CLIP score)
+sets `global_pass = True` and implements :meth:`score`, :meth:`summarize`, :meth:`decide` and
+:meth:`apply`: the runner scores every partition first, computes the decision once from the
+summaries, then applies it without recomputing anything.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from curate.pipeline import columns as C
+
+ConfigT = TypeVar("ConfigT")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one running instance of a stage needs on its worker."""
+
+    cpu_threads: int = 1
+    gpus: float = 0.0
+
+    @property
+    def dask_resources(self) -> dict[str, float]:
+        """Abstract Dask worker resources (`dask worker --resources GPU=1`)."""
+        return {"GPU": self.gpus} if self.gpus > 0 else {}
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Run-wide facts a stage may need: where the run writes, and its scratch folder."""
+
+    output_path: str
+    work_path: str
+    input_format: str = "parquet"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.work_path)
+
+
+class StageError(RuntimeError):
+    """A stage broke the contract or could not set up (not a row-level failure)."""
+
+
+class Stage(Generic[ConfigT]):
+    """Base class for pipeline stages. Subclasses set the class attributes and `process`."""
+
+    #: Name used in `reject_stage`, stats and logs.
+    name: ClassVar[str] = ""
+    #: Columns the stage reads (the runner checks them before the first partition).
+    requires: ClassVar[tuple[str, ...]] = ()
+    #: Columns the stage adds or rewrites.
+    adds: ClassVar[tuple[str, ...]] = ()
+    #: Set by stages that need a run-wide decision (see module docstring).
+    global_pass: ClassVar[bool] = False
+
+    def __init__(self, config: ConfigT, context: RunContext) -> None:
+        self.config = config
+        self.context = context
+        self.log = logging.getLogger(f"curate.stages.{self.name}")
+        self._is_set_up = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def resources(self) -> Resources:
+        return Resources()
+
+    def setup(self) -> None:
+        """Load models / indexes. Called once per worker before the first partition."""
+
+    def ensure_setup(self) -> None:
+        if not self._is_set_up:
+            self.setup()
+            self._is_set_up = True
+
+    def teardown(self) -> None:
+        """Release what setup() took (optional)."""
+
+    # -- work --------------------------------------------------------------------------------
+    def process(self, table: pa.Table) -> pa.Table:
+        raise NotImplementedError
+
+    # -- optional run-wide decision ----------------------------------------------------------
+    def score(self, table: pa.Table) -> pa.Table:
+        """Pass 1 of a global stage: add the columns the decision needs, decide nothing."""
+        raise NotImplementedError
+
+    def summarize(self, table: pa.Table) -> Any:
+        """Pass 1: a small picklable summary of one scored partition."""
+        raise NotImplementedError
+
+    def decide(self, summaries: Sequence[Any]) -> Any:
+        """Between passes, on the client: the run-wide decision from all summaries."""
+        raise NotImplementedError
+
+    def apply(self, table: pa.Table, decision: Any) -> pa.Table:
+        """Pass 2: filter a scored partition with the run-wide decision."""
+        raise NotImplementedError
+
+    # -- helpers for subclasses --------------------------------------------------------------
+    def reject(
+        self,
+        table: pa.Table,
+        reasons: Sequence[str | None],
+        messages: Sequence[str | None] | None = None,
+        status: str = C.STATUS_REJECTED,
+    ) -> pa.Table:
+        """Mark rows whose reason is not None as rejected (or failed) by this stage."""
+        return mark_rows(table, self.name, reasons, messages, status)
+
+
+def mark_rows(
+    table: pa.Table,
+    stage_name: str,
+    reasons: Sequence[str | None],
+    messages: Sequence[str | None] | None = None,
+    status: str | Sequence[str | None] = C.STATUS_REJECTED,
+) -> pa.Table:
+    """Set status/reject_stage/reject_reason/error_message on rows with a reason.
+
+    Rows already turned down keep their first reason. `status` may be one value or one per row.
+    """
+    n = table.num_rows
+    if len(reasons) != n:
+        raise StageError(f"{stage_name}: {len(reasons)} reasons for {n} rows")
+    statuses = [status] * n if isinstance(status, str) else list(status)
+    old_status = table.column(C.STATUS).to_pylist() if C.STATUS in table.column_names else [C.STATUS_SUCCESS] * n
+
+    def old(name: str) -> list[Any]:
+        return table.column(name).to_pylist() if name in table.column_names else [None] * n
+
+    old_stage, old_reason, old_msg = old(C.REJECT_STAGE), old(C.REJECT_REASON), old(C.ERROR_MESSAGE)
+    new_status, new_stage, new_reason, new_msg = [], [], [], []
+    for i in range(n):
+        reason = reasons[i]
+        if reason is not None and old_status[i] == C.STATUS_SUCCESS:
+            new_status.append(statuses[i] or C.STATUS_REJECTED)
+            new_stage.append(stage_name)
+            new_reason.append(reason)
+            new_msg.append(messages[i] if messages is not None else old_msg[i])
+        else:
+            new_status.append(old_status[i])
+            new_stage.append(old_stage[i])
+            new_reason.append(old_reason[i])
+            new_msg.append(old_msg[i])
+    table = C.set_column(table, C.STATUS, new_status)
+    table = C.set_column(table, C.REJECT_STAGE, new_stage)
+    table = C.set_column(table, C.REJECT_REASON, new_reason)
+    return C.set_column(table, C.ERROR_MESSAGE, new_msg)
+
+
+def alive_mask(table: pa.Table) -> pa.ChunkedArray | pa.Array:
+    return pc.equal(table.column(C.STATUS), C.STATUS_SUCCESS)

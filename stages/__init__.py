@@ -1,0 +1,1 @@
+"""curate.stages: one module per pipeline stage. `curate.pipeline.registry` lists them."""
