@@ -1,0 +1,183 @@
+"""`curate` command line. Exit codes: 0 ok, 1 run failure, 2 bad config or usage."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from curate.pipeline import __version__
+from curate.pipeline.configspec import ConfigError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """\
+curate turns raw web image-text pairs (LAION-style URL + caption tables, or WebDataset tars) into a small,
+clean CLIP training set: download -> clean captions -> pHash dedup against eval sets -> CLIP similarity
+filter -> curated Parquet + WebDataset shards, on Dask.
+
+Exit codes: 0 ok, 1 run failure, 2 bad config or usage."""
+
+EPILOG = """\
+examples:
+  curate demo                                   offline demo on the bundled corpus
+  curate validate configs/laion_subset.yaml
+  curate run configs/laion_subset.yaml --set input.path=part-00000.parquet --set output.path=runs/p0
+  curate hash-evalset /data/imagenet/val --name imagenet-val -o indexes/imagenet-val.parquet
+  curate dedup-report --corpus runs/p0 --index indexes/imagenet-val.parquet -o runs/p0/dedup
+  curate report runs/p0
+
+docs: docs/config.md (every option), docs/architecture.md, docs/operations.md"""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file (see docs/config.md)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config value (YAML syntax), repeatable, e.g. --set clip.threshold=0.3")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="curate", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"curate {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the pipeline described by a config",
+                       description="Run the pipeline. Re-running the same config resumes: finished partitions "
+                                   "are skipped.")
+    _add_config_args(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    p = sub.add_parser("validate", help="check a config without running it",
+                       description="Parse and validate a config; same messages and exit codes as `run`.")
+    _add_config_args(p)
+
+    p = sub.add_parser("hash-evalset", help="build a pHash index (INDEX.parquet) of an eval set",
+                       description="Hash an eval set (image folder, parquet, WebDataset tars or a Hugging Face "
+                                   "dataset saved to disk) into an index for `dedup.indexes`.")
+    p.add_argument("source", help="eval set: folder, .parquet, tar(s) / brace pattern, or HF save_to_disk folder")
+    p.add_argument("--name", default=None, help="eval-set name (default: the folder/file name)")
+    p.add_argument("-o", "--output", required=True, help="INDEX.parquet to write")
+    p.add_argument("--hash-size", type=int, default=8, help="pHash size (8 -> 64-bit hashes)")
+    p.add_argument("--mode", choices=("exact", "fast"), default="exact",
+                   help="exact = bit-identical to imagehash.phash; fast = batched DCT (see docs/dedup.md)")
+    p.add_argument("--format", dest="fmt", default="auto",
+                   choices=("auto", "folder", "parquet", "webdataset", "hf"), help="source format")
+
+    p = sub.add_parser("dedup-report", help="report near-duplicates between a corpus and eval indexes",
+                       description="Match a corpus (a finished run directory, parquet or WebDataset tars) against "
+                                   "eval indexes; writes index.html, pairs.csv, pairs.json, summary.json.")
+    p.add_argument("--corpus", required=True, help="run directory, parquet file or WebDataset tars")
+    p.add_argument("--index", dest="indexes", action="append", required=True, help="INDEX.parquet, repeatable")
+    p.add_argument("-o", "--output", required=True, help="report directory")
+    p.add_argument("--threshold", type=int, default=None, help="max Hamming distance (default: the index's)")
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="plain pHash only, without the second-signal check")
+
+    p = sub.add_parser("report", help="(re)write RUN_DIR/report.html",
+                       description="Write the HTML run report of a finished run directory.")
+    p.add_argument("run_dir")
+
+    p = sub.add_parser("demo", help="run the bundled offline demo (starts its own loopback image server)",
+                       description="Serve the bundled demo images on 127.0.0.1 and run configs/demo.yaml on them.")
+    p.add_argument("-o", "--output", default="demo-run", help="run directory (default: ./demo-run)")
+    p.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml of this checkout)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    return parser
+
+
+def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from curate.pipeline.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    config = _load(args)
+    print(f"{args.config}: ok (input {config.input.path}, output {config.output.path})")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from curate.pipeline.runner import run
+
+    config = _load(args)
+    run(config, progress=False if args.no_progress else None)
+    return EXIT_OK
+
+
+def _cmd_hash_evalset(args: argparse.Namespace) -> int:
+    from curate.pipeline.evalsets import hash_evalset
+
+    n = hash_evalset(args.source, args.output, name=args.name, hash_size=args.hash_size, mode=args.mode,
+                     fmt=args.fmt)
+    print(f"curate: hashed {n:,} eval images -> {args.output}")
+    return EXIT_OK
+
+
+def _cmd_dedup_report(args: argparse.Namespace) -> int:
+    from curate.pipeline.dedup_report import dedup_report
+
+    summary = dedup_report(args.corpus, args.indexes, args.output, threshold=args.threshold, verify=args.verify)
+    print(f"curate: dedup report -> {args.output}/index.html")
+    for name, info in (summary.get("eval_sets") or {}).items():
+        print(f"  {name}: {info}")
+    return EXIT_OK
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from curate.pipeline.report import write_run_report
+
+    print(f"curate: report -> {write_run_report(args.run_dir)}")
+    return EXIT_OK
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from curate.pipeline.demo import run_demo
+
+    run_demo(args.output, config_path=args.config, overrides=args.overrides)
+    return EXIT_OK
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "validate": _cmd_validate,
+    "hash-evalset": _cmd_hash_evalset,
+    "dedup-report": _cmd_dedup_report,
+    "report": _cmd_report,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not args.command:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as err:
+        print(f"curate: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError) as err:
+        if args.command in ("hash-evalset", "dedup-report", "report"):
+            print(f"curate: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"curate: run failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print("curate: interrupted; re-run the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as err:
+        logging.getLogger("curate").debug("run failed", exc_info=True)
+        print(f"curate: run failed: {type(err).__name__}: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""Dask cluster set-up: a LocalCluster sized to the machine, or an existing scheduler.
+
+GPU stages run as tasks that ask for the abstract resource `GPU=1`, so on a cluster whose GPU workers were
+started with `dask worker --resources GPU=1` (one per GPU) each GPU holds one model and CPU stages stay on the
+CPU workers. A LocalCluster on a machine with CUDA devices adds one such worker per device (pinned with
+CUDA_VISIBLE_DEVICES); `cluster.gpu_workers` forces a number (also on a machine without CUDA, which exercises
+the same scheduling with the stage falling back to CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+log = logging.getLogger("curate.cluster")
+
+
+def _cuda_devices() -> int:
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return 0
+    try:
+        import torch
+
+        return int(torch.cuda.device_count())
+    except Exception:  # torch missing or broken CUDA: no GPUs for scheduling purposes
+        return 0
+
+
+def _wants_gpu(stage_specs: Sequence[Any]) -> bool:
+    for spec in stage_specs:
+        device = getattr(spec.config, "device", None)
+        if device is not None and device != "cpu":
+            return True
+    return False
+
+
+def _cluster_has_gpu_workers(client: Any) -> bool:
+    workers = client.scheduler_info(n_workers=-1).get("workers", {}) if _accepts_n_workers(client) else \
+        client.scheduler_info().get("workers", {})
+    return any((w.get("resources") or {}).get("GPU", 0) > 0 for w in workers.values())
+
+
+def _accepts_n_workers(client: Any) -> bool:
+    import inspect
+
+    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+
+
+def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
+    from distributed import LocalCluster
+
+    cpu = os.cpu_count() or 1
+    n_workers = cfg.n_workers or max(1, cpu // cfg.threads_per_worker)
+    # Worker processes listen on loopback only; a threads-only cluster talks in-process.
+    network = {"host": "127.0.0.1"} if cfg.processes else {}
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=cfg.threads_per_worker,
+        processes=cfg.processes,
+        memory_limit=cfg.memory_limit,
+        dashboard_address="127.0.0.1:0" if cfg.dashboard else None,
+        silence_logs=logging.ERROR,
+        **network,
+    )
+    if gpu_workers and cfg.processes:
+        import copy
+
+        for i in range(gpu_workers):
+            name, spec = next(iter(cluster.new_worker_spec().items()))
+            spec = copy.deepcopy(spec)
+            spec["options"]["resources"] = {"GPU": 1}
+            spec["options"]["env"] = {"CUDA_VISIBLE_DEVICES": str(i)}
+            spec["options"]["nthreads"] = 1
+            cluster.worker_spec[f"gpu-{i}"] = spec
+        cluster.sync(cluster._correct_state)
+    return cluster
+
+
+@contextlib.contextmanager
+def open_client(cfg: Any, stage_specs: Sequence[Any], *, client: Any = None,
+                echo: Callable[[str], None] = print) -> Iterator[tuple[Any, bool]]:
+    """Yield (dask client, whether GPU-resource workers exist); close what we opened."""
+    if client is not None:
+        yield client, _cluster_has_gpu_workers(client)
+        return
+    from distributed import Client
+
+    if cfg.scheduler_address:
+        try:
+            c = Client(cfg.scheduler_address, timeout="30s")
+        except OSError as err:
+            raise RuntimeError(f"cannot reach the Dask scheduler at {cfg.scheduler_address}: {err}") from err
+        echo(f"curate: connected to {cfg.scheduler_address} ({len(c.scheduler_info().get('workers', {}))} workers)"
+             + (f"; dashboard {c.dashboard_link}" if c.dashboard_link else ""))
+        try:
+            yield c, _cluster_has_gpu_workers(c)
+        finally:
+            c.close()
+        return
+    gpu_workers = cfg.gpu_workers or (_cuda_devices() if _wants_gpu(stage_specs) else 0)
+    cluster = _local_cluster(cfg, gpu_workers)
+    c = Client(cluster)
+    if cfg.dashboard:
+        echo(f"curate: Dask dashboard {c.dashboard_link}")
+    try:
+        yield c, gpu_workers > 0 and cfg.processes
+    finally:
+        c.close()
+        cluster.close()

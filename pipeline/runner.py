@@ -1,0 +1,564 @@
+"""The runner: plans partitions, runs every partition through the stages on Dask, writes, resumes, finalizes.
+
+    input ─plan─> partitions ─(Dask task per partition)─> read → download → clean_captions → phash_dedup
+          → clip_filter → write part files + marker ──(all done)──> repack shards, manifest, stats, report
+
+A stage with a run-wide decision (`global_pass`, e.g. CLIP top-fraction or within-corpus dedup) splits the
+partition's journey into passes: pass k ends by scoring with that stage and persisting the partition under
+`_work/pass-k/`; once every partition has a summary, the decision is made once on the client, saved, and
+broadcast to pass k+1, which applies it without recomputing anything.
+
+Resume: each partition's last act is writing `_work/done/part-NNNNN.json` (its stats). A re-run skips partitions
+with a marker, and within a multi-pass run also reuses persisted passes and saved decisions. Outputs are written
+atomically under names derived from the partition id, so a task Dask runs twice rewrites identical files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.ipc as ipc
+
+from curate.pipeline import columns as C
+from curate.pipeline import inputs, shards, stats, storage
+from curate.pipeline.config import RunConfig, to_dict
+from curate.pipeline.configspec import ConfigError
+from curate.pipeline.registry import SINK, STAGES
+from curate.pipeline.stage import RunContext, Stage, StageError, mark_rows
+
+log = logging.getLogger("curate.runner")
+
+WORK_DIR = "_work"
+# Sections whose values change what a run writes; a resumed run must use the same ones.
+SEMANTIC_SECTIONS = ("input", "download", "captions", "dedup", "clip", "write")
+
+
+class RunFailed(RuntimeError):
+    """The run could not complete (some partitions failed). Finished partitions are kept for resume."""
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    section: str
+    cls: type[Stage]
+    config: Any
+
+    @property
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(to_dict(self.config), sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class PartitionState:
+    """A partition on its way through the stages (travels between Dask tasks)."""
+
+    partition_id: int
+    input_rows: int
+    alive: pa.Table
+    done: list[pa.Table] = field(default_factory=list)
+    stage_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # "read" | "load" | "stage" | "score" | "require_images" | "persist" | "write"
+    stage: StageSpec | None = None
+    pass_index: int = 0
+
+
+@dataclass
+class RunResult:
+    output_path: str
+    stats: dict[str, Any]
+    partitions_total: int
+    partitions_run: int
+    partitions_skipped: int
+    shards: list[dict[str, Any]]
+    funnel: str
+
+
+# -- worker side -------------------------------------------------------------------------------------
+
+_STAGE_CACHE: dict[tuple[str, str, str], Stage] = {}
+_STAGE_LOCK = threading.Lock()
+
+
+def _stage_instance(spec: StageSpec, context: RunContext) -> Stage:
+    """One set-up instance per (stage, config, run) per worker process: models load once."""
+    key = (spec.section, spec.fingerprint, context.output_path)
+    with _STAGE_LOCK:
+        instance = _STAGE_CACHE.get(key)
+        if instance is None:
+            instance = spec.cls(spec.config, context)
+            instance.ensure_setup()
+            _STAGE_CACHE[key] = instance
+    return instance
+
+
+def _split_alive(state: PartitionState) -> None:
+    """Move rows turned down by the last stage from `alive` to `done` (dropping image bytes)."""
+    mask = pc.equal(state.alive.column(C.STATUS), C.STATUS_SUCCESS)
+    if pc.all(mask).as_py() is not False:
+        return
+    gone = state.alive.filter(pc.invert(mask))
+    state.done.append(gone.drop_columns([c for c in C.INTERNAL_COLUMNS if c in gone.column_names]))
+    state.alive = state.alive.filter(mask)
+
+
+def _guarded(stage: Stage, method: Callable[[pa.Table], pa.Table], table: pa.Table) -> pa.Table:
+    """Run a stage method; if it raises, isolate the offending rows instead of losing the partition."""
+    try:
+        return _checked(stage, table, method(table))
+    except StageError:
+        raise
+    except Exception as err:  # a row the stage could not handle: find it, fail only it
+        log.warning("%s raised %r on a partition of %d rows; retrying row by row", stage.name, err, table.num_rows)
+    pieces = []
+    for i in range(table.num_rows):
+        row = table.slice(i, 1)
+        try:
+            pieces.append(_checked(stage, row, method(row)))
+        except StageError:
+            raise
+        except Exception as err:
+            message = f"{type(err).__name__}: {err}"[:500]
+            pieces.append(mark_rows(row, stage.name, ["internal_error"], [message], C.STATUS_FAILED))
+    return pa.concat_tables(pieces, promote_options="default") if pieces else table
+
+
+def _checked(stage: Stage, before: pa.Table, after: pa.Table) -> pa.Table:
+    if after.num_rows != before.num_rows:
+        raise StageError(f"stage {stage.name} returned {after.num_rows} rows for {before.num_rows}: "
+                         "stages must mark rows, never drop them")
+    if before.num_rows and after.column(C.KEY).to_pylist() != before.column(C.KEY).to_pylist():
+        raise StageError(f"stage {stage.name} reordered or changed row keys")
+    return after
+
+
+def _run_stage(state: PartitionState, stage: Stage, method_name: str, *args: Any) -> None:
+    missing = [c for c in stage.requires if c not in state.alive.column_names]
+    if missing and state.alive.num_rows:
+        raise StageError(f"stage {stage.name} needs column(s) {missing}; partition has {state.alive.column_names}")
+    rows_in = state.alive.num_rows
+    start = time.perf_counter()
+    if rows_in:
+        method = getattr(stage, method_name)
+        state.alive = _guarded(stage, (lambda t: method(t, *args)) if args else method, state.alive)
+    _split_alive(state)
+    info = state.stage_info.setdefault(stage.name, {"rows_in": 0, "rows_out": 0, "seconds": 0.0, "counters": {}})
+    info["rows_in"] += rows_in if method_name != "apply" else 0
+    info["rows_out"] = state.alive.num_rows
+    info["seconds"] = round(info["seconds"] + time.perf_counter() - start, 4)
+    counters = getattr(stage, "counters", None)
+    if counters:
+        for name, value in counters.items():
+            info["counters"][name] = info["counters"].get(name, 0) + int(value)
+        counters.clear()
+
+
+def _require_images(state: PartitionState, stage_name: str) -> None:
+    """Rows that reach the image stages without image bytes fail here, with a reason, not later."""
+    t = state.alive
+    if not t.num_rows:
+        return
+    if C.IMAGE not in t.column_names:
+        reasons = ["no_image"] * t.num_rows
+    else:
+        reasons = ["no_image" if v is None else None for v in t.column(C.IMAGE).to_pylist()]
+    if any(reasons):
+        messages = ["row has no image bytes and no download ran" if r else None for r in reasons]
+        state.alive = mark_rows(t, stage_name, reasons, messages, C.STATUS_FAILED)
+        _split_alive(state)
+
+
+def _pass_path(work: str, pass_index: int, partition_id: int, suffix: str) -> str:
+    return f"{work}/pass-{pass_index}/part-{partition_id:05d}{suffix}"
+
+
+def _persist(state: PartitionState, work: str, pass_index: int, summary: Any) -> None:
+    tables = [state.alive, *state.done]
+    table = pa.concat_tables([C.conform(t, keep_internal=True) for t in tables], promote_options="default")
+    meta = {b"curate.input_rows": str(state.input_rows).encode(),
+            b"curate.stage_info": json.dumps(state.stage_info).encode()}
+    table = table.replace_schema_metadata(meta)
+    with storage.atomic_path(_pass_path(work, pass_index, state.partition_id, ".arrow")) as tmp:
+        with pa.OSFile(tmp, "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table)
+    # The summary is written last: its presence means the persisted partition is complete.
+    storage.write_bytes(_pass_path(work, pass_index, state.partition_id, ".summary.pkl"),
+                        pickle.dumps(summary, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def _load(work: str, pass_index: int, partition_id: int) -> PartitionState:
+    with pa.memory_map(_pass_path(work, pass_index, partition_id, ".arrow"), "r") as source:
+        table = ipc.open_file(source).read_all()
+    meta = table.schema.metadata or {}
+    state = PartitionState(partition_id, int(meta[b"curate.input_rows"]), table.replace_schema_metadata(None),
+                           stage_info=json.loads(meta[b"curate.stage_info"]))
+    _split_alive(state)
+    return state
+
+
+def run_steps(
+    payload: inputs.PartitionSpec | PartitionState,
+    steps: Sequence[Step],
+    context: RunContext,
+    input_cfg: Any,
+    decisions: dict[int, Any],
+    sink: StageSpec,
+) -> PartitionState | dict[str, Any] | Any:
+    """Execute one group of steps for one partition (a Dask task)."""
+    state = payload if isinstance(payload, PartitionState) else None
+    for step in steps:
+        if step.kind == "read":
+            assert isinstance(payload, inputs.PartitionSpec)
+            table = inputs.read_partition(payload, input_cfg)
+            state = PartitionState(payload.partition_id, table.num_rows, table)
+        elif step.kind == "load":
+            assert isinstance(payload, int | inputs.PartitionSpec)
+            pid = payload if isinstance(payload, int) else payload.partition_id
+            state = _load(context.work_path, step.pass_index, pid)
+        elif step.kind == "require_images":
+            assert state is not None
+            _require_images(state, step.stage.cls.name if step.stage else "input")
+        elif step.kind == "stage":
+            assert state is not None and step.stage is not None
+            _run_stage(state, _stage_instance(step.stage, context), "process")
+        elif step.kind == "apply":
+            assert state is not None and step.stage is not None
+            _run_stage(state, _stage_instance(step.stage, context), "apply", decisions[step.pass_index])
+        elif step.kind == "score":
+            assert state is not None and step.stage is not None
+            stage = _stage_instance(step.stage, context)
+            _run_stage(state, stage, "score")
+            summary = stage.summarize(state.alive) if state.alive.num_rows else None
+            _persist(state, context.work_path, step.pass_index, summary)
+            return summary
+        elif step.kind == "write":
+            assert state is not None
+            return _write(state, _stage_instance(sink, context), context)
+        else:  # pragma: no cover - programming error
+            raise StageError(f"unknown step {step.kind}")
+    return state
+
+
+def _write(state: PartitionState, writer: Stage, context: RunContext) -> dict[str, Any]:
+    tables = [C.conform(t, keep_internal=True) for t in [state.alive, *state.done]]
+    final = pa.concat_tables(tables, promote_options="default")
+    start = time.perf_counter()
+    assert hasattr(writer, "write_partition")
+    written = writer.write_partition(state.partition_id, final)
+    state.stage_info["write"] = {"rows_in": final.num_rows, "rows_out": written["curated_rows"],
+                                 "seconds": round(time.perf_counter() - start, 4), "counters": written}
+    part_stats = stats.partition_stats(final, state.input_rows, state.stage_info)
+    part_stats["partition"] = state.partition_id
+    storage.write_json(f"{context.work_path}/done/part-{state.partition_id:05d}.json", part_stats)
+    return part_stats
+
+
+# -- client side -------------------------------------------------------------------------------------
+
+def _stage_specs(config: RunConfig) -> list[StageSpec]:
+    specs = []
+    for section, cls in STAGES.items():
+        section_cfg = getattr(config, section)
+        if section_cfg.enabled:
+            specs.append(StageSpec(section, cls, section_cfg))
+    return specs
+
+
+def _fingerprint(config: RunConfig) -> dict[str, str]:
+    data = to_dict(config)
+    return {s: hashlib.sha256(json.dumps(data[s], sort_keys=True, default=str).encode()).hexdigest()[:16]
+            for s in SEMANTIC_SECTIONS}
+
+
+def _check_resume_compatible(config: RunConfig, work: str) -> None:
+    path = f"{work}/run.json"
+    current = _fingerprint(config)
+    if storage.exists(path):
+        previous = storage.read_json(path).get("fingerprint", {})
+        changed = [s for s in SEMANTIC_SECTIONS if previous.get(s) != current[s]]
+        if changed:
+            raise ConfigError(
+                "output.path",
+                f"{config.output.path} holds a run made with different {', '.join(changed)} settings; "
+                "resume needs the same config: use a new output.path or delete the old run")
+        return
+    storage.write_json(path, {"fingerprint": current, "config": to_dict(config)})
+
+
+def _passes(config: RunConfig, specs: list[StageSpec], context: RunContext) -> list[list[Step]]:
+    """Steps of each pass. Global stages end a pass with `score`; the next pass starts with `apply`."""
+    needs_images = config.dedup.enabled or config.clip.enabled or config.write.enabled
+    passes: list[list[Step]] = [[Step("read")]]
+    if needs_images and not config.download.enabled:
+        passes[0].append(Step("require_images"))  # counted under stage "input": nothing could fetch them
+    for spec in specs:
+        is_global = bool(getattr(spec.cls(spec.config, context), "global_pass", False))
+        current = passes[-1]
+        if is_global:
+            current.append(Step("score", spec, pass_index=len(passes)))
+            passes.append([Step("load", pass_index=len(passes)), Step("apply", spec, pass_index=len(passes))])
+        else:
+            current.append(Step("stage", spec))
+        if spec.section == "download" and needs_images:
+            passes[-1].append(Step("require_images", spec))
+    passes[-1].append(Step("write"))
+    return passes
+
+
+def _group_by_resources(steps: list[Step], context: RunContext, gpu_cluster: bool) -> list[tuple[list[Step], dict]]:
+    """Consecutive steps with the same resource needs run as one task; GPU stages get `GPU=1` tasks."""
+    if not gpu_cluster:
+        return [(steps, {})]
+    groups: list[tuple[list[Step], dict]] = []
+    for step in steps:
+        res: dict[str, float] = {}
+        if step.stage is not None and step.kind in ("stage", "score", "apply"):
+            res = step.stage.cls(step.stage.config, context).resources().dask_resources
+        if groups and groups[-1][1] == res:
+            groups[-1][0].append(step)
+        else:
+            groups.append(([step], res))
+    return groups
+
+
+class Runner:
+    def __init__(self, config: RunConfig, *, progress: bool | None = None, client: Any = None,
+                 echo: Callable[[str], None] | None = None) -> None:
+        self.config = config
+        # None = progress bars when stderr is a terminal.
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self._client = client
+        self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        self.out = config.output.path.rstrip("/")
+        self.work = f"{self.out}/{WORK_DIR}"
+
+    # public ------------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        started = time.time()
+        storage.makedirs(self.work)
+        _check_resume_compatible(self.config, self.work)
+        plan = self._plan()
+        context = RunContext(self.out, self.work, plan.format)
+        specs = _stage_specs(self.config)
+        sink = StageSpec("write", SINK, self.config.write)
+        done_ids = {p.partition_id for p in plan.partitions if storage.exists(self._marker(p.partition_id))}
+        if len(done_ids) < len(plan.partitions):
+            done_ids = self._drop_repacked(done_ids)
+        todo = [p for p in plan.partitions if p.partition_id not in done_ids]
+        self.echo(f"curate: {plan.total_rows:,} input rows in {len(plan.partitions)} partition(s) "
+                  f"from {len(plan.sources)} file(s); {len(done_ids)} already done, {len(todo)} to run")
+        if todo:
+            self._run_partitions(todo, plan, specs, sink, context)
+        return self._finalize(plan, specs, started, len(todo), len(done_ids))
+
+    # steps -------------------------------------------------------------------------------------------
+    def _marker(self, partition_id: int) -> str:
+        return f"{self.work}/done/part-{partition_id:05d}.json"
+
+    def _drop_repacked(self, done_ids: set[int]) -> set[int]:
+        """After a finalize, part tars are gone; partitions that need them for a new repack must run again."""
+        finalized = f"{self.work}/finalized.json"
+        if not storage.exists(finalized) or not self.config.write.enabled:
+            return done_ids
+        still_done = set()
+        for pid in done_ids:
+            marker = storage.read_json(self._marker(pid))
+            samples = marker.get("stages", {}).get("write", {}).get("counters", {}).get("tar_samples", 0)
+            if samples == 0 or storage.exists(f"{self.work}/parts/part-{pid:05d}.tar"):
+                still_done.add(pid)
+            else:
+                storage.remove(self._marker(pid))
+        storage.remove(finalized)
+        return still_done
+
+    def _plan(self) -> inputs.InputPlan:
+        cached = f"{self.work}/plan.json"
+        if storage.exists(cached):
+            data = storage.read_json(cached)
+            parts = tuple(inputs.PartitionSpec(**p) for p in data["partitions"])
+            return inputs.InputPlan(parts, data["total_rows"], tuple(data["sources"]), data["format"],
+                                    data.get("malformed_lines", 0))
+        plan = inputs.plan_input(self.config.input, self.work)
+        storage.write_json(cached, {"partitions": [p.__dict__ for p in plan.partitions],
+                                    "total_rows": plan.total_rows, "sources": list(plan.sources),
+                                    "format": plan.format, "malformed_lines": plan.malformed_lines})
+        return plan
+
+    def _run_partitions(self, todo: list[inputs.PartitionSpec], plan: inputs.InputPlan, specs: list[StageSpec],
+                        sink: StageSpec, context: RunContext) -> None:
+        from curate.pipeline.cluster import open_client
+
+        with open_client(self.config.cluster, specs, client=self._client, echo=self.echo) as (client, gpu_cluster):
+            passes = _passes(self.config, specs, context)
+            decisions: dict[int, Any] = {}
+            failures: list[str] = []
+            for pass_index, steps in enumerate(passes):
+                last = pass_index == len(passes) - 1
+                if pass_index > 0:
+                    decisions[pass_index] = self._decision(pass_index, passes[pass_index - 1][-1], plan, context)
+                # A partition whose pass output is already persisted skips that pass.
+                pending = [p for p in todo if last or not storage.exists(
+                    _pass_path(self.work, pass_index + 1, p.partition_id, ".summary.pkl"))]
+                if not pending:
+                    continue
+                label = f"pass {pass_index + 1}/{len(passes)}" if len(passes) > 1 else "partitions"
+                failures += self._submit_pass(client, gpu_cluster, pending, steps, context, decisions, sink, label)
+                if failures:
+                    break
+            if failures:
+                raise RunFailed(f"{len(failures)} partition(s) failed; finished ones are kept, re-run to resume:\n  "
+                                + "\n  ".join(failures[:10]))
+
+    def _submit_pass(self, client: Any, gpu_cluster: bool, pending: list[inputs.PartitionSpec],
+                     steps: list[Step], context: RunContext, decisions: dict[int, Any], sink: StageSpec,
+                     label: str) -> list[str]:
+        from distributed import as_completed
+
+        groups = _group_by_resources(steps, context, gpu_cluster)
+        # One broadcast copy per worker instead of one per task (a dedup decision can be large).
+        decisions_ref = client.scatter([decisions], broadcast=True)[0] if decisions else {}
+        futures = {}
+        for spec in pending:
+            payload: Any = spec
+            future = None
+            for g, (group_steps, resources) in enumerate(groups):
+                future = client.submit(
+                    run_steps, payload if future is None else future, group_steps, context, self.config.input,
+                    decisions_ref, sink, key=f"curate-{label.replace(' ', '').replace('/', 'of')}-"
+                    f"part{spec.partition_id:05d}-g{g}-{os.getpid()}-{time.time_ns()}",
+                    resources=resources or None, retries=1, pure=False)
+            futures[future] = spec
+        failures = []
+        bar = self._bar(len(futures), label)
+        rows = 0
+        for future in as_completed(futures):
+            spec = futures[future]
+            try:
+                result = future.result()
+                rows += spec.num_rows
+            except Exception as err:  # a bug or an infrastructure failure: report, keep going
+                failures.append(f"partition {spec.partition_id} ({spec.source} rows {spec.start}-{spec.stop}): "
+                                f"{type(err).__name__}: {err}")
+                log.error("partition %d failed: %r", spec.partition_id, err)
+                result = None
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(rows=f"{rows:,}")
+            del result
+        if bar is not None:
+            bar.close()
+        return failures
+
+    def _bar(self, total: int, label: str) -> Any:
+        if not self.progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=label, unit="part", file=sys.stderr, dynamic_ncols=True)
+
+    def _decision(self, pass_index: int, score_step: Step, plan: inputs.InputPlan, context: RunContext) -> Any:
+        """The run-wide decision for the global stage that ended pass `pass_index - 1` (made once, saved)."""
+        path = f"{self.work}/pass-{pass_index}/decision.pkl"
+        if storage.exists(path):
+            with open(storage.local(path), "rb") as f:
+                return pickle.load(f)  # noqa: S301 - our own file in our own work dir
+        summaries = []
+        for p in plan.partitions:
+            summary_path = _pass_path(self.work, pass_index, p.partition_id, ".summary.pkl")
+            if storage.exists(summary_path):
+                with open(storage.local(summary_path), "rb") as f:
+                    summary = pickle.load(f)  # noqa: S301 - our own file
+                if summary is not None:
+                    summaries.append(summary)
+            elif not storage.exists(self._marker(p.partition_id)):
+                raise RunFailed(f"partition {p.partition_id} has no pass-{pass_index} summary")
+        assert score_step.stage is not None
+        stage = score_step.stage.cls(score_step.stage.config, context)
+        decision = stage.decide(summaries)
+        storage.write_bytes(path, pickle.dumps(decision, protocol=pickle.HIGHEST_PROTOCOL))
+        self.echo(f"curate: {stage.name} run-wide decision made from {len(summaries)} partition summaries")
+        return decision
+
+    def _finalize(self, plan: inputs.InputPlan, specs: list[StageSpec], started: float, ran: int,
+                  skipped: int) -> RunResult:
+        markers = [self._marker(p.partition_id) for p in plan.partitions]
+        parts = [storage.read_json(m) for m in markers]
+        merged = stats.merge(parts)
+        finalized_path = f"{self.work}/finalized.json"
+        write_cfg = self.config.write
+        if ran == 0 and storage.exists(finalized_path) and storage.exists(f"{self.out}/stats.json"):
+            previous = storage.read_json(f"{self.out}/stats.json")
+            manifest = storage.read_json(f"{self.out}/manifest.json")
+            funnel = stats.format_funnel(previous, [s.cls.name for s in specs])
+            self.echo("curate: nothing to do, every partition is done\n" + funnel)
+            return RunResult(self.out, previous, len(plan.partitions), 0, skipped, manifest["shards"], funnel)
+        infos: list[shards.ShardInfo] = []
+        if write_cfg.enabled:
+            part_tars = [f"{self.work}/parts/part-{p.partition_id:05d}.tar" for p in plan.partitions]
+            part_tars = [t for t in part_tars if storage.exists(t)]
+            infos = shards.repack(part_tars, f"{self.out}/shards", write_cfg.shard_prefix,
+                                  write_cfg.shard_samples, write_cfg.shard_bytes)
+            # Shards of an earlier, interrupted finalize beyond the final count would look complete: remove.
+            keep = {i.name for i in infos}
+            for path in storage.listdir(f"{self.out}/shards", ".tar"):
+                if os.path.basename(path) not in keep:
+                    storage.remove(path)
+        manifest = shards.manifest(infos, write_cfg.shard_prefix)
+        storage.write_json(f"{self.out}/manifest.json", manifest)
+        merged.update({
+            "stage_order": [s.cls.name for s in specs],
+            "input_format": plan.format,
+            "input_sources": list(plan.sources)[:100],
+            "input_malformed_lines_skipped": plan.malformed_lines,
+            "shards": len(infos),
+            "samples_in_shards": manifest["total_samples"],
+            "elapsed_seconds_last_run": round(time.time() - started, 2),
+        })
+        if write_cfg.enabled and manifest["total_samples"] != merged["kept"]:
+            raise stats.AccountingError(f"shards hold {manifest['total_samples']} samples but {merged['kept']} "
+                                        "rows were kept")
+        storage.write_json(f"{self.out}/stats.json", merged)
+        self._write_report()
+        storage.write_json(finalized_path, {"shards": len(infos), "kept": merged["kept"]})
+        # The big intermediates are no longer needed once the run is finalized.
+        for p in plan.partitions:
+            storage.remove(f"{self.work}/parts/part-{p.partition_id:05d}.tar")
+            for k in range(1, 8):
+                storage.remove(_pass_path(self.work, k, p.partition_id, ".arrow"))
+        funnel = stats.format_funnel(merged, [s.cls.name for s in specs])
+        self.echo(funnel)
+        self.echo(f"curate: wrote {len(infos)} shard(s) with {manifest['total_samples']:,} samples to "
+                  f"{self.out}/shards in {merged['elapsed_seconds_last_run']:.1f}s")
+        return RunResult(self.out, merged, len(plan.partitions), ran, skipped, manifest["shards"], funnel)
+
+    def _write_report(self) -> None:
+        if not storage.is_local(self.out):
+            return
+        try:
+            from curate.pipeline.report import write_run_report
+        except ImportError:  # pragma: no cover - report module ships with the package
+            return
+        try:
+            path = write_run_report(self.out)
+            self.echo(f"curate: report {path}")
+        except Exception as err:  # the data is written; a report problem must not fail the run
+            log.error("could not write the run report: %r", err)
+
+
+def run(config: RunConfig, **kwargs: Any) -> RunResult:
+    return Runner(config, **kwargs).run()

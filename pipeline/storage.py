@@ -1,0 +1,109 @@
+"""Atomic, idempotent writes on local paths and fsspec URLs.
+
+Every output file is written under a unique temporary name next to its destination and renamed into place,
+so a reader never sees a partial file and a task that runs twice (Dask may do that) just replaces identical
+content. On object stores (s3://) an upload only becomes visible when complete, which gives the same guarantee.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+
+TMP_MARK = ".tmp-"
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def local(path: str) -> str:
+    return path[len("file://"):] if path.startswith("file://") else path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+    """Yield a temporary local path; on success move it to `path` (local or fsspec URL)."""
+    if is_local(path):
+        path = local(path)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+        try:
+            yield tmp
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix="curate-")
+    os.close(fd)
+    try:
+        yield tmp
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        fs.put_file(tmp, fs_path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def read_json(path: str) -> Any:
+    with fsspec.open(path, "rb") as f:
+        return json.loads(f.read())
+
+
+def exists(path: str) -> bool:
+    if is_local(path):
+        return os.path.exists(local(path))
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    return fs.exists(fs_path)
+
+
+def listdir(path: str, suffix: str = "") -> list[str]:
+    """Sorted full paths of files directly in `path` ending in `suffix` (no temporaries)."""
+    if is_local(path):
+        p = local(path)
+        if not os.path.isdir(p):
+            return []
+        names = sorted(n for n in os.listdir(p) if n.endswith(suffix) and TMP_MARK not in n)
+        return [os.path.join(p, n) for n in names]
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(fs_path):
+        return []
+    protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
+    return sorted(f"{protocol}://{p}" for p in fs.ls(fs_path, detail=False)
+                  if p.endswith(suffix) and TMP_MARK not in p)
+
+
+def remove(path: str) -> None:
+    if is_local(path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(local(path))
+        return
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if fs.exists(fs_path):
+        fs.rm(fs_path)
+
+
+def makedirs(path: str) -> None:
+    if is_local(path):
+        os.makedirs(local(path), exist_ok=True)
+    else:
+        fs, fs_path = fsspec.core.url_to_fs(path)
+        fs.makedirs(fs_path, exist_ok=True)

@@ -1,0 +1,260 @@
+"""Runner tests with small fake stages: accounting, isolation of bad rows, contract checks, global passes,
+resume, determinism, and input formats. The real stages have their own tests; the e2e test runs them all."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.pipeline import columns as C
+from curate.pipeline import runner as runner_mod
+from curate.pipeline.config import load_config
+from curate.pipeline.configspec import ConfigError
+from curate.pipeline.inputs import plan_input, read_partition
+from curate.pipeline.stage import Stage
+
+
+class RejectBadCaptions(Stage[Any]):
+    name = "fake_filter"
+    requires = (C.CAPTION,)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        captions = table.column(C.CAPTION).to_pylist()
+        if any(c == "boom" for c in captions):
+            raise ValueError("cannot handle boom")
+        return self.reject(table, ["bad_caption" if "bad" in (c or "") else None for c in captions])
+
+
+class DropsRows(Stage[Any]):
+    name = "dropper"
+
+    def process(self, table: pa.Table) -> pa.Table:
+        return table.slice(1)
+
+
+class KeepLongestHalf(Stage[Any]):
+    """A global stage: score = caption length, keep rows at or above the run-wide median."""
+
+    name = "fake_global"
+    global_pass = True
+
+    def score(self, table: pa.Table) -> pa.Table:
+        return C.set_column(table, "clip_score", [float(len(c or "")) for c in table.column(C.CAPTION).to_pylist()])
+
+    def summarize(self, table: pa.Table) -> list[float]:
+        return table.column("clip_score").to_pylist()
+
+    def decide(self, summaries: Sequence[list[float]]) -> float:
+        scores = sorted(s for part in summaries for s in part)
+        return scores[len(scores) // 2]
+
+    def apply(self, table: pa.Table, decision: float) -> pa.Table:
+        return self.reject(table, ["below_median" if s < decision else None
+                                   for s in table.column("clip_score").to_pylist()])
+
+
+def make_tar(path: Path, images: dict[str, bytes], captions: list[str]) -> None:
+    names = sorted(images)
+    with tarfile.open(path, "w") as tar:
+        for i, caption in enumerate(captions):
+            name = names[i % len(names)]
+            ext = name.rsplit(".", 1)[1]
+            for member, data in ((f"s{i:04d}.{ext}", images[name]), (f"s{i:04d}.txt", caption.encode()),
+                                 (f"s{i:04d}.json", json.dumps({"url": f"http://x/{name}", "width": 1}).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+CAPTIONS = ["a cat", "bad dog", "a very long caption about a coffee cup", "rocket", "bad", "a horse in a field",
+            "gravel", "a clock on the wall", "coins on a table", "bad stuff here"]
+
+
+@pytest.fixture
+def tar_input(tmp_path: Path, real_images: dict[str, bytes]) -> Path:
+    path = tmp_path / "in.tar"
+    make_tar(path, real_images, CAPTIONS)
+    return path
+
+
+def config_for(tmp_path: Path, input_path: Path, **extra: Any) -> Any:
+    overrides = [f"input.path={input_path}", f"output.path={tmp_path / 'run'}", "input.shard_size=4",
+                 "download.enabled=false", "dedup.enabled=false", "clip.enabled=false",
+                 "cluster.processes=false", "cluster.n_workers=1", "cluster.dashboard=false",
+                 "write.shard_samples=3"]
+    overrides += [f"{k}={v}" for k, v in extra.items()]
+    return load_config(None, overrides, data={})
+
+
+def run_with(monkeypatch: pytest.MonkeyPatch, stages: dict[str, type[Stage]], config: Any) -> runner_mod.RunResult:
+    monkeypatch.setattr(runner_mod, "STAGES", stages)
+    return runner_mod.run(config, progress=False, echo=lambda _m: None)
+
+
+def shard_digest(run: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "shards").glob("*.tar"))}
+
+
+def test_accounting_outputs_and_shards(tmp_path: Path, tar_input: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config_for(tmp_path, tar_input)
+    result = run_with(monkeypatch, {"captions": RejectBadCaptions}, cfg)
+    run = tmp_path / "run"
+    stats = json.loads((run / "stats.json").read_text())
+    assert stats["input_rows"] == 10
+    assert stats["rejected"] == {"fake_filter": {"bad_caption": 3}}
+    assert stats["kept"] == 7 == result.stats["kept"]
+    assert stats["input_rows"] == stats["kept"] + sum(sum(r.values()) for r in stats["rejected"].values())
+    # 7 kept samples at 3 per shard -> 3 shards, contiguous names, manifest with true sha256s
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    assert [s["samples"] for s in manifest["shards"]] == [3, 3, 1]
+    for entry in manifest["shards"]:
+        assert hashlib.sha256((run / "shards" / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
+    with tarfile.open(run / "shards" / "shard-00000.tar") as tar:
+        names = tar.getnames()
+        meta = json.loads(tar.extractfile("000000000.json").read())  # type: ignore[union-attr]
+    assert names[:3] == ["000000000.jpg", "000000000.txt", "000000000.json"] or names[0].startswith("000000000.")
+    assert meta["key"] == "000000000" and meta["caption"] == "a cat" and meta["source_key"] == "s0000"
+    assert meta["input_width"] == 1  # an input column colliding with ours is kept under input_<name>
+    curated = pq.read_table(run / "curated").to_pylist()
+    rejected = pq.read_table(run / "rejected")
+    assert len(curated) == 7 and rejected.num_rows == 3
+    assert C.IMAGE not in rejected.column_names and C.IMAGE not in pq.read_schema(run / "curated/part-00000.parquet").names
+    assert set(rejected.column("reject_reason").to_pylist()) == {"bad_caption"}
+    assert set(rejected.column("status").to_pylist()) == {"rejected"}
+    assert not list(run.rglob("*.tmp-*"))
+
+
+def test_exception_fails_only_the_offending_row(tmp_path: Path, real_images: dict[str, bytes],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "in.tar"
+    make_tar(path, real_images, ["fine", "boom", "also fine", "bad one"])
+    run_with(monkeypatch, {"captions": RejectBadCaptions}, config_for(tmp_path, path))
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["rejected"] == {"fake_filter": {"bad_caption": 1, "internal_error": 1}}
+    assert stats["kept"] == 2
+    rejected = pq.read_table(tmp_path / "run" / "rejected").to_pylist()
+    boom = next(r for r in rejected if r["caption"] == "boom")
+    assert boom["status"] == "failed" and "cannot handle boom" in boom["error_message"]
+
+
+def test_stage_that_drops_rows_fails_the_run(tmp_path: Path, tar_input: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(runner_mod.RunFailed, match="never drop"):
+        run_with(monkeypatch, {"captions": DropsRows}, config_for(tmp_path, tar_input))
+
+
+def test_global_pass_decides_once_and_resumes(tmp_path: Path, tar_input: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config_for(tmp_path, tar_input, **{"clip.enabled": "true"})
+    run_with(monkeypatch, {"captions": RejectBadCaptions, "clip": KeepLongestHalf}, cfg)
+    run = tmp_path / "run"
+    stats = json.loads((run / "stats.json").read_text())
+    # 7 rows survive the caption filter; lengths: 5,38,6,18,6,19,16 -> median 16 -> 4 kept
+    assert stats["kept"] == 4
+    assert stats["rejected"]["fake_global"] == {"below_median": 3}
+    assert (run / "_work" / "pass-1" / "decision.pkl").exists()
+    assert not list((run / "_work" / "pass-1").glob("*.arrow"))  # intermediates removed after finalize
+    kept_scores = pq.read_table(run / "curated").column("clip_score").to_pylist()
+    assert min(kept_scores) >= 16
+
+
+def test_resume_skips_done_partitions_and_output_is_identical(tmp_path: Path, tar_input: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = config_for(tmp_path, tar_input)
+    first = run_with(monkeypatch, {"captions": RejectBadCaptions}, cfg)
+    run = tmp_path / "run"
+    before = shard_digest(run)
+    stats_before = (run / "stats.json").read_text()
+    second = run_with(monkeypatch, {"captions": RejectBadCaptions}, cfg)
+    assert first.partitions_run == 3 and second.partitions_run == 0 and second.partitions_skipped == 3
+    assert shard_digest(run) == before and (run / "stats.json").read_text() == stats_before
+    # Lose one partition's marker after finalize (e.g. its outputs were deleted): the resumed run must rebuild
+    # the part tars the finalize already cleaned up, and end with byte-identical shards.
+    (run / "_work" / "done" / "part-00001.json").unlink()
+    (run / "curated" / "part-00001.parquet").unlink()
+    third = run_with(monkeypatch, {"captions": RejectBadCaptions}, cfg)
+    assert third.partitions_run == 3
+    assert shard_digest(run) == before
+    old, new = json.loads(stats_before), json.loads((run / "stats.json").read_text())
+    assert (new["input_rows"], new["kept"], new["rejected"]) == (old["input_rows"], old["kept"], old["rejected"])
+
+
+def test_changed_config_refuses_to_resume(tmp_path: Path, tar_input: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run_with(monkeypatch, {"captions": RejectBadCaptions}, config_for(tmp_path, tar_input))
+    with pytest.raises(ConfigError, match="output.path"):
+        run_with(monkeypatch, {"captions": RejectBadCaptions},
+                 config_for(tmp_path, tar_input, **{"write.shard_samples": 5}))
+
+
+def test_table_inputs_laion_columns_extras_and_collisions(tmp_path: Path) -> None:
+    rows = {"URL": ["http://a/1.jpg", "http://a/2.jpg", "http://a/3.jpg"], "TEXT": ["one", "1984", "three"],
+            "similarity": [0.3, 0.2, 0.4], "status": ["x", "y", "z"]}
+    pq.write_table(pa.table(rows), tmp_path / "laion.parquet")
+    with open(tmp_path / "laion.csv", "w") as f:
+        f.write("URL,TEXT,similarity,status\n")
+        for i in range(3):
+            f.write(f"{rows['URL'][i]},\"{rows['TEXT'][i]}\",{rows['similarity'][i]},{rows['status'][i]}\n")
+    with open(tmp_path / "laion.tsv", "w") as f:
+        f.write("URL\tTEXT\tsimilarity\tstatus\n")
+        for i in range(3):
+            f.write(f"{rows['URL'][i]}\t{rows['TEXT'][i]}\t{rows['similarity'][i]}\t{rows['status'][i]}\n")
+    with open(tmp_path / "laion.jsonl", "w") as f:
+        for i in range(3):
+            f.write(json.dumps({k: v[i] for k, v in rows.items()}) + "\n")
+    for name in ("laion.parquet", "laion.csv", "laion.tsv", "laion.jsonl"):
+        cfg = load_config(None, [f"input.path={tmp_path / name}", f"output.path={tmp_path / 'o'}",
+                                 "input.url_column=URL", "input.caption_column=TEXT", "input.shard_size=2"], data={})
+        plan = plan_input(cfg.input, str(tmp_path / "work" / name))
+        assert plan.total_rows == 3 and [p.num_rows for p in plan.partitions] == [2, 1]
+        second = read_partition(plan.partitions[1], cfg.input)
+        first = read_partition(plan.partitions[0], cfg.input)
+        assert first.column("key").to_pylist() == ["000000000", "000000001"]
+        assert second.column("key").to_pylist() == ["000000002"]
+        assert first.column("url").to_pylist() == rows["URL"][:2]
+        assert first.column("caption").to_pylist() == ["one", "1984"], name  # stays text
+        assert first.column("similarity").to_pylist() == [0.3, 0.2]
+        assert first.column("input_status").to_pylist() == ["x", "y"]
+        assert first.column("status").to_pylist() == ["success", "success"]
+
+
+def test_missing_column_and_missing_files_name_the_key(tmp_path: Path) -> None:
+    pq.write_table(pa.table({"URL": ["u"], "TEXT": ["t"]}), tmp_path / "x.parquet")
+    cfg = load_config(None, [f"input.path={tmp_path / 'x.parquet'}", "output.path=o"], data={})
+    with pytest.raises(ConfigError, match=r"input.url_column: column 'url' not found"):
+        plan_input(cfg.input, str(tmp_path / "w"))
+    cfg = load_config(None, [f"input.path={tmp_path / 'nothing*.parquet'}", "output.path=o"], data={})
+    with pytest.raises(ConfigError, match="input.path: no files match"):
+        plan_input(cfg.input, str(tmp_path / "w"))
+
+
+def test_malformed_csv_lines_are_counted_not_fatal(tmp_path: Path) -> None:
+    (tmp_path / "x.csv").write_text('url,caption\nhttp://a/1,"one"\nhttp://a/2,two,extra,fields\nhttp://a/3,three\n')
+    cfg = load_config(None, [f"input.path={tmp_path / 'x.csv'}", "output.path=o"], data={})
+    plan = plan_input(cfg.input, str(tmp_path / "w"))
+    assert plan.total_rows == 2 and plan.malformed_lines == 1
+
+
+def test_limit_and_brace_patterns(tmp_path: Path, real_images: dict[str, bytes]) -> None:
+    for i in range(3):
+        make_tar(tmp_path / f"part-{i:03d}.tar", real_images, [f"c{i}-{j}" for j in range(4)])
+    cfg = load_config(None, [f"input.path={tmp_path}/part-{{000..002}}.tar", "output.path=o", "input.limit=10",
+                             "input.shard_size=3"], data={})
+    plan = plan_input(cfg.input, str(tmp_path / "w"))
+    assert plan.format == "webdataset" and plan.total_rows == 10
+    assert [p.num_rows for p in plan.partitions] == [3, 1, 3, 1, 2]
+    last = read_partition(plan.partitions[-1], cfg.input)
+    assert last.column("key").to_pylist() == ["000000008", "000000009"]
+    assert last.column("caption").to_pylist() == ["c2-0", "c2-1"]
+    assert all(v is not None for v in last.column("image").to_pylist())
+    assert os.path.basename(last.column("source_shard")[0].as_py()) == "part-002.tar"
