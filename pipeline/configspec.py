@@ -161,6 +161,8 @@ def build(cls: type, data: Mapping[str, Any], key_path: str = "", base_dir: Path
     kwargs = {}
     for name, f in fields.items():
         if name not in data:
+            if dataclasses.is_dataclass(hints[name]):  # absent section: defaults, but still validated
+                kwargs[name] = build(hints[name], {}, f"{key_path}.{name}" if key_path else name, base_dir)
             continue
         where = f"{key_path}.{name}" if key_path else name
         kwargs[name] = _convert(data[name], hints[name], where, f.metadata, base_dir)

@@ -30,7 +30,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
-
 from curate.pipeline import columns as C
 from curate.pipeline import inputs, shards, stats, storage
 from curate.pipeline.config import RunConfig, to_dict
@@ -193,9 +192,9 @@ def _persist(state: PartitionState, work: str, pass_index: int, summary: Any) ->
     meta = {b"curate.input_rows": str(state.input_rows).encode(),
             b"curate.stage_info": json.dumps(state.stage_info).encode()}
     table = table.replace_schema_metadata(meta)
-    with storage.atomic_path(_pass_path(work, pass_index, state.partition_id, ".arrow")) as tmp:
-        with pa.OSFile(tmp, "wb") as sink, ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table)
+    with storage.atomic_path(_pass_path(work, pass_index, state.partition_id, ".arrow")) as tmp, \
+            pa.OSFile(tmp, "wb") as sink, ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
     # The summary is written last: its presence means the persisted partition is complete.
     storage.write_bytes(_pass_path(work, pass_index, state.partition_id, ".summary.pkl"),
                         pickle.dumps(summary, protocol=pickle.HIGHEST_PROTOCOL))
@@ -447,7 +446,7 @@ class Runner:
         bar = self._bar(len(futures), label)
         rows = 0
         for future in as_completed(futures):
-            spec = futures[future]
+            spec = futures.pop(future)  # drop our reference so Dask can free the result
             try:
                 result = future.result()
                 rows += spec.num_rows

@@ -17,7 +17,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import fsspec
-
 from curate.pipeline import storage
 
 # Fixed metadata so identical samples give identical tar bytes.
@@ -59,13 +58,13 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def write_samples(path: str, samples: Iterable[Sample]) -> int:
     """Write a tar of samples atomically; return the number of samples."""
     count = 0
-    with storage.atomic_path(path) as tmp:
-        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for s in samples:
-                _add(tar, f"{s.key}.{s.image_ext}", s.image)
-                _add(tar, f"{s.key}.txt", s.caption.encode("utf-8"))
-                _add(tar, f"{s.key}.json", s.meta_json)
-                count += 1
+    with storage.atomic_path(path) as tmp, open(tmp, "wb") as f, \
+            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for s in samples:
+            _add(tar, f"{s.key}.{s.image_ext}", s.image)
+            _add(tar, f"{s.key}.txt", s.caption.encode("utf-8"))
+            _add(tar, f"{s.key}.json", s.meta_json)
+            count += 1
     return count
 
 
@@ -123,8 +122,8 @@ class _ShardWriter:
         self.bytes = 0
         self._ctx = storage.atomic_path(path)
         self._tmp = self._ctx.__enter__()
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close()
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close(), spans many add() calls
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
 
     def add(self, group: list[tuple[str, bytes]], size: int) -> None:
         for name, data in group:

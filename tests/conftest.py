@@ -78,6 +78,12 @@ def _make_handler(server: LoopbackServer) -> type[http.server.BaseHTTPRequestHan
     return Handler
 
 
+@pytest.fixture(scope="session")
+def route() -> type[Route]:
+    """The Route class (test modules cannot import conftest under --import-mode=importlib)."""
+    return Route
+
+
 @pytest.fixture
 def http_server() -> Iterator[Callable[[dict], LoopbackServer]]:
     """Factory: `srv = http_server({"/a.jpg": Route(body=...)})`; stopped after the test."""

@@ -1,0 +1,106 @@
+"""Config validation (key paths in messages), CLI exit codes, docs/config.md in sync, and the built wheel."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from curate.pipeline.cli import main
+from curate.pipeline.config import config_reference_markdown, load_config
+from curate.pipeline.configspec import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+BASE = ["input.path=in.parquet", "output.path=out"]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("clip.threshold=high", "clip.threshold: expected a number in [-1, 1], got 'high'"),
+        ("clip.threshold=1.5", "clip.threshold: expected a number in [-1, 1], got 1.5"),
+        ("clip.thresold=0.3", "clip.thresold: unknown key"),
+        ("nosuchsection.x=1", "nosuchsection: unknown key"),
+        ("input.shard_size=0", "input.shard_size: expected an integer >= 1, got 0"),
+        ("input.shard_size=ten", "input.shard_size: expected an integer >= 1, got 'ten'"),
+        ("download.allow_private=maybe", "download.allow_private: expected a boolean"),
+        ("input.format=xml", "input.format: expected one of"),
+        ("captions.languages=en", "captions.languages: expected a list of strings"),
+        ("write.shard_prefix=a/b", "write.shard_prefix: expected a non-empty file name prefix"),
+        ("dedup.threshold=65", "dedup.threshold: expected an integer in [0, 64], got 65"),
+    ],
+)
+def test_bad_values_name_the_key_path(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*BASE, override], data={})
+    assert message in str(err.value)
+
+
+def test_required_keys_and_defaults() -> None:
+    with pytest.raises(ConfigError, match=r"^input.path: is required"):
+        load_config(None, ["output.path=o"], data={})
+    with pytest.raises(ConfigError, match=r"^output.path: is required"):
+        load_config(None, ["input.path=i"], data={})
+    cfg = load_config(None, BASE, data={})
+    assert cfg.clip.threshold == 0.28 and cfg.download.allow_private is False and cfg.input.shard_size == 10000
+    with pytest.raises(AttributeError):
+        cfg.clip.threshold = 0.5  # type: ignore[misc]  # frozen
+
+
+def test_yaml_paths_relative_to_the_file_and_safe_load(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("input: {path: data/x.parquet}\noutput: {path: out}\n")
+    cfg = load_config(tmp_path / "c.yaml")
+    assert cfg.input.path == str(tmp_path / "data/x.parquet") and cfg.output.path == str(tmp_path / "out")
+    (tmp_path / "evil.yaml").write_text("input: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "evil.yaml")
+
+
+def test_shipped_configs_validate() -> None:
+    for name in ("demo.yaml", "laion_subset.yaml"):
+        assert main(["validate", str(REPO / "configs" / name)]) == 0
+
+
+def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.yaml").write_text("input: {path: x.parquet}\noutput: {path: o}\nclip: {threshold: high}\n")
+    assert main(["run", str(tmp_path / "bad.yaml")]) == 2
+    assert "clip.threshold: expected a number in [-1, 1], got 'high'" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["validate", str(tmp_path / "bad.yaml"), "--set", "clip.threshold=0.3"]) == 0
+    assert main([]) == 2
+    with pytest.raises(SystemExit) as err:
+        main(["run"])  # usage error from argparse
+    assert err.value.code == 2
+
+
+def test_console_script_help() -> None:
+    out = subprocess.run([sys.executable, "-m", "curate.pipeline.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for command in ("run", "validate", "hash-evalset", "dedup-report", "report", "demo"):
+        assert command in out
+    assert "Exit codes: 0 ok, 1 run failure, 2 bad config or usage" in out
+
+
+def test_docs_config_reference_is_in_sync() -> None:
+    doc = (REPO / "docs" / "config.md").read_text()
+    generated = config_reference_markdown()
+    assert generated in doc, "docs/config.md is stale: run `python -m curate.pipeline.config_docs`"
+
+
+def test_wheel_contains_every_subpackage(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(REPO)],
+                   check=True, capture_output=True)
+    wheel = next(tmp_path.glob("*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {str(p.parent.relative_to(REPO)) for p in REPO.glob("pipeline/**/__init__.py")}
+    packages |= {str(p.parent.relative_to(REPO)) for p in REPO.glob("stages/**/__init__.py")}
+    for package in packages:
+        assert f"curate/{package}/__init__.py" in names, package
+    assert not any(n.startswith(("pipeline/", "stages/")) for n in names)  # never bare top-level packages
+    for module in ("curate/pipeline/runner.py", "curate/stages/download.py", "curate/stages/clip_filter.py"):
+        assert module in names
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "curate = curate.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
