@@ -156,6 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:  # Dask logs every worker start/stop at INFO: keep the console for the funnel
+        for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.core"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE

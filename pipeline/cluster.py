@@ -88,6 +88,11 @@ def open_client(cfg: Any, stage_specs: Sequence[Any], *, client: Any = None,
         return
     from distributed import Client
 
+    if logging.getLogger().getEffectiveLevel() > logging.INFO:
+        # Dask configures its own loggers at INFO (worker starts, proxy hints): keep the console for results.
+        for name in list(logging.root.manager.loggerDict):
+            if name == "distributed" or name.startswith("distributed."):
+                logging.getLogger(name).setLevel(logging.WARNING)
     if cfg.scheduler_address:
         try:
             c = Client(cfg.scheduler_address, timeout="30s")

@@ -30,12 +30,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
+
 from curate.pipeline import columns as C
 from curate.pipeline import inputs, shards, stats, storage
 from curate.pipeline.config import RunConfig, to_dict
 from curate.pipeline.configspec import ConfigError
 from curate.pipeline.registry import SINK, STAGES
-from curate.pipeline.stage import RunContext, Stage, StageError, mark_rows
+from curate.pipeline.stage import RunContext, Stage, StageError, StageSetupError, mark_rows
 
 log = logging.getLogger("curate.runner")
 
@@ -101,9 +102,25 @@ def _stage_instance(spec: StageSpec, context: RunContext) -> Stage:
         instance = _STAGE_CACHE.get(key)
         if instance is None:
             instance = spec.cls(spec.config, context)
-            instance.ensure_setup()
+            try:
+                instance.ensure_setup()
+            except Exception as err:
+                raise StageSetupError(f"{spec.cls.name} could not set up: {err}") from err
             _STAGE_CACHE[key] = instance
     return instance
+
+
+def teardown_stages() -> int:
+    """Release every cached stage in this worker process (thread pools, models). Run via client.run()."""
+    with _STAGE_LOCK:
+        instances = list(_STAGE_CACHE.values())
+        _STAGE_CACHE.clear()
+    for instance in instances:
+        try:
+            instance.teardown()
+        except Exception as err:  # shutting down: log, never fail the run here
+            log.warning("teardown of %s failed: %r", instance.name, err)
+    return len(instances)
 
 
 def _split_alive(state: PartitionState) -> None:
@@ -354,6 +371,8 @@ class Runner:
         plan = self._plan()
         context = RunContext(self.out, self.work, plan.format)
         specs = _stage_specs(self.config)
+        for spec in specs:  # fail fast, before a cluster starts, on what the user must fix
+            spec.cls(spec.config, context).preflight()
         sink = StageSpec("write", SINK, self.config.write)
         done_ids = {p.partition_id for p in plan.partitions if storage.exists(self._marker(p.partition_id))}
         if len(done_ids) < len(plan.partitions):
@@ -419,6 +438,10 @@ class Runner:
                 failures += self._submit_pass(client, gpu_cluster, pending, steps, context, decisions, sink, label)
                 if failures:
                     break
+            try:
+                client.run(teardown_stages)
+            except Exception as err:  # a worker already gone has nothing to release
+                log.debug("teardown on workers: %r", err)
             if failures:
                 raise RunFailed(f"{len(failures)} partition(s) failed; finished ones are kept, re-run to resume:\n  "
                                 + "\n  ".join(failures[:10]))
@@ -450,6 +473,12 @@ class Runner:
             try:
                 result = future.result()
                 rows += spec.num_rows
+            except StageSetupError as err:  # every partition would fail the same way: stop now
+                for other in futures:
+                    other.cancel()
+                if bar is not None:
+                    bar.close()
+                raise RunFailed(str(err)) from err
             except Exception as err:  # a bug or an infrastructure failure: report, keep going
                 failures.append(f"partition {spec.partition_id} ({spec.source} rows {spec.start}-{spec.stop}): "
                                 f"{type(err).__name__}: {err}")

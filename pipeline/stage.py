@@ -62,6 +62,10 @@ class StageError(RuntimeError):
     """A stage broke the contract or could not set up (not a row-level failure)."""
 
 
+class StageSetupError(StageError):
+    """setup() failed on a worker (model or index could not load): the whole run stops at once."""
+
+
 class Stage(Generic[ConfigT]):
     """Base class for pipeline stages. Subclasses set the class attributes and `process`."""
 
@@ -83,6 +87,13 @@ class Stage(Generic[ConfigT]):
     # -- lifecycle ---------------------------------------------------------------------------
     def resources(self) -> Resources:
         return Resources()
+
+    def preflight(self) -> None:
+        """Cheap checks on the client before any task runs (files exist, options agree).
+
+        Raise `ConfigError("section.key", ...)` for problems the user must fix: the run stops with exit code 2
+        before starting a cluster. Do not load models here.
+        """
 
     def setup(self) -> None:
         """Load models / indexes. Called once per worker before the first partition."""

@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
 from curate.pipeline.cli import main
 from curate.pipeline.config import config_reference_markdown, load_config
 from curate.pipeline.configspec import ConfigError
@@ -29,7 +30,7 @@ BASE = ["input.path=in.parquet", "output.path=out"]
         ("input.format=xml", "input.format: expected one of"),
         ("captions.languages=en", "captions.languages: expected a list of strings"),
         ("write.shard_prefix=a/b", "write.shard_prefix: expected a non-empty file name prefix"),
-        ("dedup.threshold=65", "dedup.threshold: expected an integer in [0, 64], got 65"),
+        ("dedup.threshold=65", "dedup.threshold: must be below the hash's 64 bits, got 65"),
     ],
 )
 def test_bad_values_name_the_key_path(override: str, message: str) -> None:

@@ -1,0 +1,659 @@
+"""Eval sets: read images from common dataset layouts, build versioned pHash indexes, cache them.
+
+Adapters (:func:`iter_eval_images`, format picked by :func:`detect_format` or given):
+
+* ``folder``: an image folder, recursive (class subfolders such as ImageNet's ``val/n01440764/``).
+  ``item_id`` is the file's path relative to the folder root (POSIX separators).
+* ``parquet``: one file, a folder of ``*.parquet``, or a glob/brace pattern. Image bytes come from a
+  binary column (``image``, ``jpg``, ``png``, ``webp``, ``img``, ``image_bytes``, ``bytes``) or a
+  Hugging Face image struct (``{bytes, path}``); otherwise a path column (``path``, ``image_path``,
+  ``file_path``, ``filepath``, ``file``, ``filename``) relative to the Parquet file's folder.
+  ``item_id`` comes from an id column (``item_id``, ``id``, ``key``, ``__key__``, ``image_id``,
+  ``file_name``, ``filename``) or else is the row number (``file.parquet#row`` for several files).
+* ``webdataset``: tar shards (a file, a folder of ``*.tar``, a glob or a brace pattern such as
+  ``shard-{0000..0099}.tar``). ``item_id`` is the sample key (member path up to the first dot of
+  its file name), the first image member of each sample is hashed.
+* ``hf``: a Hugging Face ``datasets`` dataset written with ``save_to_disk`` (``state.json`` and
+  ``data-*.arrow`` Arrow stream files; a ``DatasetDict`` folder with ``dataset_dict.json`` and one
+  folder per split), read with pyarrow alone. The image column is the feature of type ``Image``.
+  ``item_id`` is the row number (``split/row`` for a DatasetDict).
+
+An index (INDEX.parquet) has the columns ``eval_set``, ``item_id``, ``path`` (file path or source
+reference), ``phash`` (hex, equal to ``str(imagehash.phash(img))`` in exact mode), and when the
+near-duplicate verification was on at hash time ``variant_hashes`` (list of hex) and ``descriptor``
+(binary), see :mod:`curate.pipeline.nearduplicate`. The hash parameters, format version, source
+and its fingerprint live in the Parquet key-value metadata under ``curate.evalset_index``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import logging
+import os
+import re
+import tarfile
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from curate.pipeline.phash import HashMode, PhashParams, from_hex, to_hex
+
+log = logging.getLogger("curate.evalsets")
+
+INDEX_FORMAT_VERSION = 1
+METADATA_KEY = b"curate.evalset_index"
+INDEX_COLUMNS = ("eval_set", "item_id", "path", "phash")
+FORMATS = ("folder", "parquet", "webdataset", "hf")
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
+
+_BYTES_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
+_PATH_COLUMNS = ("path", "image_path", "file_path", "filepath", "file", "filename")
+_ID_COLUMNS = ("item_id", "id", "key", "__key__", "image_id", "file_name", "filename")
+
+
+@dataclass(frozen=True)
+class EvalItem:
+    """One eval image: its id within the set, where it lives, and how to read its bytes."""
+
+    item_id: str
+    path: str
+    read: Callable[[], bytes]
+
+
+# -- locating sources -------------------------------------------------------------------------------
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset-style brace expansion: ``a-{000..002}.tar`` and ``{train,val}.tar``."""
+    match = _BRACE.search(pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    range_match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if range_match:
+        lo, hi = range_match.groups()
+        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
+        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
+    else:
+        options = body.split(",")
+    out: list[str] = []
+    for option_text in options:
+        out.extend(expand_braces(pattern[: match.start()] + option_text + pattern[match.end() :]))
+    return out
+
+
+def _expand_files(source: str) -> list[Path]:
+    """A file, or the files matched by glob and brace patterns (sorted, existing only)."""
+    paths: list[Path] = []
+    for pattern in expand_braces(source):
+        if any(ch in pattern for ch in "*?["):
+            paths.extend(Path(p) for p in sorted(glob.glob(pattern, recursive=True)))
+        elif Path(pattern).exists():
+            paths.append(Path(pattern))
+    return sorted(dict.fromkeys(p for p in paths if p.is_file()))
+
+
+def detect_format(source: str) -> str:
+    """Guess the adapter for `source`; raises ValueError when there is nothing readable."""
+    path = Path(source)
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return "hf"
+        names = [p.name for p in path.iterdir()]
+        if any(n.endswith(".tar") for n in names):
+            return "webdataset"
+        if any(n.endswith(".parquet") for n in names):
+            return "parquet"
+        return "folder"
+    files = _expand_files(source)
+    if not files:
+        raise ValueError(f"eval set {source!r}: no such file, folder or matching files")
+    suffixes = {p.suffix.lower() for p in files}
+    if suffixes <= {".tar"}:
+        return "webdataset"
+    if suffixes <= {".parquet"}:
+        return "parquet"
+    if suffixes <= {".arrow"}:
+        return "hf"
+    raise ValueError(
+        f"eval set {source!r}: cannot tell the format from {sorted(suffixes)}; pass fmt= one of {', '.join(FORMATS)}"
+    )
+
+
+def default_name(source: str) -> str:
+    """The eval-set name when none is given: the folder name, or the file name without extension."""
+    path = Path(source.rstrip("/"))
+    if path.is_dir():
+        return path.resolve().name
+    if any(ch in source for ch in "*?[{"):
+        parent = Path(re.split(r"[*?\[{]", source, maxsplit=1)[0]).parent
+        return parent.resolve().name or "evalset"
+    name = path.name
+    for suffix in (".parquet", ".tar", ".arrow"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem or "evalset"
+
+
+def source_files(source: str, fmt: str) -> list[Path]:
+    """Every file the adapter reads (used for the cache fingerprint)."""
+    path = Path(source)
+    if fmt == "folder":
+        return [p for p in _walk_images(path)]
+    if fmt == "hf":
+        return [p for _split, p in _hf_arrow_files(path)] + [
+            p for p in (path / "state.json", path / "dataset_info.json", path / "dataset_dict.json") if p.is_file()
+        ]
+    if path.is_dir():
+        ext = ".tar" if fmt == "webdataset" else ".parquet"
+        return sorted(p for p in path.rglob(f"*{ext}") if p.is_file())
+    return _expand_files(source)
+
+
+def fingerprint(source: str, fmt: str) -> str:
+    """sha256 over every source file's relative path, size and mtime (cheap; no image reads).
+
+    A changed, added or removed file changes the fingerprint; rewriting a file with identical
+    bytes does too (new mtime), which costs a re-hash, never a stale index.
+    """
+    digest = hashlib.sha256()
+    root = Path(source) if Path(source).is_dir() else None
+    for file in source_files(source, fmt):
+        stat = file.stat()
+        rel = file.relative_to(root).as_posix() if root is not None else str(file.resolve())
+        digest.update(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+# -- adapters ----------------------------------------------------------------------------------------
+
+def _walk_images(root: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                out.append(Path(dirpath) / name)
+    return sorted(out, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _iter_folder(root: Path) -> Iterator[EvalItem]:
+    for file in _walk_images(root):
+        yield EvalItem(file.relative_to(root).as_posix(), str(file), file.read_bytes)
+
+
+def _const(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
+
+
+def _pick(names: Iterable[str], wanted: Iterable[str]) -> str | None:
+    lower = {n.lower(): n for n in names}
+    for w in wanted:
+        if w in lower:
+            return lower[w]
+    return None
+
+
+def _image_struct_column(schema: pa.Schema) -> str | None:
+    for field in schema:
+        if pa.types.is_struct(field.type) and field.type.get_field_index("bytes") >= 0:
+            return field.name
+    return None
+
+
+def _rows_from_table_batches(
+    batches: Iterable[pa.RecordBatch], schema: pa.Schema, base_dir: Path, ref: str, id_prefix: str,
+    image_column: str | None = None, id_column: str | None = None,
+) -> Iterator[EvalItem]:
+    """Shared by the parquet and hf adapters: image bytes / struct / path column, id column."""
+    names = schema.names
+    struct_col = image_column if image_column and pa.types.is_struct(schema.field(image_column).type) else None
+    bytes_col = path_col = None
+    if image_column and struct_col is None:
+        field_type = schema.field(image_column).type
+        if pa.types.is_binary(field_type) or pa.types.is_large_binary(field_type):
+            bytes_col = image_column
+        else:
+            path_col = image_column
+    if not image_column:
+        struct_col = _image_struct_column(schema)
+        if struct_col is None:
+            candidate = _pick(names, _BYTES_COLUMNS)
+            if candidate is not None and (
+                pa.types.is_binary(schema.field(candidate).type) or pa.types.is_large_binary(schema.field(candidate).type)
+            ):
+                bytes_col = candidate
+            else:
+                path_col = _pick(names, _PATH_COLUMNS)
+    if struct_col is None and bytes_col is None and path_col is None:
+        raise ValueError(f"{ref}: no image column (binary, image struct or path); columns are {names}")
+    id_col = id_column or _pick([n for n in names if n not in (bytes_col, struct_col)], _ID_COLUMNS)
+    row = 0
+    for batch in batches:
+        data = batch.to_pydict()
+        for i in range(batch.num_rows):
+            item_id = str(data[id_col][i]) if id_col else f"{id_prefix}{row}"
+            reference = f"{ref}#{row}"
+            payload: bytes | None = None
+            image_path: str | None = None
+            if struct_col is not None:
+                value = data[struct_col][i] or {}
+                payload = value.get("bytes")
+                image_path = value.get("path")
+            elif bytes_col is not None:
+                payload = data[bytes_col][i]
+            else:
+                image_path = data[path_col][i]
+            row += 1
+            if payload is not None:
+                yield EvalItem(item_id, image_path or reference, _const(payload))
+            elif image_path:
+                file = Path(image_path)
+                file = file if file.is_absolute() else base_dir / file
+                yield EvalItem(item_id, str(file), file.read_bytes)
+            else:
+                log.warning("%s: row %d has no image bytes or path; skipped", ref, row - 1)
+
+
+def _iter_parquet(files: list[Path], image_column: str | None, id_column: str | None) -> Iterator[EvalItem]:
+    for file in files:
+        pf = pq.ParquetFile(file)
+        prefix = "" if len(files) == 1 else f"{file.name}#"
+        yield from _rows_from_table_batches(
+            pf.iter_batches(batch_size=256), pf.schema_arrow, file.parent, str(file), prefix, image_column, id_column
+        )
+
+
+def _sample_key(member_name: str) -> tuple[str, str]:
+    """WebDataset convention: key = path up to the first dot of the file name; ext = the rest."""
+    directory, _, base = member_name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def _iter_tars(files: list[Path]) -> Iterator[EvalItem]:
+    for file in files:
+        seen: set[str] = set()
+        with tarfile.open(file, "r|*") as tar:  # streaming: shards are read front to back once
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = _sample_key(member.name)
+                if key in seen or f".{ext.rsplit('.', 1)[-1]}" not in IMAGE_EXTENSIONS:
+                    continue
+                handle = tar.extractfile(member)
+                if handle is None:
+                    continue
+                seen.add(key)
+                yield EvalItem(key, f"{file}::{member.name}", _const(handle.read()))
+
+
+def _hf_arrow_files(root: Path) -> list[tuple[str, Path]]:
+    """(split, arrow file) of a save_to_disk folder (Dataset or DatasetDict)."""
+    if (root / "dataset_dict.json").is_file():
+        splits = json.loads((root / "dataset_dict.json").read_text())["splits"]
+        return [(split, f) for split in splits for _s, f in _hf_arrow_files(root / split)]
+    state_file = root / "state.json"
+    if state_file.is_file():
+        state = json.loads(state_file.read_text())
+        files = [root / entry["filename"] for entry in state.get("_data_files", [])]
+    else:
+        files = sorted(root.glob("*.arrow"))
+    return [("", f) for f in files]
+
+
+def _hf_image_column(root: Path) -> str | None:
+    info_file = root / "dataset_info.json"
+    if not info_file.is_file():
+        return None
+    features = json.loads(info_file.read_text()).get("features") or {}
+    for name, feature in features.items():
+        if isinstance(feature, dict) and feature.get("_type") == "Image":
+            return name
+    return None
+
+
+def _open_arrow(file: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
+    source = pa.memory_map(str(file), "r")
+    try:
+        reader: Any = pa.ipc.open_stream(source)  # what datasets writes
+    except pa.ArrowInvalid:
+        reader = pa.ipc.open_file(source)
+        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+    return reader.schema, iter(reader)
+
+
+def _iter_hf(root: Path, image_column: str | None, id_column: str | None) -> Iterator[EvalItem]:
+    entries = _hf_arrow_files(root)
+    if not entries:
+        raise ValueError(f"{root}: a save_to_disk folder without data files")
+    rows_before: dict[str, int] = {}
+    for split, file in entries:
+        column = image_column or _hf_image_column(file.parent)
+        schema, batches = _open_arrow(file)
+        prefix = f"{split}/" if split else ""
+        offset = rows_before.get(split, 0)
+        count = 0
+
+        def counted(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            nonlocal count
+            for batch in batches:
+                count += batch.num_rows
+                yield batch
+
+        for item in _rows_from_table_batches(counted(batches), schema, file.parent, str(file), "", column, id_column):
+            # row numbers continue across a split's shards (data-00000-of-00002.arrow, ...)
+            item_id = item.item_id if id_column else f"{prefix}{offset + int(item.item_id)}"
+            yield EvalItem(item_id, item.path, item.read)
+        rows_before[split] = offset + count
+
+
+def iter_eval_images(
+    source: str, fmt: str = "auto", image_column: str | None = None, id_column: str | None = None
+) -> Iterator[EvalItem]:
+    """Yield :class:`EvalItem` (item_id, path or reference, read()) for every image of an eval set.
+
+    `fmt`: ``auto`` (see :func:`detect_format`), ``folder``, ``parquet``, ``webdataset`` or ``hf``.
+    `image_column` / `id_column` override the column detection of the parquet and hf adapters.
+    Raises ValueError for a missing or unreadable source. Order is deterministic (sorted files).
+    """
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown eval-set format {fmt!r}; expected auto or one of {', '.join(FORMATS)}")
+    path = Path(source)
+    if fmt in ("folder", "hf") and not path.is_dir():
+        raise ValueError(f"eval set {source!r}: expected a folder for format {fmt!r}")
+    if fmt == "folder":
+        return _iter_folder(path)
+    if fmt == "hf":
+        return _iter_hf(path, image_column, id_column)
+    files = source_files(source, fmt)
+    if not files:
+        raise ValueError(f"eval set {source!r}: no {fmt} files found")
+    if fmt == "parquet":
+        return _iter_parquet(files, image_column, id_column)
+    return _iter_tars(files)
+
+
+# -- hashing -----------------------------------------------------------------------------------------
+
+def _nearduplicate() -> Any:
+    try:
+        from curate.pipeline import nearduplicate
+    except ImportError as err:
+        raise RuntimeError(
+            "near-duplicate verification needs curate.pipeline.nearduplicate, which is not available"
+        ) from err
+    return nearduplicate
+
+
+def _hash_one(data: bytes, params: PhashParams, verify: bool) -> tuple[str | None, list[str], bytes | None, str | None]:
+    """(phash hex, variant hex list, descriptor, error) of one eval image; runs in pool workers."""
+    from curate.pipeline.phash import decode_rgb, phash_bytes, phash_image
+
+    try:
+        if not verify:
+            words, errors = phash_bytes([data], params)
+            if errors[0]:
+                return None, [], None, errors[0]
+            return to_hex(words, params.n_bits)[0], [], None, None
+        img = decode_rgb(data)
+        main = to_hex(phash_image(img, params)[None, :], params.n_bits)[0]
+        nd = _nearduplicate()
+        width = params.hex_width
+        variants = [format(v, f"0{width}x") for v in nd.candidate_hashes(img, params.hash_size)]
+        return main, variants, nd.descriptor(img), None
+    except Exception as err:  # noqa: BLE001 - a bad eval image is skipped with a warning, not fatal
+        return None, [], None, f"{type(err).__name__}: {err}"
+
+
+def _hash_batch(batch: list[bytes], params: PhashParams, verify: bool) -> list[tuple[str | None, list[str], bytes | None, str | None]]:
+    return [_hash_one(data, params, verify) for data in batch]
+
+
+def build_index_table(
+    source: str, name: str | None = None, params: PhashParams | None = None, fmt: str = "auto",
+    verify: bool | None = None, workers: int = 1, image_column: str | None = None, id_column: str | None = None,
+) -> pa.Table:
+    """Hash every image of `source` into an index table (with metadata). See :func:`hash_evalset`."""
+    params = params or PhashParams()
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    name = name or default_name(source)
+    if verify is None:
+        try:
+            _nearduplicate()
+            verify = True
+        except RuntimeError:
+            verify = False
+    nd = _nearduplicate() if verify else None
+    items = iter_eval_images(source, fmt, image_column, id_column)
+    ids: list[str] = []
+    refs: list[str] = []
+    hashes: list[str] = []
+    variants: list[list[str]] = []
+    descriptors: list[bytes | None] = []
+    skipped = 0
+
+    def batches(size: int = 64) -> Iterator[tuple[list[EvalItem], list[bytes]]]:
+        batch: list[EvalItem] = []
+        for item in items:
+            batch.append(item)
+            if len(batch) == size:
+                yield batch, [it.read() for it in batch]
+                batch = []
+        if batch:
+            yield batch, [it.read() for it in batch]
+
+    pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    try:
+        if pool is None:
+            results = ((b, _hash_batch(d, params, verify)) for b, d in batches())
+        else:
+            pending = [(b, pool.submit(_hash_batch, d, params, verify)) for b, d in batches()]
+            results = ((b, f.result()) for b, f in pending)
+        for batch, hashed in results:
+            for item, (main, extra, desc, error) in zip(batch, hashed, strict=True):
+                if main is None:
+                    skipped += 1
+                    log.warning("eval set %s: %s (%s) not hashed: %s", name, item.item_id, item.path, error)
+                    continue
+                ids.append(item.item_id)
+                refs.append(item.path)
+                hashes.append(main)
+                variants.append(extra)
+                descriptors.append(desc)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    if not ids:
+        raise ValueError(f"eval set {source!r} ({fmt}): no readable images ({skipped} unreadable)")
+    columns: dict[str, pa.Array] = {
+        "eval_set": pa.array([name] * len(ids), pa.string()),
+        "item_id": pa.array(ids, pa.string()),
+        "path": pa.array(refs, pa.string()),
+        "phash": pa.array(hashes, pa.string()),
+    }
+    if verify:
+        columns["variant_hashes"] = pa.array(variants, pa.list_(pa.string()))
+        columns["descriptor"] = pa.array(descriptors, pa.binary())
+    meta = {
+        "format_version": INDEX_FORMAT_VERSION,
+        "phash": params.as_metadata(),
+        "eval_set": name,
+        "source": str(source),
+        "source_format": fmt,
+        "source_fingerprint": fingerprint(source, fmt),
+        "items": len(ids),
+        "skipped": skipped,
+        "verify": bool(verify),
+        "descriptor_version": getattr(nd, "DESCRIPTOR_VERSION", None) if verify else None,
+    }
+    table = pa.table(columns)
+    return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+def _write_atomic(table: pa.Table, output: str) -> None:
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, out)
+
+
+def hash_evalset(
+    source: str, output: str, name: str | None = None, hash_size: int = 8, mode: HashMode = "exact",
+    fmt: str = "auto", verify: bool | None = None, workers: int = 0,
+    image_column: str | None = None, id_column: str | None = None,
+) -> int:
+    """`curate hash-evalset`: hash an eval set into INDEX.parquet. Returns the number of items.
+
+    `name` defaults to the folder/file name; `verify` None = store the near-duplicate variant
+    hashes and descriptors when :mod:`curate.pipeline.nearduplicate` is importable; `workers` = 0
+    uses one process per core. Raises ValueError with a clear message for unreadable sources.
+    """
+    params = PhashParams(hash_size=hash_size, mode=mode)
+    n_workers = workers if workers > 0 else (os.cpu_count() or 1)
+    table = build_index_table(source, name, params, fmt, verify, n_workers, image_column, id_column)
+    _write_atomic(table, output)
+    return table.num_rows
+
+
+# -- loading and caching -----------------------------------------------------------------------------
+
+def index_metadata(table_or_schema: pa.Table | pa.Schema) -> dict[str, Any]:
+    schema = table_or_schema.schema if isinstance(table_or_schema, pa.Table) else table_or_schema
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError("not a curate eval index: no curate.evalset_index metadata")
+    return json.loads(raw)
+
+
+def index_params(table_or_schema: pa.Table | pa.Schema) -> PhashParams:
+    """The hash parameters an index was built with."""
+    meta = index_metadata(table_or_schema)["phash"]
+    return PhashParams(hash_size=int(meta["hash_size"]), mode=meta["mode"], highfreq_factor=int(meta["highfreq_factor"]))
+
+
+def load_index(path: str) -> pa.Table:
+    """Read and check an INDEX.parquet (columns, metadata, format version, hash strings)."""
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise ValueError(f"cannot read eval index {path!r}: {err}") from err
+    missing = [c for c in INDEX_COLUMNS if c not in table.column_names]
+    if missing:
+        raise ValueError(f"eval index {path!r}: missing columns {missing}")
+    try:
+        meta = index_metadata(table)
+    except ValueError as err:
+        raise ValueError(f"eval index {path!r}: {err}") from err
+    version = meta.get("format_version")
+    if version != INDEX_FORMAT_VERSION:
+        raise ValueError(f"eval index {path!r}: format version {version}, this curate reads {INDEX_FORMAT_VERSION}")
+    params = index_params(table)
+    width = params.hex_width
+    lengths = np.unique(np.asarray(pa.compute.utf8_length(table.column("phash")).to_numpy(zero_copy_only=False)))
+    if len(lengths) and lengths.tolist() != [width]:
+        raise ValueError(f"eval index {path!r}: phash strings must have {width} hex digits")
+    return table
+
+
+def index_hashes(table: pa.Table) -> np.ndarray:
+    """The index's main hashes as uint64 words ``(n, words)``."""
+    return from_hex(table.column("phash").to_pylist(), index_params(table).n_bits)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "curate" / "evalsets"
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock across processes (workers of one run hash an eval set once, not N times)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # no fcntl (Windows): duplicate work is possible, results still atomic
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def cache_key(source: str, fmt: str, name: str, params: PhashParams, verify: bool) -> str:
+    """Content fingerprint of the source + every parameter that changes the index."""
+    descriptor_version = getattr(_nearduplicate(), "DESCRIPTOR_VERSION", "") if verify else ""
+    payload = json.dumps(
+        {
+            "fingerprint": fingerprint(source, fmt),
+            "fmt": fmt,
+            "name": name,
+            "phash": params.as_metadata(),
+            "verify": verify,
+            "descriptor_version": descriptor_version,
+            "index_format": INDEX_FORMAT_VERSION,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def cached_index(
+    source: str, name: str | None = None, params: PhashParams | None = None, fmt: str = "auto",
+    verify: bool = False, cache_dir: str | os.PathLike[str] | None = None, workers: int = 1,
+) -> tuple[pa.Table, Path, bool]:
+    """Index of `source` from the cache, building it on a miss. Returns (table, file, was_cached).
+
+    The cache file name carries the eval-set name and the first 16 hex digits of :func:`cache_key`;
+    a lock file makes concurrent workers wait for the one that builds it.
+    """
+    params = params or PhashParams()
+    fmt = detect_format(source) if fmt == "auto" else fmt
+    name = name or default_name(source)
+    folder = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = cache_key(source, fmt, name, params, verify)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", name)[:64]
+    target = folder / f"{safe}-{key[:16]}.parquet"
+    with _file_lock(folder / f".{safe}-{key[:16]}.lock"):
+        if target.is_file():
+            try:
+                return load_index(str(target)), target, True
+            except ValueError as err:  # a damaged cache entry is rebuilt, not trusted
+                log.warning("rebuilding damaged eval-index cache %s: %s", target, err)
+        table = build_index_table(source, name, params, fmt, verify, workers)
+        _write_atomic(table, str(target))
+    return table, target, False
+
+
+def concat_indexes(tables: list[pa.Table]) -> pa.Table:
+    """Several indexes as one table (shared columns; variant/descriptor columns null-filled)."""
+    if not tables:
+        return pa.table({c: pa.array([], pa.string()) for c in INDEX_COLUMNS})
+    extra = {"variant_hashes": pa.list_(pa.string()), "descriptor": pa.binary()}
+    names = list(INDEX_COLUMNS) + [c for c in extra if any(c in t.column_names for t in tables)]
+    parts = []
+    for t in tables:
+        cols = {}
+        for c in names:
+            if c in t.column_names:
+                cols[c] = t.column(c).cast(extra.get(c, pa.string()))
+            else:
+                cols[c] = pa.nulls(t.num_rows, extra[c])
+        parts.append(pa.table(cols))
+    return pa.concat_tables(parts)
+

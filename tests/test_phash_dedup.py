@@ -1,0 +1,170 @@
+"""The phash_dedup stage: eval contamination (with and without verification) and within-corpus dedup."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from curate.pipeline import evalsets
+from curate.pipeline.config import load_config
+from curate.pipeline.configspec import ConfigError
+from curate.pipeline.stage import RunContext, StageError
+from curate.stages.phash_dedup import DedupConfig, EvalSetSource, PhashDedupStage
+from PIL import Image
+
+
+def _context(tmp_path: Path) -> RunContext:
+    return RunContext(output_path=str(tmp_path / "run"), work_path=str(tmp_path / "run" / "_work"))
+
+
+def _table(rows: list[tuple[str, bytes]], **extra: list) -> pa.Table:
+    data = {
+        "key": [k for k, _ in rows],
+        "url": [f"http://x/{k}" for k, _ in rows],
+        "caption": ["c"] * len(rows),
+        "status": ["success"] * len(rows),
+        "image": pa.array([b for _, b in rows], pa.binary()),
+        "sha256": [hashlib.sha256(b).hexdigest() for _, b in rows],
+    }
+    data.update(extra)
+    return pa.table(data)
+
+
+def _stage(tmp_path: Path, **cfg: object) -> PhashDedupStage:
+    stage = PhashDedupStage(DedupConfig(**cfg), _context(tmp_path))  # type: ignore[arg-type]
+    stage.ensure_setup()
+    return stage
+
+
+def _reencode(data: bytes, quality: int) -> bytes:
+    with Image.open(io.BytesIO(data)) as img:
+        buf = io.BytesIO()
+        img.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_eval_contamination_without_verification(real_images: dict[str, bytes], demo_dir: Path, tmp_path: Path) -> None:
+    index = tmp_path / "index.parquet"
+    evalsets.hash_evalset(str(demo_dir / "evalset"), str(index), name="demo", verify=False, workers=1)
+    stage = _stage(tmp_path, indexes=(str(index),), verify=False, threshold=8)
+    assert stage.global_pass is False
+    rows = [(f"{i:09d}", data) for i, data in enumerate(real_images.values())]
+    out = stage.process(_table(rows))
+    assert out.column("key").to_pylist() == [k for k, _ in rows]  # same rows, same order
+    by_name = dict(zip(real_images, out.to_pylist(), strict=True))
+    assert by_name["chelsea.jpg"]["eval_match"] == "demo:animal/chelsea_text.jpg"
+    assert by_name["coffee.jpg"]["eval_match"] == "demo:food/coffee_blur.jpg"
+    assert by_name["astronaut.jpg"]["eval_match"] == "demo:person/astronaut_crop.jpg"
+    assert by_name["astronaut.jpg"]["eval_distance"] == 8
+    rejected = {n for n, r in by_name.items() if r["status"] == "rejected"}
+    assert rejected == {"chelsea.jpg", "coffee.jpg", "astronaut.jpg"}
+    for name in rejected:
+        assert by_name[name]["reject_stage"] == "phash_dedup" and by_name[name]["reject_reason"] == "eval_duplicate"
+    import imagehash
+
+    for name, row in by_name.items():  # the row's phash is imagehash's string
+        with Image.open(io.BytesIO(real_images[name])) as img:
+            assert row["phash"] == str(imagehash.phash(img.convert("RGB")))
+    # a stricter threshold lets the 8-bit astronaut crop through
+    strict = _stage(tmp_path, indexes=(str(index),), verify=False, threshold=7).process(_table(rows))
+    assert sum(s == "rejected" for s in strict.column("status").to_pylist()) == 2
+
+
+def test_eval_sets_hashed_at_setup_with_verification(real_images: dict[str, bytes], demo_dir: Path, tmp_path: Path) -> None:
+    source = EvalSetSource(path=str(demo_dir / "evalset"), name="mini")
+    cache = tmp_path / "cache"
+    stage = _stage(tmp_path, eval_sets=(source,), cache_dir=str(cache), verify=True, candidate_threshold=12)
+    assert len(list(cache.glob("mini-*.parquet"))) == 1
+    names = ["chelsea.jpg", "coffee.jpg", "astronaut.jpg", "rocket.jpg", "camera.jpg", "horse.png"]
+    out = stage.process(_table([(f"{i:09d}", real_images[n]) for i, n in enumerate(names)]))
+    result = dict(zip(names, out.to_pylist(), strict=True))
+    assert result["chelsea.jpg"]["eval_match"] == "mini:animal/chelsea_text.jpg"
+    assert result["astronaut.jpg"]["status"] == "rejected"  # crop: found and confirmed by the second signal
+    for name in ("rocket.jpg", "camera.jpg", "horse.png"):
+        assert result[name]["status"] == "success" and result[name]["eval_match"] is None
+    assert stage.counters["eval_verified"] >= 2
+    again = _stage(tmp_path, eval_sets=(source,), cache_dir=str(cache), verify=True)  # cache reused
+    assert again._eval is not None and len(list(cache.glob("mini-*.parquet"))) == 1
+
+
+def test_verification_guard_rejects_a_phash_collision(demo_dir: Path, tmp_path: Path) -> None:
+    """Two different flat pictures share a pHash; pHash alone rejects, verification keeps it."""
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    Image.new("RGB", (200, 200), (240, 240, 240)).save(eval_dir / "white.png")
+    other = Image.new("RGB", (200, 200), (30, 90, 200))
+    buf = io.BytesIO()
+    other.save(buf, "PNG")
+    corpus = _table([("000000001", buf.getvalue())])
+    plain = _stage(tmp_path, eval_sets=(EvalSetSource(path=str(eval_dir)),), cache_dir=str(tmp_path / "c"),
+                   verify=False).process(corpus)
+    assert plain.column("reject_reason").to_pylist() == ["eval_duplicate"]
+    guarded = _stage(tmp_path, eval_sets=(EvalSetSource(path=str(eval_dir)),), cache_dir=str(tmp_path / "c"))
+    out = guarded.process(corpus)
+    assert out.column("status").to_pylist() == ["success"]
+    assert guarded.counters["eval_pHash_match_overruled"] == 1
+
+
+def _run_global(stage: PhashDedupStage, partitions: list[pa.Table]) -> list[pa.Table]:
+    """What the runner does for a global stage: score all, summarise, decide once, apply."""
+    scored = [stage.score(p) for p in partitions]
+    alive = [s.filter(pa.compute.equal(s.column("status"), "success")) for s in scored]
+    decision = stage.decide([stage.summarize(a) for a in alive if a.num_rows])
+    return [stage.apply(a, decision) for a in alive]
+
+
+def test_within_corpus_exact_and_near_duplicates_across_partitions(real_images: dict[str, bytes], tmp_path: Path) -> None:
+    stage = _stage(tmp_path, within_corpus=True, within_corpus_threshold=4)
+    assert stage.global_pass is True
+    chelsea, rocket, horse = real_images["chelsea.jpg"], real_images["rocket.jpg"], real_images["horse.png"]
+    rocket_q60 = _reencode(rocket, 60)  # different bytes, same picture
+    part_a = _table([("000000003", chelsea), ("000000005", rocket_q60), ("000000006", horse)])
+    part_b = _table([("000000001", chelsea), ("000000002", rocket), ("000000009", chelsea)])
+    out_a, out_b = _run_global(stage, [part_a, part_b])
+    rows = {r["key"]: r for r in out_a.to_pylist() + out_b.to_pylist()}
+    assert rows["000000001"]["status"] == "success" and rows["000000001"]["dup_of"] is None
+    assert rows["000000003"]["reject_reason"] == "exact_duplicate" and rows["000000003"]["dup_of"] == "000000001"
+    assert rows["000000009"]["reject_reason"] == "exact_duplicate" and rows["000000009"]["dup_of"] == "000000001"
+    assert rows["000000005"]["reject_reason"] == "near_duplicate" and rows["000000005"]["dup_of"] == "000000002"
+    assert rows["000000002"]["status"] == rows["000000006"]["status"] == "success"
+    assert out_a.column("key").to_pylist() == part_a.column("key").to_pylist()
+
+
+def test_keep_highest_score_and_eval_rows_stay_out(real_images: dict[str, bytes], tmp_path: Path) -> None:
+    stage = _stage(tmp_path, within_corpus=True, keep="highest_score", score_column="similarity")
+    coffee = real_images["coffee.jpg"]
+    part = _table([("000000001", coffee), ("000000002", _reencode(coffee, 50)), ("000000003", coffee),
+                   ("000000004", real_images["camera.jpg"])], similarity=[0.2, 0.35, None, 0.3])
+    (out,) = _run_global(stage, [part])
+    rows = {r["key"]: r for r in out.to_pylist()}
+    assert rows["000000002"]["status"] == "success"  # best score survives
+    assert rows["000000001"]["reject_reason"] == "near_duplicate" and rows["000000001"]["dup_of"] == "000000002"
+    # same bytes as a rejected row: points at the row that was kept, and says near (bytes differ from it)
+    assert rows["000000003"]["dup_of"] == "000000002"
+    assert rows["000000004"]["status"] == "success"
+
+
+def test_setup_refuses_mismatched_indexes(demo_dir: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "plain.parquet"
+    evalsets.hash_evalset(str(demo_dir / "evalset"), str(plain), verify=False, workers=1)
+    with pytest.raises(StageError, match="no near-duplicate descriptors"):
+        _stage(tmp_path, indexes=(str(plain),), verify=True)
+    with pytest.raises(StageError, match="hash_size 8"):
+        _stage(tmp_path, indexes=(str(plain),), verify=False, hash_size=16, threshold=20, candidate_threshold=20)
+    with pytest.raises(StageError, match="dedup.indexes"):
+        _stage(tmp_path, indexes=(str(tmp_path / "nope.parquet"),), verify=False)
+
+
+def test_config_validation(tmp_path: Path) -> None:
+    base = {"input": {"path": "in.csv"}, "output": {"path": str(tmp_path)}}
+    with pytest.raises(ConfigError, match="dedup.candidate_threshold"):
+        load_config(None, data={**base, "dedup": {"threshold": 10, "candidate_threshold": 6}})
+    with pytest.raises(ConfigError, match="dedup.threshold"):
+        load_config(None, data={**base, "dedup": {"hash_size": 4, "threshold": 16, "candidate_threshold": 16}})
+    with pytest.raises(ConfigError, match=r"dedup.eval_sets\[0\].path"):
+        load_config(None, data={**base, "dedup": {"eval_sets": [{"name": "x"}]}})
+    cfg = load_config(None, data={**base, "dedup": {"within_corpus": True, "eval_sets": [{"path": "ev", "name": "e"}]}})
+    assert cfg.dedup.within_corpus and cfg.dedup.eval_sets[0].name == "e"
