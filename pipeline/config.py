@@ -116,7 +116,10 @@ def _absolutize_overrides(cls: type, key: str, value: Any, cwd: Path) -> Any:
         node = found.type if isinstance(found.type, type) else getattr(found.default, "__class__", None)
     if field_meta and field_meta.get("path") and isinstance(value, str) and value and "://" not in value:
         p = Path(value).expanduser()
-        return str(p if p.is_absolute() else (cwd / p).resolve())
+        p = p if p.is_absolute() else (cwd / p).resolve()
+        if field_meta["path"] == "if_exists" and not p.exists():
+            return value
+        return str(p)
     return value
 
 

@@ -29,7 +29,7 @@ def option(
     *,
     help: str,
     range: tuple[float | None, float | None] | None = None,
-    path: bool = False,
+    path: bool | str = False,
     open_low: bool = False,
     open_high: bool = False,
 ) -> Any:
@@ -37,7 +37,8 @@ def option(
 
     `range=(lo, hi)` bounds numbers (None = unbounded side; `open_low`/`open_high` exclude the end).
     `path=True` marks a file-system path resolved relative to the config file's folder (local paths
-    only; URLs such as `s3://...` are left alone).
+    only; URLs such as `s3://...` are left alone). `path="if_exists"` resolves it only when that file
+    exists (for values that may be a name or a path, like `clip.pretrained`).
     """
     metadata = {"help": help, "range": range, "path": path, "open_low": open_low, "open_high": open_high}
     if isinstance(default, list | dict | set):
@@ -144,6 +145,9 @@ def _convert(value: Any, tp: Any, key_path: str, meta: Mapping[str, Any], base_d
             p = Path(value).expanduser()
             if not p.is_absolute():
                 p = base_dir / p
+            # path="if_exists": a value that may be a name (e.g. an open_clip tag) or a relative file path.
+            if meta["path"] == "if_exists" and not p.exists():
+                return value
             return str(p)
         return value
     raise TypeError(f"unsupported config type {tp!r} at {key_path}")
