@@ -53,7 +53,7 @@ class DedupConfig:
     indexes: tuple[str, ...] = option((), help="Prebuilt eval indexes (INDEX.parquet files from `curate hash-evalset`); loaded once per worker.", path=True)
     eval_sets: tuple[EvalSetSource, ...] = option((), help="Eval-set sources hashed at start-up; the index is cached in `cache_dir` keyed by the source's files (path, size, mtime) and the hash parameters.")
     threshold: int = option(8, help="Max Hamming distance (bits, of hash_size² = 64 by default) for a pHash match when `verify` is off.", range=(0, 1023))
-    candidate_threshold: int = option(12, help="With `verify`: max Hamming distance (bits) for a pHash candidate that is then checked by the second signal. Must be >= `threshold`.", range=(0, 1023))
+    candidate_threshold: int = option(16, help="With `verify`: max Hamming distance (bits) for a pHash candidate that is then checked by the second signal. Must be >= `threshold`.", range=(0, 1023))
     verify: bool = option(True, help="Confirm pHash candidates with the near-duplicate descriptor (keypoints + aligned thumbnail) before rejecting; indexes must carry descriptors.")
     max_candidates: int = option(32, help="With `verify`: at most this many eval candidates per row are verified (nearest first).", range=(1, None))
     hash_size: int = option(8, help="pHash side: the hash has hash_size² bits (8 → 64 bits, 16 hex digits). Eval indexes must use the same.", range=(2, 32))

@@ -1,0 +1,620 @@
+"""`curate dedup-report`: which corpus images match which eval images, and a gallery to check them.
+
+For a corpus (a finished run directory, WebDataset tars, or Parquet with image bytes or a `phash`
+column) against one or more eval indexes (INDEX.parquet from `curate hash-evalset`):
+
+* every corpus image is pHashed (a run's `curated/*.parquet` hashes are reused) and searched
+  exactly against the index hashes (`curate.pipeline.hamming`);
+* a pair within `threshold` bits is a pHash match; with `verify` (and descriptors in the index) it is
+  checked by the near-duplicate second signal (`curate.pipeline.nearduplicate`), and pairs found only
+  through the looser candidate search (the eval images' mirror/crop hashes within
+  `candidate_threshold`) are added when they verify;
+* output in DIR: `pairs.csv` / `pairs.json` (one row per match), `summary.json` (counts and rates
+  per eval set, distance histogram), `index.html` (+ `page-N.html`): a paginated gallery of matched
+  pairs side by side, thumbnails as files under `thumbs/` next to the pages, no scripts, no network.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import html
+import json
+import logging
+import os
+import tarfile
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger("curate.dedup_report")
+
+#: Default pHash match threshold (bits of 64), as `dedup.threshold`.
+DEFAULT_THRESHOLD = 8
+#: Default candidate threshold for verified matches (bits of 64); benchmarks/near_dup_eval.py shows
+#: 98% of near-duplicates within 16 bits of the eval image's main or variant hashes.
+DEFAULT_CANDIDATE_THRESHOLD = 16
+MAX_CANDIDATES_PER_ROW = 32
+PAIR_FIELDS = ("key", "eval_set", "item_id", "distance", "verified", "score", "candidate_distance")
+_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+_IMAGE_BYTES_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes", "bytes")
+
+
+@dataclass(frozen=True)
+class CorpusSource:
+    """What kind of corpus a SOURCE string is, and its files."""
+
+    kind: str  # "run" | "webdataset" | "parquet"
+    files: tuple[str, ...]
+    hash_files: tuple[str, ...] = ()  # a run's curated/*.parquet (key -> phash)
+
+
+@dataclass
+class Match:
+    corpus_row: int
+    eval_row: int
+    distance: int  # main pHash Hamming distance
+    candidate_distance: int  # min over the eval image's main and variant hashes
+    verified: bool | None = None
+    score: float | None = None
+
+
+# -- corpus ----------------------------------------------------------------------------------------
+def resolve_corpus(source: str) -> CorpusSource:
+    """Classify SOURCE: a run directory, WebDataset tars (file/folder/glob), or Parquet (file/folder/glob)."""
+    path = Path(source)
+    if path.is_dir() and (path / "shards").is_dir():
+        shards = sorted(str(p) for p in (path / "shards").glob("*.tar"))
+        if not shards:
+            raise ValueError(f"run directory {source!r} has no shards/*.tar")
+        curated = tuple(sorted(str(p) for p in (path / "curated").glob("*.parquet")))
+        return CorpusSource("run", tuple(shards), curated)
+    if path.is_dir():
+        files = sorted(str(p) for p in path.iterdir() if p.is_file())
+    elif path.is_file():
+        files = [str(path)]
+    else:
+        files = sorted(glob.glob(source))
+    if not files:
+        raise ValueError(f"corpus {source!r}: no such file, folder or glob match")
+    tars = tuple(f for f in files if f.endswith(".tar"))
+    parquets = tuple(f for f in files if f.endswith(".parquet"))
+    if tars and not parquets:
+        return CorpusSource("webdataset", tars)
+    if parquets and not tars:
+        return CorpusSource("parquet", parquets)
+    raise ValueError(
+        f"corpus {source!r}: expected a run directory (shards/*.tar), WebDataset .tar files or .parquet files"
+    )
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    """WebDataset convention: key = path up to the first dot of the file name; field = the rest."""
+    directory, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{directory}/{stem}" if directory else stem), ext.lower()
+
+
+def _iter_tar_images(path: str) -> Iterator[tuple[str, bytes | None]]:
+    """(key, image bytes or None) per sample, streaming the tar once."""
+    current: str | None = None
+    image: bytes | None = None
+    with tarfile.open(path, "r|*") as tar:
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, ext = _member_key(member.name)
+            if current is not None and key != current:
+                yield current, image
+                image = None
+            current = key
+            if ext in _IMAGE_EXTS and image is None:
+                handle = tar.extractfile(member)
+                image = handle.read() if handle is not None else None
+    if current is not None:
+        yield current, image
+
+
+def _parquet_columns(path: str) -> tuple[str | None, str | None, bool]:
+    """(key column, image bytes column, has phash) of a corpus Parquet file."""
+    schema = pq.read_schema(path)
+    key_col = "key" if "key" in schema.names else None
+    image_col = next(
+        (c for c in _IMAGE_BYTES_COLUMNS if c in schema.names
+         and (pa.types.is_binary(schema.field(c).type) or pa.types.is_large_binary(schema.field(c).type))),
+        None,
+    )
+    return key_col, image_col, "phash" in schema.names
+
+
+def iter_corpus(source: CorpusSource, with_images: bool = True) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """(key, image bytes or None, stored phash hex or None) for every corpus sample, in a stable order."""
+    if source.kind in ("run", "webdataset"):
+        for file in source.files:
+            for key, image in _iter_tar_images(file):
+                yield key, image if with_images else None, None
+        return
+    row = 0
+    for file in source.files:
+        key_col, image_col, has_phash = _parquet_columns(file)
+        if image_col is None and not has_phash:
+            raise ValueError(f"corpus parquet {file!r}: needs image bytes (column `image`) or a `phash` column")
+        columns = [c for c in (key_col, image_col, "phash" if has_phash else None) if c]
+        if not with_images and image_col in columns and has_phash:
+            columns.remove(image_col)
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=256, columns=columns):
+            data = batch.to_pydict()
+            for i in range(batch.num_rows):
+                key = str(data[key_col][i]) if key_col else f"{row:09d}"
+                image = data[image_col][i] if image_col in data else None
+                stored = data["phash"][i] if has_phash else None
+                row += 1
+                yield key, image, stored
+
+
+def _run_hashes(source: CorpusSource) -> dict[str, str]:
+    """key -> phash from a finished run's curated metadata (saves re-hashing every image)."""
+    found: dict[str, str] = {}
+    for file in source.hash_files:
+        names = pq.read_schema(file).names
+        if "key" not in names or "phash" not in names:
+            continue
+        table = pq.read_table(file, columns=["key", "phash"])
+        for key, value in zip(table.column("key").to_pylist(), table.column("phash").to_pylist(), strict=True):
+            if key is not None and value:
+                found[str(key)] = value
+    return found
+
+
+# -- eval side -------------------------------------------------------------------------------------
+def _load_indexes(paths: list[str]) -> tuple[pa.Table, Any, list[dict[str, Any]]]:
+    from curate.pipeline import evalsets
+
+    if not paths:
+        raise ValueError("dedup-report needs at least one --index INDEX.parquet")
+    tables, metas = [], []
+    params = None
+    for path in paths:
+        if not Path(path).is_file():
+            raise ValueError(f"eval index {path!r} does not exist")
+        table = evalsets.load_index(path)
+        these = evalsets.index_params(table)
+        if params is not None and these.hash_size != params.hash_size:
+            raise ValueError(f"eval index {path!r}: hash_size {these.hash_size}, the others use {params.hash_size}")
+        params = these
+        tables.append(table)
+        metas.append(evalsets.index_metadata(table))
+    return evalsets.concat_indexes(tables), params, metas
+
+
+def _read_reference(reference: str) -> bytes | None:
+    """Bytes of an eval image from its index `path`: a file, `archive.tar::member`, or `table#row`."""
+    try:
+        if os.path.isfile(reference):
+            return Path(reference).read_bytes()
+        if "::" in reference:
+            archive, member = reference.rsplit("::", 1)
+            with tarfile.open(archive) as tar:
+                handle = tar.extractfile(member)
+                return handle.read() if handle is not None else None
+        if "#" in reference:
+            file, row = reference.rsplit("#", 1)
+            return _table_row_image(file, int(row))
+    except (OSError, ValueError, KeyError, tarfile.TarError, pa.ArrowException) as err:
+        log.warning("eval image %s not readable for the gallery: %s", reference, err)
+    return None
+
+
+def _table_row_image(file: str, row: int) -> bytes | None:
+    if file.endswith(".parquet"):
+        table = pq.read_table(file)
+    else:  # a Hugging Face save_to_disk shard (Arrow IPC stream or file)
+        try:
+            with pa.memory_map(file) as source:
+                table = pa.ipc.open_stream(source).read_all()
+        except pa.ArrowInvalid:
+            with pa.memory_map(file) as source:
+                table = pa.ipc.open_file(source).read_all()
+    for field in table.schema:
+        value = table.column(field.name)[row].as_py()
+        if isinstance(value, bytes):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("bytes"), bytes):
+            return value["bytes"]
+    return None
+
+
+# -- search ----------------------------------------------------------------------------------------
+def _search(
+    corpus_words: np.ndarray, index: pa.Table, params: Any, threshold: int, candidate_threshold: int | None
+) -> list[Match]:
+    """Pairs within `threshold` (main hash) and, if given, within `candidate_threshold` (main + variants)."""
+    from curate.pipeline.hamming import range_search
+    from curate.pipeline.phash import from_hex, hamming
+
+    n_bits = params.n_bits
+    eval_words = from_hex(index.column("phash").to_pylist(), n_bits)
+    widest = max(threshold, candidate_threshold or 0)
+    found: dict[tuple[int, int], int] = {}
+    main = range_search(corpus_words, eval_words, min(widest, n_bits - 1), n_bits)
+    for c, e, d in zip(main.query.tolist(), main.index.tolist(), main.distance.tolist(), strict=True):
+        found[(c, e)] = d
+    if candidate_threshold is not None and "variant_hashes" in index.column_names:
+        owners, hexes = [], []
+        for row, variants in enumerate(index.column("variant_hashes").to_pylist()):
+            for value in variants or ():
+                owners.append(row)
+                hexes.append(value)
+        if hexes:
+            variant_words = from_hex(hexes, n_bits)
+            extra = range_search(corpus_words, variant_words, min(candidate_threshold, n_bits - 1), n_bits)
+            for c, v, d in zip(extra.query.tolist(), extra.index.tolist(), extra.distance.tolist(), strict=True):
+                pair = (c, owners[v])
+                found[pair] = min(found.get(pair, d), d)
+    matches = []
+    for (c, e), best in found.items():
+        distance = int(hamming(corpus_words[c], eval_words[e]))
+        if distance <= threshold or (candidate_threshold is not None and best <= candidate_threshold):
+            matches.append(Match(c, e, distance, min(best, distance)))
+    return matches
+
+
+# -- verification and thumbnails -------------------------------------------------------------------
+def _thumbnail(data: bytes | None, target: Path, side: int) -> bool:
+    from curate.pipeline.phash import decode_rgb
+
+    if data is None:
+        return False
+    try:
+        img = decode_rgb(data)
+        img.thumbnail((side, side))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        img.save(target, format="JPEG", quality=85)
+        return True
+    except Exception as err:  # noqa: BLE001 - a broken image gets a placeholder, not a failed report
+        log.warning("thumbnail %s failed: %s", target.name, err)
+        return False
+
+
+def _verify_matches(
+    matches: list[Match], corpus_images: dict[int, bytes | None], descriptors: list[bytes | None], nd: Any
+) -> None:
+    from curate.pipeline.phash import decode_rgb
+
+    by_row: dict[int, list[Match]] = defaultdict(list)
+    for m in matches:
+        by_row[m.corpus_row].append(m)
+    for row, row_matches in by_row.items():
+        data = corpus_images.get(row)
+        if data is None:
+            continue
+        try:
+            corpus_desc = nd.descriptor(decode_rgb(data))
+        except Exception as err:  # noqa: BLE001 - undecodable corpus image: leave it unverified
+            log.warning("corpus row %d: no descriptor: %s", row, err)
+            continue
+        row_matches.sort(key=lambda m: m.candidate_distance)
+        for m in row_matches[:MAX_CANDIDATES_PER_ROW]:
+            eval_desc = descriptors[m.eval_row]
+            if eval_desc is None:
+                continue
+            m.verified, m.score = nd.verify(eval_desc, corpus_desc)
+
+
+# -- main entry ------------------------------------------------------------------------------------
+def dedup_report(
+    corpus: str,
+    indexes: list[str],
+    output_dir: str,
+    threshold: int | None = None,
+    verify: bool = True,
+    *,
+    candidate_threshold: int | None = None,
+    page_size: int = 60,
+    thumb_side: int = 160,
+) -> dict[str, Any]:
+    """Write the dedup report for `corpus` against `indexes` into `output_dir`; return the summary.
+
+    `threshold`: max pHash Hamming distance of a match (default 8). With `verify` and descriptors in
+    the index, pHash matches get `verified` = the second signal's verdict, and near-duplicates found
+    through the candidate search (main and variant hashes within `candidate_threshold`, default 16)
+    are reported when they verify. Raises ValueError for a bad corpus, index or threshold.
+    """
+    from curate.pipeline.phash import from_hex, phash_bytes, to_hex
+
+    index, params, metas = _load_indexes(list(indexes))
+    n_bits = params.n_bits
+    threshold = DEFAULT_THRESHOLD if threshold is None else int(threshold)
+    if not 0 <= threshold < n_bits:
+        raise ValueError(f"threshold must be in [0, {n_bits - 1}] bits, got {threshold}")
+    if page_size < 1:
+        raise ValueError(f"page_size must be >= 1, got {page_size}")
+    source = resolve_corpus(corpus)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    nd = None
+    has_descriptors = "descriptor" in index.column_names and index.column("descriptor").null_count < index.num_rows
+    if verify and has_descriptors:
+        from curate.pipeline import nearduplicate as nd
+
+        stale = {m.get("eval_set") for m in metas if m.get("verify") and m.get("descriptor_version")
+                 not in (None, nd.DESCRIPTOR_VERSION)}
+        if stale:
+            raise ValueError(
+                f"eval index(es) {sorted(stale)} carry descriptors of another version than "
+                f"{nd.DESCRIPTOR_VERSION!r}: rebuild them with `curate hash-evalset` or pass verify=False"
+            )
+    elif verify:
+        log.warning("eval indexes carry no descriptors: pairs are reported unverified (verified = null)")
+    if nd is not None:
+        candidate_threshold = DEFAULT_CANDIDATE_THRESHOLD if candidate_threshold is None else int(candidate_threshold)
+        if not threshold <= candidate_threshold < n_bits:
+            raise ValueError(f"candidate_threshold must be in [threshold, {n_bits - 1}], got {candidate_threshold}")
+    else:
+        candidate_threshold = None
+
+    # pass 1: one pHash per corpus sample (stored hashes where they are trustworthy)
+    stored_hashes = _run_hashes(source) if source.kind == "run" else {}
+    keys: list[str] = []
+    hexes: list[str | None] = []
+    pending: list[tuple[int, bytes]] = []
+    unreadable = 0
+
+    def flush() -> None:
+        nonlocal unreadable
+        words, errors = phash_bytes([data for _, data in pending], params)
+        for (row, _), value, error in zip(pending, to_hex(words, n_bits), errors, strict=True):
+            hexes[row] = None if error else value
+            unreadable += bool(error)
+        pending.clear()
+
+    for key, image, stored in iter_corpus(source):
+        row = len(keys)
+        keys.append(key)
+        known = stored or stored_hashes.get(key)
+        if known and len(known) == params.hex_width and params.mode == "exact":
+            hexes.append(known)
+        elif image is not None:
+            hexes.append(None)
+            pending.append((row, image))
+            if len(pending) >= 256:
+                flush()
+        else:
+            hexes.append(None)
+            unreadable += 1
+    if pending:
+        flush()
+    if not keys:
+        raise ValueError(f"corpus {corpus!r} has no samples")
+    hashed_rows = [i for i, h in enumerate(hexes) if h is not None]
+    corpus_words = from_hex([hexes[i] for i in hashed_rows], n_bits) if hashed_rows else np.zeros((0, 1), np.uint64)
+
+    matches = _search(corpus_words, index, params, threshold, candidate_threshold) if hashed_rows else []
+    for m in matches:  # search rows -> corpus rows
+        m.corpus_row = hashed_rows[m.corpus_row]
+
+    # pass 2: image bytes only for the rows with a match (verification and thumbnails)
+    needed = {m.corpus_row for m in matches}
+    corpus_images: dict[int, bytes | None] = {}
+    if needed:
+        for row, (_, image, _) in enumerate(iter_corpus(source)):
+            if row in needed:
+                corpus_images[row] = image
+    if nd is not None:
+        _verify_matches(matches, corpus_images, index.column("descriptor").to_pylist(), nd)
+        # found only through the looser candidate search: a match only when the second signal says so
+        matches = [m for m in matches if m.distance <= threshold or m.verified]
+
+    eval_sets = index.column("eval_set").to_pylist()
+    item_ids = index.column("item_id").to_pylist()
+    refs = index.column("path").to_pylist()
+    matches.sort(key=lambda m: (eval_sets[m.eval_row], m.distance, keys[m.corpus_row], item_ids[m.eval_row]))
+    pairs = [
+        {
+            "key": keys[m.corpus_row],
+            "eval_set": eval_sets[m.eval_row],
+            "item_id": item_ids[m.eval_row],
+            "distance": m.distance,
+            "verified": m.verified,
+            "score": m.score,
+            "candidate_distance": m.candidate_distance,
+        }
+        for m in matches
+    ]
+    summary = _summary(
+        pairs, matches, eval_sets, keys, threshold, candidate_threshold, nd is not None, unreadable, corpus, indexes
+    )
+    _write_tables(out, pairs, summary)
+    _write_gallery(out, pairs, matches, refs, corpus_images, summary, page_size, thumb_side)
+    return summary
+
+
+def _summary(
+    pairs: list[dict[str, Any]], matches: list[Match], eval_sets: list[str], keys: list[str], threshold: int,
+    candidate_threshold: int | None, verified_mode: bool, unreadable: int, corpus: str, indexes: list[str],
+) -> dict[str, Any]:
+    items_per_set = Counter(eval_sets)
+    per_set: dict[str, dict[str, Any]] = {}
+    for name, n_items in sorted(items_per_set.items()):
+        these = [p for p in pairs if p["eval_set"] == name]
+        confirmed = [p for p in these if p["verified"] is not False]
+        matched_keys = {p["key"] for p in confirmed}
+        matched_items = {p["item_id"] for p in confirmed}
+        per_set[name] = {
+            "eval_items": n_items,
+            "pairs": len(these),
+            "phash_matches": sum(p["distance"] <= threshold for p in these),
+            "verified_true": sum(p["verified"] is True for p in these),
+            "verified_false": sum(p["verified"] is False for p in these),
+            "unverified": sum(p["verified"] is None for p in these),
+            "found_by_candidates_only": sum(p["distance"] > threshold for p in these),
+            "corpus_samples_matched": len(matched_keys),
+            "corpus_match_rate": round(len(matched_keys) / len(keys), 6),
+            "eval_items_matched": len(matched_items),
+            "eval_match_rate": round(len(matched_items) / n_items, 6),
+            "distance_histogram": _histogram(these),
+        }
+    all_confirmed = {p["key"] for p in pairs if p["verified"] is not False}
+    return {
+        "corpus": corpus,
+        "indexes": list(indexes),
+        "corpus_samples": len(keys),
+        "corpus_unreadable": unreadable,
+        "threshold": threshold,
+        "candidate_threshold": candidate_threshold,
+        "verify": verified_mode,
+        "pairs": len(pairs),
+        "corpus_samples_matched": len(all_confirmed),
+        "corpus_match_rate": round(len(all_confirmed) / len(keys), 6),
+        "distance_histogram": _histogram(pairs),
+        "eval_sets": per_set,
+    }
+
+
+def _histogram(pairs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """{distance: {"confirmed": n, "rejected": n}}; rejected = the second signal said no."""
+    hist: dict[int, Counter[str]] = defaultdict(Counter)
+    for p in pairs:
+        hist[p["distance"]]["rejected" if p["verified"] is False else "confirmed"] += 1
+    return {str(d): {"confirmed": hist[d]["confirmed"], "rejected": hist[d]["rejected"]} for d in sorted(hist)}
+
+
+def _write_tables(out: Path, pairs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
+    with open(out / "pairs.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=PAIR_FIELDS)
+        writer.writeheader()
+        for p in pairs:
+            writer.writerow({k: ("" if p[k] is None else p[k]) for k in PAIR_FIELDS})
+    (out / "pairs.json").write_text(json.dumps(pairs, indent=1) + "\n", encoding="utf-8")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+
+
+# -- HTML ------------------------------------------------------------------------------------------
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}
+table.sets{border-collapse:collapse;font-size:13px}table.sets td,table.sets th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+table.sets th:first-child,table.sets td:first-child{text-align:left}
+.grid{display:flex;flex-wrap:wrap;gap:12px}
+.pair{background:#fff;border:1px solid #ccc;border-radius:6px;padding:8px;width:348px}
+.pair.rejected{border-color:#d33;background:#fff4f4}.pair.confirmed{border-color:#3a3}
+.imgs{display:flex;gap:8px}.imgs figure{margin:0;width:164px;text-align:center;font-size:11px;color:#555}
+.imgs img{max-width:160px;max-height:160px;border:1px solid #ddd}
+.missing{width:160px;height:120px;display:flex;align-items:center;justify-content:center;background:#eee;color:#888}
+.meta{font-size:12px;margin-top:6px;word-break:break-all}.badge{font-weight:bold}
+.nav{margin:16px 0;font-size:14px}.nav a,.nav span{margin-right:8px}
+"""
+
+
+def _page_name(page: int) -> str:
+    return "index.html" if page == 1 else f"page-{page}.html"
+
+
+def _histogram_svg(hist: dict[str, dict[str, int]]) -> str:
+    if not hist:
+        return "<p>No pairs.</p>"
+    distances = [int(d) for d in hist]
+    top = max(v["confirmed"] + v["rejected"] for v in hist.values())
+    bar, gap, height = 18, 4, 120
+    span = range(min(distances), max(distances) + 1)
+    width = len(span) * (bar + gap) + 40
+    parts = [f'<svg class="hist" width="{width}" height="{height + 20}" role="img" '
+             f'aria-label="distance histogram">']
+    for i, d in enumerate(span):
+        counts = hist.get(str(d), {"confirmed": 0, "rejected": 0})
+        x = 30 + i * (bar + gap)
+        y = height
+        for kind, colour in (("confirmed", "#3a3"), ("rejected", "#d33")):
+            h = round(counts[kind] / top * (height - 10)) if top else 0
+            if h:
+                y -= h
+                parts.append(f'<rect x="{x}" y="{y}" width="{bar}" height="{h}" fill="{colour}">'
+                             f"<title>distance {d}: {counts[kind]} {kind}</title></rect>")
+        parts.append(f'<text x="{x + bar / 2}" y="{height + 14}" font-size="10" text-anchor="middle">{d}</text>')
+    parts.append("</svg>")
+    return "".join(parts) + (f'<p class="meta">Hamming distance (bits) of the main pHash. Green: confirmed or '
+                             f"unverified; red: rejected by the second signal. Tallest bar: {top} pairs.</p>")
+
+
+def _write_gallery(
+    out: Path, pairs: list[dict[str, Any]], matches: list[Match], refs: list[str],
+    corpus_images: dict[int, bytes | None], summary: dict[str, Any], page_size: int, thumb_side: int,
+) -> None:
+    esc = html.escape
+    n_pages = max(1, -(-len(pairs) // page_size))
+    for old in out.glob("page-*.html"):  # a rerun with fewer pairs must not leave stale pages behind
+        old.unlink()
+    eval_thumbs: dict[int, str | None] = {}
+    rows = []
+    for name, s in summary["eval_sets"].items():
+        rows.append(
+            f"<tr><td>{esc(name)}</td><td>{s['eval_items']}</td><td>{s['pairs']}</td><td>{s['phash_matches']}</td>"
+            f"<td>{s['verified_true']}</td><td>{s['verified_false']}</td><td>{s['found_by_candidates_only']}</td>"
+            f"<td>{s['corpus_samples_matched']} ({s['corpus_match_rate']:.2%})</td>"
+            f"<td>{s['eval_items_matched']} ({s['eval_match_rate']:.2%})</td></tr>"
+        )
+    overview = (
+        f"<p>Corpus <code>{esc(summary['corpus'])}</code>: {summary['corpus_samples']} samples "
+        f"({summary['corpus_unreadable']} unreadable); pHash threshold {summary['threshold']} bits"
+        + (f", candidate threshold {summary['candidate_threshold']} bits with verification"
+           if summary["verify"] else ", no verification")
+        + f". {summary['pairs']} pairs; {summary['corpus_samples_matched']} corpus samples matched "
+        f"({summary['corpus_match_rate']:.2%}).</p>"
+        '<table class="sets"><tr><th>eval set</th><th>items</th><th>pairs</th><th>pHash matches</th>'
+        "<th>verified</th><th>rejected</th><th>via candidates</th><th>corpus matched</th><th>eval matched</th></tr>"
+        + "".join(rows) + "</table><h2>Distance histogram</h2>" + _histogram_svg(summary["distance_histogram"])
+    )
+    for page in range(1, n_pages + 1):
+        chunk = range((page - 1) * page_size, min(len(pairs), page * page_size))
+        cards = []
+        for i in chunk:
+            p, m = pairs[i], matches[i]
+            if m.eval_row not in eval_thumbs:
+                rel = f"thumbs/eval-{m.eval_row}.jpg"
+                eval_thumbs[m.eval_row] = rel if _thumbnail(_read_reference(refs[m.eval_row]), out / rel,
+                                                            thumb_side) else None
+            corpus_rel = f"thumbs/corpus-{m.corpus_row}.jpg"
+            if not (out / corpus_rel).exists() and not _thumbnail(corpus_images.get(m.corpus_row), out / corpus_rel,
+                                                                   thumb_side):
+                corpus_rel = ""
+            state = {True: "confirmed", False: "rejected", None: "unverified"}[p["verified"]]
+            verdict = {True: "verified: same picture", False: "verified: different picture",
+                       None: "not verified"}[p["verified"]]
+            score = "" if p["score"] is None else f", score {p['score']:.3f}"
+
+            def figure(rel: str | None, caption: str, alt: str) -> str:
+                img = (f'<img src="{esc(rel)}" alt="{esc(alt)}" loading="lazy">' if rel
+                       else '<div class="missing">image not available</div>')
+                return f"<figure>{img}<figcaption>{esc(caption)}</figcaption></figure>"
+
+            cards.append(
+                f'<div class="pair {state}" data-key="{esc(p["key"])}" data-item="{esc(p["item_id"])}">'
+                '<div class="imgs">'
+                + figure(eval_thumbs[m.eval_row], f"eval {p['eval_set']}:{p['item_id']}", f"eval {p['item_id']}")
+                + figure(corpus_rel, f"corpus {p['key']}", f"corpus {p['key']}")
+                + f'</div><div class="meta"><span class="badge">distance {p["distance"]}</span>'
+                f" (candidate {p['candidate_distance']}) &middot; {verdict}{score}<br>"
+                f"{esc(p['eval_set'])}:{esc(p['item_id'])} &harr; {esc(p['key'])}</div></div>"
+            )
+        nav = ['<div class="nav">Pages:']
+        for other in range(1, n_pages + 1):
+            nav.append(f"<span>{other}</span>" if other == page else f'<a href="{_page_name(other)}">{other}</a>')
+        nav.append("</div>")
+        first, last = (chunk.start + 1, chunk.stop) if pairs else (0, 0)
+        body = (
+            f"<!doctype html><html lang=en><head><meta charset=utf-8><title>curate dedup report"
+            f"{'' if page == 1 else f' - page {page}'}</title><style>{_CSS}</style></head><body>"
+            f"<h1>Eval-set dedup report</h1>{overview}<h2>Matched pairs {first}-{last} of {len(pairs)}</h2>"
+            + "".join(nav)
+            + (f'<div class="grid">{"".join(cards)}</div>' if cards else "<p>No matches.</p>")
+            + "".join(nav) + "</body></html>\n"
+        )
+        (out / _page_name(page)).write_text(body, encoding="utf-8")
+

@@ -1,0 +1,441 @@
+"""Near-duplicate verification on top of pHash: candidate variants, a second signal, flat-image guard.
+
+pHash alone misses crops, small rotations, text overlays and mirrors, and it collides on
+flat-background images (sketches, text on a colour, cut-out products), whose 32x32 DCT is dominated
+by the silhouette. The dedup stage therefore uses pHash only as a *candidate generator* at a looser
+threshold, against the eval image's own hash plus the extra hashes of :func:`candidate_hashes`
+(mirror and crops of the eval image), and confirms each candidate with :func:`verify`, which compares
+two compact :func:`descriptor` blobs:
+
+* **keypoints**: up to 200 ORB keypoints (FAST corners + 256-bit rotated BRIEF) of the image scaled
+  to 320 px on its longest side; two pictures are the same when enough matches agree on one
+  similarity transform (RANSAC). This survives crops, rotations, rescales, overlays and colour
+  shifts, and it is what flat-background look-alikes fail: their few corners do not agree.
+* **thumbnail**: a 64 px grayscale thumbnail, compared after alignment (the RANSAC transform, the
+  identity or a mirror, refined by ECC) with a normalised cross-correlation of high-passed pixels.
+  It carries blurred and mirrored copies, where keypoints are scarce or not mirror-invariant.
+
+Everything is offline (OpenCV, Pillow, numpy). A CLIP image-embedding cosine would be the natural
+third signal where real weights are available; it is not used here.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+#: Bumped whenever the descriptor bytes or the meaning of verify()'s thresholds change; an index
+#: built with another version must be rebuilt (store it in the index metadata).
+DESCRIPTOR_VERSION = "nd2-orb200@320-thumb64-objcrop"
+
+_MAGIC = b"ND1"
+# magic, flags, original width/height, thumbnail width/height, keypoint image width/height, n keypoints
+_HEADER = struct.Struct("<3sBHHBBHHH")
+_FLAG_LOW_INFO = 1
+
+_KEYPOINT_SIDE = 320  # longest side of the image ORB runs on
+_MAX_KEYPOINTS = 200  # 36 bytes each (2 x float16 position + 32-byte descriptor)
+_THUMB_SIDE = 64
+_GRID = 4  # keypoints are spread over a 4x4 grid; the dense check compares 4x4 blocks
+_ORB_DESCRIPTOR_BYTES = 32
+
+# Decision thresholds, tuned on benchmarks/near_dup_eval.py (see docs/dedup.md).
+_RATIO = 0.8  # Lowe ratio test on Hamming distances
+_RANSAC_PX = 4.0  # reprojection tolerance at the 320 px keypoint scale
+_MIN_INLIERS = 14
+_MIN_INLIERS_LOW_INFO = 20
+_MIN_INLIER_NCC = 0.35  # dense check must not contradict a keypoint match
+_MIN_DENSE_NCC = 0.85  # dense-only acceptance (blur, mirror): a high bar
+_MIN_DENSE_NCC_LOW_INFO = 0.92
+_MAX_ROTATION_DEG = 20.0  # keypoint transforms turning further are not near-duplicates
+_BACKGROUND_TOLERANCE = 16  # gray levels from the border colour that still count as background
+_CONTENT_CROP_MAX_AREA = 0.6  # crop to the object when its bounding box covers less of the image
+_MIN_SIDE = 64  # images smaller than this (px) carry too little to trust pHash: low-information
+_MIN_BLOCK_DETAIL = 2.0  # high-pass std (gray levels) for a block to count as carrying detail
+_MIN_DETAIL_BLOCKS = 3
+_MIN_DETAIL_BLOCKS_LOW_INFO = 6  # a silhouette outline alone is not enough to call two cut-outs equal
+
+# low_information(): share of near-flat pixels in the 64 px thumbnail, and contrast floor
+_FLAT_GRADIENT = 6.0  # Sobel magnitude (0-255 gray levels per pixel) below which a pixel is flat
+_LOW_INFO_FLAT_SHARE = 0.60
+_LOW_INFO_MIN_STD = 12.0
+
+
+def _gray(img: Image.Image) -> Image.Image:
+    """8-bit grayscale with transparency composited on white (cut-outs look as they are shown)."""
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("L")
+    return img.convert("L")
+
+
+def _fit(img: Image.Image, side: int) -> Image.Image:
+    """Resize so the longest side is `side` (aspect kept; never below 1 px)."""
+    from PIL import Image
+
+    w, h = img.size
+    scale = side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img.resize(size, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+
+
+def _content_crop(gray: Image.Image) -> Image.Image:
+    """The object of a cut-out: crop a flat border colour away when it takes up most of the picture.
+
+    A small product on a large white page leaves it a few pixels in a 64 px thumbnail, where any two
+    such pages look alike; compared at the object's own scale they do not.
+    """
+    arr = np.asarray(gray, dtype=np.int16)
+    h, w = arr.shape
+    border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
+    background = int(np.median(border))
+    if (np.abs(border - background) > _BACKGROUND_TOLERANCE).mean() > 0.2:  # no flat frame
+        return gray
+    rows = np.flatnonzero((np.abs(arr - background) > _BACKGROUND_TOLERANCE).any(axis=1))
+    cols = np.flatnonzero((np.abs(arr - background) > _BACKGROUND_TOLERANCE).any(axis=0))
+    if len(rows) == 0 or len(cols) == 0:
+        return gray
+    top, bottom, left, right = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    if (bottom - top) * (right - left) > _CONTENT_CROP_MAX_AREA * h * w:
+        return gray
+    margin = max(1, round(0.03 * max(bottom - top, right - left)))
+    return gray.crop((max(0, left - margin), max(0, top - margin), min(w, right + margin), min(h, bottom + margin)))
+
+
+def _phash_int(img: Image.Image, hash_size: int) -> int:
+    import imagehash
+
+    return int(str(imagehash.phash(img, hash_size=hash_size)), 16)
+
+
+def candidate_hashes(img: Image.Image, hash_size: int = 8) -> list[int]:
+    """Extra pHash values of an *eval* image that a near-duplicate is likely to land near.
+
+    The mirror (pHash cannot see flips) and crops of 90% / 81% of the area (centre and the four
+    corners at 81%), i.e. the framing a re-upload most often changes. Each is an int equal to
+    ``int(str(imagehash.phash(variant, hash_size)), 16)``; duplicates of the main hash are dropped.
+    """
+    from PIL import ImageOps
+
+    base = img.convert("RGB") if img.mode not in ("RGB", "L") else img
+    w, h = base.size
+    if min(w, h) < 8:
+        return []
+    variants = [ImageOps.mirror(base)]
+    for linear in (0.95, 0.9):  # 90% and 81% of the area, centred
+        cw, ch = round(w * linear), round(h * linear)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        variants.append(base.crop((left, top, left + cw, top + ch)))
+    cw, ch = round(w * 0.9), round(h * 0.9)
+    for left, top in ((0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)):
+        variants.append(base.crop((left, top, left + cw, top + ch)))
+    main = _phash_int(base, hash_size)
+    out: list[int] = []
+    for variant in variants:
+        value = _phash_int(variant, hash_size)
+        if value != main and value not in out:
+            out.append(value)
+    return out
+
+
+def _flat_share_and_std(thumb: np.ndarray) -> tuple[float, float]:
+    import cv2
+
+    gx = cv2.Sobel(thumb, cv2.CV_32F, 1, 0, ksize=3) / 4.0
+    gy = cv2.Sobel(thumb, cv2.CV_32F, 0, 1, ksize=3) / 4.0
+    magnitude = np.sqrt(gx * gx + gy * gy)
+    return float((magnitude < _FLAT_GRADIENT).mean()), float(thumb.std())
+
+
+def _thumb_array(gray: Image.Image) -> np.ndarray:
+    return np.asarray(_fit(gray, _THUMB_SIDE), dtype=np.uint8)
+
+
+def low_information(img: Image.Image) -> bool:
+    """True for flat/uniform pictures (sketches, text on a colour, cut-outs on a plain background).
+
+    Their pHash is dominated by the silhouette and collides with unrelated images of the same
+    layout, so a pHash match alone must not be trusted for them. Criterion on the 64 px grayscale
+    thumbnail: at least 60% of pixels with a Sobel gradient below 6 gray levels per pixel, or a
+    gray-level standard deviation below 12; images under 64 px on their short side count as well.
+    """
+    return _is_low_info(img, _thumb_array(_gray(img)))
+
+
+def _is_low_info(img: Image.Image, thumb: np.ndarray) -> bool:
+    flat_share, std = _flat_share_and_std(thumb.astype(np.float32))
+    return flat_share >= _LOW_INFO_FLAT_SHARE or std < _LOW_INFO_MIN_STD or min(img.size) < _MIN_SIDE
+
+
+def descriptor(img: Image.Image) -> bytes:
+    """Compact second-signal descriptor of one image (about 7-11 KB; see module docstring)."""
+    import cv2
+
+    gray = _gray(img)
+    flags = _FLAG_LOW_INFO if _is_low_info(img, _thumb_array(gray)) else 0
+    gray = _content_crop(gray)
+    thumb = _thumb_array(gray)
+
+    work = np.asarray(_fit(gray, _KEYPOINT_SIDE), dtype=np.uint8)
+    orb = cv2.ORB_create(nfeatures=5 * _MAX_KEYPOINTS, fastThreshold=10, edgeThreshold=15, patchSize=15)
+    keypoints, descriptors = orb.detectAndCompute(work, None)
+    if descriptors is None or not keypoints:
+        positions = np.zeros((0, 2), dtype=np.float16)
+        descriptors = np.zeros((0, _ORB_DESCRIPTOR_BYTES), dtype=np.uint8)
+    else:
+        order = _spread(keypoints, work.shape[1], work.shape[0])
+        positions = np.array([keypoints[i].pt for i in order], dtype=np.float16)
+        descriptors = descriptors[order]
+    w, h = img.size
+    header = _HEADER.pack(
+        _MAGIC, flags, min(w, 65535), min(h, 65535), thumb.shape[1], thumb.shape[0],
+        work.shape[1], work.shape[0], len(positions),
+    )
+    return header + thumb.tobytes() + positions.tobytes() + np.ascontiguousarray(descriptors).tobytes()
+
+
+def _spread(keypoints: list, width: int, height: int) -> list[int]:
+    """Indices of at most _MAX_KEYPOINTS keypoints, taken round-robin over a 4x4 grid by response.
+
+    Keeping only the strongest corners lets one high-contrast region (an overlaid caption, a logo)
+    take the whole budget; spreading them keeps evidence from the rest of the picture.
+    """
+    cells: dict[int, list[tuple[float, int]]] = {}
+    for i, kp in enumerate(keypoints):
+        cx = min(_GRID - 1, int(kp.pt[0] * _GRID / width))
+        cy = min(_GRID - 1, int(kp.pt[1] * _GRID / height))
+        cells.setdefault(cy * _GRID + cx, []).append((-kp.response, i))
+    queues = [sorted(found) for found in cells.values()]
+    chosen: list[int] = []
+    rank = 0
+    while len(chosen) < _MAX_KEYPOINTS and any(rank < len(q) for q in queues):
+        for queue in queues:
+            if rank < len(queue) and len(chosen) < _MAX_KEYPOINTS:
+                chosen.append(queue[rank][1])
+        rank += 1
+    return chosen
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    low_info: bool
+    thumb: np.ndarray  # uint8 (h, w)
+    work_size: tuple[int, int]  # (w, h) of the keypoint image
+    positions: np.ndarray  # float32 (n, 2) at the keypoint scale
+    descriptors: np.ndarray  # uint8 (n, 32)
+
+
+def _parse(blob: bytes) -> _Parsed:
+    if len(blob) < _HEADER.size or blob[:3] != _MAGIC:
+        raise ValueError(f"not a near-duplicate descriptor of version {DESCRIPTOR_VERSION}")
+    _, flags, _, _, tw, th, ww, wh, n = _HEADER.unpack_from(blob)
+    offset = _HEADER.size
+    thumb = np.frombuffer(blob, dtype=np.uint8, count=tw * th, offset=offset).reshape(th, tw)
+    offset += tw * th
+    positions = np.frombuffer(blob, dtype=np.float16, count=2 * n, offset=offset).reshape(n, 2)
+    offset += 4 * n
+    descriptors = np.frombuffer(blob, dtype=np.uint8, count=_ORB_DESCRIPTOR_BYTES * n, offset=offset)
+    if offset + descriptors.size != len(blob):
+        raise ValueError("descriptor is truncated or has trailing bytes")
+    return _Parsed(
+        low_info=bool(flags & _FLAG_LOW_INFO),
+        thumb=thumb,
+        work_size=(ww, wh),
+        positions=positions.astype(np.float32),
+        descriptors=descriptors.reshape(n, _ORB_DESCRIPTOR_BYTES),
+    )
+
+
+def _keypoint_transform(eval_d: _Parsed, corpus_d: _Parsed) -> tuple[np.ndarray | None, int]:
+    """Similarity transform corpus->eval (keypoint scale) agreed by RANSAC, and its inlier count."""
+    import cv2
+
+    if len(eval_d.descriptors) < 2 or len(corpus_d.descriptors) < 2:
+        return None, 0
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    pairs = matcher.knnMatch(corpus_d.descriptors, eval_d.descriptors, k=2)
+    good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < _RATIO * p[1].distance]
+    if len(good) < 6:
+        return None, 0
+    src = corpus_d.positions[[m.queryIdx for m in good]]
+    dst = eval_d.positions[[m.trainIdx for m in good]]
+    matrix, inlier_mask = cv2.estimateAffinePartial2D(
+        src, dst, method=cv2.RANSAC, ransacReprojThreshold=_RANSAC_PX, maxIters=2000, confidence=0.995
+    )
+    if matrix is None or inlier_mask is None:
+        return None, 0
+    scale = float(np.hypot(matrix[0, 0], matrix[1, 0]))
+    angle = abs(float(np.degrees(np.arctan2(matrix[1, 0], matrix[0, 0]))))
+    # a near-duplicate is neither a tiny detail of the other picture nor turned over ("u" vs "n")
+    if not 0.33 <= scale <= 3.0 or angle > _MAX_ROTATION_DEG:
+        return None, 0
+    # many-to-one matches onto a few corners are not evidence: count distinct eval keypoints
+    inliers = {good[i].trainIdx for i in np.flatnonzero(inlier_mask.ravel())}
+    return matrix, len(inliers)
+
+
+def _highpass(thumb: np.ndarray) -> np.ndarray:
+    """Zero-mean detail image: the flat background and global tone shifts carry no evidence."""
+    import cv2
+
+    img = thumb.astype(np.float32)
+    return img - cv2.GaussianBlur(img, (0, 0), 3.0)
+
+
+def _ncc(a: np.ndarray, b: np.ndarray) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    denom = float(np.sqrt((a * a).sum() * (b * b).sum()))
+    return float((a * b).sum() / denom) if denom > 1e-6 else 0.0
+
+
+def _block_ncc(target_hp: np.ndarray, aligned_hp: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
+    """Median NCC over the 4x4 blocks that overlap and carry detail in the eval image, and their count.
+
+    A median, so an overlaid caption or logo (a few blocks) cannot sink a true match, and only
+    blocks with detail, so a shared flat background cannot make two different cut-outs agree.
+    """
+    if mask.sum() < 0.4 * mask.size:  # too little overlap to judge
+        return 0.0, 0
+    h, w = target_hp.shape
+    scores = []
+    for by in range(_GRID):
+        for bx in range(_GRID):
+            rows = slice(by * h // _GRID, (by + 1) * h // _GRID)
+            cols = slice(bx * w // _GRID, (bx + 1) * w // _GRID)
+            block_mask = mask[rows, cols]
+            if block_mask.mean() < 0.7:
+                continue
+            t = target_hp[rows, cols][block_mask]
+            if t.std() < _MIN_BLOCK_DETAIL:
+                continue
+            scores.append(_ncc(t, aligned_hp[rows, cols][block_mask]))
+    if len(scores) < _MIN_DETAIL_BLOCKS:
+        return 0.0, len(scores)
+    return float(np.median(scores)), len(scores)
+
+
+def _dense_score(
+    eval_d: _Parsed, corpus_d: _Parsed, matrix: np.ndarray | None, allow_mirror: bool
+) -> tuple[float, int]:
+    """High-pass NCC of the thumbnails after aligning corpus onto eval, refined by ECC."""
+    import cv2
+
+    target = eval_d.thumb
+    th, tw = target.shape
+    source = corpus_d.thumb
+    sh, sw = source.shape
+    target_hp = _highpass(target)
+    source_f = source.astype(np.float32)
+
+    starts: list[tuple[np.ndarray, np.ndarray]] = []
+    if matrix is not None:
+        # keypoint-scale transform -> thumbnail scale
+        to_src_kp = np.diag([corpus_d.work_size[0] / sw, corpus_d.work_size[1] / sh, 1.0])
+        to_tgt_thumb = np.diag([tw / eval_d.work_size[0], th / eval_d.work_size[1], 1.0])
+        full = to_tgt_thumb @ np.vstack([matrix, [0, 0, 1]]) @ to_src_kp
+        starts.append((full[:2].astype(np.float32), source_f))
+    stretch = np.array([[tw / sw, 0, 0], [0, th / sh, 0]], dtype=np.float32)
+    starts.append((stretch, source_f))
+    if allow_mirror:
+        starts.append((stretch, source_f[:, ::-1].copy()))
+
+    best, best_blocks = 0.0, 0
+    ones = np.ones_like(source_f)
+    for warp, src in starts:
+        warp = _refine_ecc(target, src, warp)
+        aligned = cv2.warpAffine(src, warp, (tw, th), flags=cv2.INTER_LINEAR)
+        valid = cv2.warpAffine(ones, warp, (tw, th), flags=cv2.INTER_NEAREST) > 0.5
+        valid = cv2.erode(valid.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0  # drop border blur
+        score, blocks = _block_ncc(target_hp, _highpass(aligned), valid)
+        if score > best or (best == 0.0 and blocks > best_blocks):
+            best, best_blocks = score, blocks
+    return best, best_blocks
+
+
+def _refine_ecc(target: np.ndarray, source: np.ndarray, warp: np.ndarray) -> np.ndarray:
+    """ECC alignment of source onto target starting from `warp` (kept if ECC does not converge)."""
+    import cv2
+
+    # ECC maps target coordinates to source coordinates: invert, refine, invert back
+    inverse = cv2.invertAffineTransform(warp).astype(np.float32)
+    criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 50, 1e-4)
+    try:
+        _, refined = cv2.findTransformECC(
+            target.astype(np.float32), source, inverse, cv2.MOTION_AFFINE, criteria, None, 3
+        )
+    except cv2.error:
+        return warp
+    refined = cv2.invertAffineTransform(refined).astype(np.float32)
+    # ECC may bend one picture onto another's edges with shear or squeeze: keep only refinements
+    # that stay close to the start (a few percent of scale, a few degrees, a fraction of the size)
+    linear_change = refined[:, :2] @ np.linalg.inv(warp[:, :2]) - np.eye(2)
+    shift = np.abs(refined[:, 2] - warp[:, 2]) / np.array(target.shape[::-1], dtype=np.float32)
+    if np.abs(linear_change).max() > 0.2 or shift.max() > 0.2:
+        return warp
+    return refined
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What verify() decided on: keypoint inliers, dense thumbnail agreement, low-information flag."""
+
+    inliers: int
+    dense: float
+    blocks: int  # detailed thumbnail blocks the dense score rests on
+    low_info: bool
+    by_keypoints: bool
+    by_dense: bool
+
+    @property
+    def match(self) -> bool:
+        return self.by_keypoints or self.by_dense
+
+    @property
+    def score(self) -> float:
+        """In [0, 1]: the larger of min(1, inliers / 50) and the dense NCC."""
+        return round(max(min(1.0, self.inliers / 50.0), max(self.dense, 0.0)), 4)
+
+
+def evidence(eval_desc: bytes, corpus_desc: bytes, allow_mirror: bool = True) -> Evidence:
+    """The full reasoning behind :func:`verify` (for reports and threshold tuning)."""
+    eval_d, corpus_d = _parse(eval_desc), _parse(corpus_desc)
+    low_info = eval_d.low_info or corpus_d.low_info
+    matrix, inliers = _keypoint_transform(eval_d, corpus_d)
+    dense, blocks = _dense_score(eval_d, corpus_d, matrix, allow_mirror)
+    min_inliers = _MIN_INLIERS_LOW_INFO if low_info else _MIN_INLIERS
+    min_dense = _MIN_DENSE_NCC_LOW_INFO if low_info else _MIN_DENSE_NCC
+    min_blocks = _MIN_DETAIL_BLOCKS_LOW_INFO if low_info else _MIN_DETAIL_BLOCKS
+    # the thumbnails contradict a keypoint match only where they have detail to compare at all
+    contradicted = blocks >= _MIN_DETAIL_BLOCKS and dense < _MIN_INLIER_NCC
+    return Evidence(
+        inliers=inliers,
+        dense=round(dense, 4),
+        blocks=blocks,
+        low_info=low_info,
+        by_keypoints=matrix is not None and inliers >= min_inliers and not contradicted,
+        by_dense=dense >= min_dense and blocks >= min_blocks,
+    )
+
+
+def verify(eval_desc: bytes, corpus_desc: bytes, allow_mirror: bool = True) -> tuple[bool, float]:
+    """Is the corpus image really the same picture as the eval image? Returns (match, score).
+
+    Accepted when at least 14 distinct keypoints agree on one similarity transform (20 when either
+    image is low-information) and the aligned thumbnails do not contradict it (block NCC >= 0.35),
+    or, without keypoint agreement, when the aligned (or, with `allow_mirror`, mirrored) thumbnails
+    correlate at >= 0.85 (>= 0.92 and over at least 6 detailed blocks for low-information images).
+    Keypoint transforms must keep the scale within 1/3..3 and turn by at most 20 degrees. The score
+    in [0, 1] is the larger of the two evidences: min(1, inliers / 50) and the dense block NCC.
+    """
+    found = evidence(eval_desc, corpus_desc, allow_mirror)
+    return found.match, found.score

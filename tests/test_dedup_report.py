@@ -1,0 +1,175 @@
+"""`dedup_report`: run-dir / WebDataset / Parquet corpora against a real eval index, outputs, gallery."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.pipeline.dedup_report import dedup_report
+
+# configs/demo/evalset holds edited copies of three demo photos (text overlay, blur, crop)
+EXPECTED = {
+    ("chelsea", "animal/chelsea_text.jpg"),
+    ("coffee", "food/coffee_blur.jpg"),
+    ("astronaut", "person/astronaut_crop.jpg"),
+}
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def index_path(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> str:
+    from curate.pipeline import evalsets
+
+    out = tmp_path_factory.mktemp("index") / "demo.parquet"
+    evalsets.hash_evalset(str(demo_dir / "evalset"), str(out), name="demo", workers=1)
+    return str(out)
+
+
+def _write_tar(path: Path, images: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for name, data in images.items():
+            stem, ext = name.rsplit(".", 1)
+            for member, payload in ((f"{stem}.{ext}", data), (f"{stem}.txt", b"caption")):
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+
+
+def _pairs(out: Path) -> set[tuple[str, str]]:
+    return {(p["key"], p["item_id"]) for p in json.loads((out / "pairs.json").read_text())}
+
+
+def test_webdataset_corpus_finds_the_edited_copies(
+    tmp_path: Path, real_images: dict[str, bytes], index_path: str
+) -> None:
+    _write_tar(tmp_path / "corpus.tar", real_images)
+    out = tmp_path / "report"
+    summary = dedup_report(str(tmp_path / "corpus.tar"), [index_path], str(out))
+
+    assert _pairs(out) == EXPECTED  # nothing unrelated among 15 photos x 6 eval images
+    pairs = json.loads((out / "pairs.json").read_text())
+    assert all(p["verified"] is True and p["eval_set"] == "demo" for p in pairs)
+    with open(out / "pairs.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["key"], r["item_id"]) for r in rows} == EXPECTED
+    assert set(rows[0]) >= {"key", "eval_set", "item_id", "distance", "verified"}
+
+    assert json.loads((out / "summary.json").read_text()) == summary
+    demo = summary["eval_sets"]["demo"]
+    assert summary["corpus_samples"] == 15 and demo["eval_items"] == 6
+    assert demo["corpus_samples_matched"] == 3 and demo["corpus_match_rate"] == pytest.approx(0.2)
+    assert demo["eval_items_matched"] == 3 and demo["eval_match_rate"] == pytest.approx(0.5)
+    assert sum(v["confirmed"] for v in summary["distance_histogram"].values()) == 3
+
+    page = (out / "index.html").read_text()
+    assert page.count('class="pair confirmed"') == 3
+    for key, item in EXPECTED:
+        assert f"demo:{item}" in page and f"corpus {key}" in page
+    thumbs = sorted(p.name for p in (out / "thumbs").iterdir())
+    assert len(thumbs) == 6  # one eval and one corpus thumbnail per pair, next to the page
+    assert "http" not in page.split("<body>", 1)[1]  # self-contained: no remote resources
+
+
+def test_run_directory_uses_stored_hashes_and_verification_guards_them(
+    tmp_path: Path, real_images: dict[str, bytes], index_path: str
+) -> None:
+    from curate.pipeline import phash
+
+    run = tmp_path / "run"
+    (run / "shards").mkdir(parents=True)
+    (run / "curated").mkdir()
+    names = ["chelsea.jpg", "brick.png", "coins.jpg"]
+    _write_tar(run / "shards" / "000000.tar", {f"00000000{i}.{n.split('.')[1]}": real_images[n]
+                                               for i, n in enumerate(names)})
+    hashes = [format(phash.phash_int(phash.decode_rgb(real_images[n])), "016x") for n in names]
+    # the run's metadata claims brick looks like chelsea: a pHash-only match the second signal must refuse
+    hashes[1] = hashes[0]
+    pq.write_table(pa.table({"key": ["000000000", "000000001", "000000002"], "phash": hashes}),
+                   run / "curated" / "part-0.parquet")
+
+    out = tmp_path / "report"
+    summary = dedup_report(str(run), [index_path], str(out))
+    by_key = {p["key"]: p for p in json.loads((out / "pairs.json").read_text())}
+    assert by_key["000000000"]["item_id"] == "animal/chelsea_text.jpg" and by_key["000000000"]["verified"] is True
+    assert by_key["000000001"]["item_id"] == "animal/chelsea_text.jpg"  # found through the stored hash
+    assert by_key["000000001"]["verified"] is False
+    assert "000000002" not in by_key
+    demo = summary["eval_sets"]["demo"]
+    assert demo["verified_false"] == 1 and demo["corpus_samples_matched"] == 1
+    assert 'class="pair rejected"' in (out / "index.html").read_text()
+
+
+def test_parquet_corpus_without_verification_and_pagination(
+    tmp_path: Path, real_images: dict[str, bytes], index_path: str
+) -> None:
+    keys = [f"{i:09d}" for i in range(len(real_images))]
+    pq.write_table(pa.table({"key": keys, "image": list(real_images.values())}), tmp_path / "corpus.parquet")
+    out = tmp_path / "report"
+    summary = dedup_report(str(tmp_path / "corpus.parquet"), [index_path], str(out), threshold=10, verify=False,
+                           page_size=2)
+    pairs = json.loads((out / "pairs.json").read_text())
+    assert pairs and all(p["verified"] is None for p in pairs)
+    assert all(p["distance"] <= 10 for p in pairs)
+    assert summary["verify"] is False and summary["candidate_threshold"] is None
+    name_of = dict(zip(keys, (n.rsplit(".", 1)[0] for n in real_images), strict=True))
+    assert {(name_of[p["key"]], p["item_id"]) for p in pairs} >= {("chelsea", "animal/chelsea_text.jpg"),
+                                                                 ("coffee", "food/coffee_blur.jpg")}
+    n_pages = -(-len(pairs) // 2)
+    assert (out / f"page-{n_pages}.html").exists() and not (out / f"page-{n_pages + 1}.html").exists()
+    assert f'href="page-{n_pages}.html"' in (out / "index.html").read_text()
+
+
+def test_bad_input_raises_clear_errors(tmp_path: Path, real_images: dict[str, bytes], index_path: str) -> None:
+    _write_tar(tmp_path / "corpus.tar", {"chelsea.jpg": real_images["chelsea.jpg"]})
+    corpus = str(tmp_path / "corpus.tar")
+    with pytest.raises(ValueError, match="does not exist"):
+        dedup_report(corpus, [str(tmp_path / "missing.parquet")], str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="at least one"):
+        dedup_report(corpus, [], str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="no such file"):
+        dedup_report(str(tmp_path / "nothing-*.tar"), [index_path], str(tmp_path / "o"))
+    with pytest.raises(ValueError, match="threshold"):
+        dedup_report(corpus, [index_path], str(tmp_path / "o"), threshold=64)
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="expected a run directory"):
+        dedup_report(str(tmp_path / "notes.txt"), [index_path], str(tmp_path / "o"))
+    not_index = tmp_path / "plain.parquet"
+    pq.write_table(pa.table({"a": [1]}), not_index)
+    with pytest.raises(ValueError, match="missing columns"):
+        dedup_report(corpus, [str(not_index)], str(tmp_path / "o"))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Debian `chromium` is not installed (CI installs it)")
+def test_gallery_renders_in_headless_chromium(
+    tmp_path: Path, real_images: dict[str, bytes], index_path: str
+) -> None:
+    _write_tar(tmp_path / "corpus.tar", real_images)
+    out = tmp_path / "report"
+    dedup_report(str(tmp_path / "corpus.tar"), [index_path], str(out))
+    flags = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,900"]
+    url = (out / "index.html").as_uri()
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=90, check=True).stdout
+    assert dom.count('class="pair confirmed"') == 3
+    for key, item in EXPECTED:
+        assert f"corpus {key}" in dom and item in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([*flags, f"--screenshot={shot}", url], capture_output=True, timeout=90, check=True)
+    from PIL import Image
+
+    with Image.open(shot) as img:
+        # the thumbnails really drew: the pair strip holds photo pixels, not a blank page
+        strip = img.convert("L").crop((0, 480, 1200, 680))
+        assert strip.getextrema()[1] - strip.getextrema()[0] > 100
+        assert len(np.unique(np.asarray(strip))) > 64

@@ -1,0 +1,155 @@
+"""Near-duplicate verification on real photos: each transformation verifies, look-alikes do not."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import imagehash
+import pytest
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
+
+from curate.pipeline import nearduplicate as nd
+
+PHOTOS = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg")
+
+
+def _open(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as img:
+        return img.convert("RGB")
+
+
+def _jpeg(img: Image.Image, quality: int) -> Image.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return _open(buf.getvalue())
+
+
+def _crop(img: Image.Image, area: float, left_share: float, top_share: float) -> Image.Image:
+    w, h = img.size
+    cw, ch = round(w * area**0.5), round(h * area**0.5)
+    left, top = round((w - cw) * left_share), round((h - ch) * top_share)
+    return img.crop((left, top, left + cw, top + ch))
+
+
+def _text(img: Image.Image) -> Image.Image:
+    img = img.copy()
+    draw = ImageDraw.Draw(img)
+    size = img.height // 10
+    font = ImageFont.load_default(size=size)
+    draw.rectangle((0, int(img.height * 0.8), img.width, int(img.height * 0.8) + size + 8), fill=(0, 0, 0))
+    draw.text((10, int(img.height * 0.8)), "SALE 50% OFF TODAY", font=font, fill=(255, 255, 255))
+    return img
+
+
+TRANSFORMS = {
+    "crop_85": lambda img: _crop(img, 0.85, 0.2, 0.8),
+    "rotate_4": lambda img: img.rotate(4, resample=Image.Resampling.BICUBIC).crop(
+        (img.width // 12, img.height // 12, img.width * 11 // 12, img.height * 11 // 12)
+    ),
+    "blur": lambda img: img.filter(ImageFilter.GaussianBlur(3)),
+    "text_overlay": _text,
+    "colour_shift": lambda img: ImageEnhance.Color(ImageOps.autocontrast(img)).enhance(1.8),
+    "grayscale": lambda img: ImageOps.grayscale(img).convert("RGB"),
+    "rescale_30": lambda img: img.resize((img.width * 3 // 10, img.height * 3 // 10), Image.Resampling.BICUBIC),
+    "jpeg_q12": lambda img: _jpeg(img, 12),
+    "crop_rescale": lambda img: _crop(img, 0.82, 0.7, 0.3).resize((200, 200 * img.height // img.width)),
+    "mirror": ImageOps.mirror,
+}
+
+
+def _cutout(demo_dir: Path, name: str, canvas: tuple[int, int], box: tuple[int, int, int, int]) -> Image.Image:
+    """A real object (a demo photo's region) pasted on a flat white page: a product cut-out."""
+    with Image.open(demo_dir / "images" / name) as src:
+        obj = src.convert("RGB").resize((box[2] - box[0], box[3] - box[1]))
+    page = Image.new("RGB", canvas, (255, 255, 255))
+    mask = Image.new("L", obj.size, 0)
+    ImageDraw.Draw(mask).ellipse((0, 0, obj.width - 1, obj.height - 1), fill=255)
+    page.paste(obj, box[:2], mask)
+    return page
+
+
+@pytest.fixture(scope="module")
+def photos(real_images: dict[str, bytes]) -> dict[str, Image.Image]:
+    return {name: _open(real_images[name]) for name in PHOTOS}
+
+
+@pytest.fixture(scope="module")
+def descriptors(photos: dict[str, Image.Image]) -> dict[str, bytes]:
+    return {name: nd.descriptor(img) for name, img in photos.items()}
+
+
+@pytest.mark.parametrize("transform", sorted(TRANSFORMS))
+def test_every_transformation_verifies(
+    transform: str, photos: dict[str, Image.Image], descriptors: dict[str, bytes]
+) -> None:
+    for name, img in photos.items():
+        copy = _jpeg(TRANSFORMS[transform](img), 90)
+        same, score = nd.verify(descriptors[name], nd.descriptor(copy))
+        assert same, f"{transform} of {name} not verified (score {score})"
+        assert 0.0 <= score <= 1.0
+
+
+def test_unrelated_photos_are_refused(descriptors: dict[str, bytes]) -> None:
+    names = sorted(descriptors)
+    for a in names:
+        for b in names:
+            if a != b:
+                assert nd.verify(descriptors[a], descriptors[b])[0] is False, (a, b)
+
+
+def test_mirror_matching_can_be_switched_off(photos: dict[str, Image.Image], descriptors: dict[str, bytes]) -> None:
+    mirrored = nd.descriptor(ImageOps.mirror(photos["chelsea.jpg"]))
+    assert nd.verify(descriptors["chelsea.jpg"], mirrored)[0]
+    assert not nd.verify(descriptors["chelsea.jpg"], mirrored, allow_mirror=False)[0]
+
+
+def test_flat_background_collision_is_rejected(demo_dir: Path) -> None:
+    # two different objects, same round silhouette at the same place on a white page: pHash collides
+    first = _cutout(demo_dir, "chelsea.jpg", (400, 300), (150, 90, 250, 210))
+    second = _cutout(demo_dir, "ihc.jpg", (400, 300), (150, 90, 250, 210))
+    distance = imagehash.phash(first) - imagehash.phash(second)
+    assert distance <= 8, f"fixture should collide under pHash, distance {distance}"
+    assert nd.low_information(first) and nd.low_information(second)
+    assert nd.verify(nd.descriptor(first), nd.descriptor(second))[0] is False
+    # ... while the same cut-out, rescaled and re-encoded, still verifies
+    copy = _jpeg(first.resize((300, 225)), 80)
+    assert nd.verify(nd.descriptor(first), nd.descriptor(copy))[0] is True
+
+
+def test_low_information_detects_flat_images(photos: dict[str, Image.Image]) -> None:
+    assert nd.low_information(Image.new("RGB", (300, 200), (40, 120, 200)))
+    text_page = Image.new("RGB", (400, 300), (250, 240, 200))
+    ImageDraw.Draw(text_page).text((40, 120), "Just some words", font=ImageFont.load_default(size=36), fill=(0, 0, 0))
+    assert nd.low_information(text_page)
+    sketch = Image.new("L", (300, 300), 255)
+    ImageDraw.Draw(sketch).ellipse((60, 60, 240, 240), outline=0, width=3)
+    assert nd.low_information(sketch)
+    assert nd.low_information(photos["chelsea.jpg"].resize((40, 30)))  # too small to trust
+    for name, img in photos.items():
+        assert not nd.low_information(img), name
+
+
+def test_candidate_hashes_bring_crops_and_mirrors_closer(photos: dict[str, Image.Image]) -> None:
+    img = photos["astronaut.jpg"]
+    main = int(str(imagehash.phash(img)), 16)
+    variants = nd.candidate_hashes(img)
+    assert variants and main not in variants and len(set(variants)) == len(variants)
+    for copy in (ImageOps.mirror(img), _crop(img, 0.81, 0.0, 0.0)):
+        h = int(str(imagehash.phash(copy)), 16)
+        plain = (h ^ main).bit_count()
+        nearest = min((h ^ v).bit_count() for v in variants)
+        assert nearest < plain and nearest <= 8
+    assert nd.candidate_hashes(Image.new("RGB", (4, 4))) == []
+
+
+def test_descriptor_is_compact_and_checked() -> None:
+    img = Image.new("RGB", (500, 400), (255, 255, 255))
+    ImageDraw.Draw(img).rectangle((100, 100, 300, 250), fill=(200, 30, 30))
+    blob = nd.descriptor(img)
+    assert isinstance(blob, bytes) and len(blob) < 12_000
+    assert isinstance(nd.DESCRIPTOR_VERSION, str) and nd.DESCRIPTOR_VERSION
+    with pytest.raises(ValueError):
+        nd.verify(blob, b"not a descriptor")
+    with pytest.raises(ValueError):
+        nd.verify(blob, blob[:-3])
