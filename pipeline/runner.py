@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
@@ -218,7 +219,7 @@ def _persist(state: PartitionState, work: str, pass_index: int, summary: Any) ->
 
 
 def _load(work: str, pass_index: int, partition_id: int) -> PartitionState:
-    with pa.memory_map(_pass_path(work, pass_index, partition_id, ".arrow"), "r") as source:
+    with fsspec.open(_pass_path(work, pass_index, partition_id, ".arrow"), "rb") as source:
         table = ipc.open_file(source).read_all()
     meta = table.schema.metadata or {}
     state = PartitionState(partition_id, int(meta[b"curate.input_rows"]), table.replace_schema_metadata(None),
@@ -503,13 +504,13 @@ class Runner:
         """The run-wide decision for the global stage that ended pass `pass_index - 1` (made once, saved)."""
         path = f"{self.work}/pass-{pass_index}/decision.pkl"
         if storage.exists(path):
-            with open(storage.local(path), "rb") as f:
+            with fsspec.open(path, "rb") as f:
                 return pickle.load(f)  # noqa: S301 - our own file in our own work dir
         summaries = []
         for p in plan.partitions:
             summary_path = _pass_path(self.work, pass_index, p.partition_id, ".summary.pkl")
             if storage.exists(summary_path):
-                with open(storage.local(summary_path), "rb") as f:
+                with fsspec.open(summary_path, "rb") as f:
                     summary = pickle.load(f)  # noqa: S301 - our own file
                 if summary is not None:
                     summaries.append(summary)
