@@ -61,7 +61,8 @@ def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
         threads_per_worker=cfg.threads_per_worker,
         processes=cfg.processes,
         memory_limit=cfg.memory_limit,
-        dashboard_address="127.0.0.1:0" if cfg.dashboard else None,
+        # Dask serves a dashboard regardless; keep it on loopback (None would mean 0.0.0.0:8787).
+        dashboard_address="127.0.0.1:0",
         silence_logs=logging.ERROR,
         **network,
     )

@@ -52,11 +52,11 @@ class OutputConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     scheduler_address: str = option("", help="Connect to this Dask scheduler (tcp://host:8786) instead of starting a LocalCluster.")
-    n_workers: int = option(0, help="LocalCluster worker processes (0 = one per core, capped by memory).", range=(0, None))
+    n_workers: int = option(0, help="LocalCluster worker processes (0 = one per core / threads_per_worker).", range=(0, None))
     threads_per_worker: int = option(1, help="Threads per LocalCluster worker process.", range=(1, None))
     memory_limit: str = option("auto", help="Per-worker memory limit for the LocalCluster (Dask syntax, e.g. '4GiB').")
     processes: bool = option(True, help="LocalCluster with worker processes (false = threads in this process).")
-    dashboard: bool = option(True, help="Serve the Dask dashboard on a free local port and print its link.")
+    dashboard: bool = option(True, help="Print the link of the Dask dashboard (served on a free 127.0.0.1 port).")
     gpu_workers: int = option(0, help="LocalCluster workers that advertise `GPU=1` (0 = one per visible CUDA device).", range=(0, None))
 
 

@@ -92,13 +92,18 @@ class RunResult:
 
 # -- worker side -------------------------------------------------------------------------------------
 
-_STAGE_CACHE: dict[tuple[str, str, str], Stage] = {}
+_STAGE_CACHE: dict[tuple[str, str, str, int], Stage] = {}
 _STAGE_LOCK = threading.Lock()
 
 
 def _stage_instance(spec: StageSpec, context: RunContext) -> Stage:
-    """One set-up instance per (stage, config, run) per worker process: models load once."""
-    key = (spec.section, spec.fingerprint, context.output_path)
+    """One set-up instance per (stage, config, run) per worker thread.
+
+    With the default one thread per worker process that is one per process. With several threads, each gets
+    its own instance so per-partition state (counters) never mixes; stages that hold big read-only state
+    (the CLIP model) share it per process themselves.
+    """
+    key = (spec.section, spec.fingerprint, context.output_path, threading.get_ident())
     with _STAGE_LOCK:
         instance = _STAGE_CACHE.get(key)
         if instance is None:
@@ -369,6 +374,10 @@ class Runner:
         started = time.time()
         storage.makedirs(self.work)
         _check_resume_compatible(self.config, self.work)
+        # This run owns output.path: temporaries of a killed earlier attempt are garbage.
+        storage.remove_stale_temporaries(self.out, ("curated", "rejected", "embeddings", "shards", WORK_DIR,
+                                                    f"{WORK_DIR}/parts", f"{WORK_DIR}/done", f"{WORK_DIR}/input",
+                                                    *(f"{WORK_DIR}/pass-{k}" for k in range(1, 8))))
         plan = self._plan()
         context = RunContext(self.out, self.work, plan.format)
         specs = _stage_specs(self.config)

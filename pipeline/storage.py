@@ -33,7 +33,9 @@ def atomic_path(path: str) -> Iterator[str]:
     if is_local(path):
         path = local(path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+        head, tail = os.path.split(path)
+        # A hidden name: never matches `*.tar` / `*.parquet`, and dataset readers skip dot files.
+        tmp = os.path.join(head, f".{tail}{TMP_MARK}{uuid.uuid4().hex[:12]}")
         try:
             yield tmp
             os.replace(tmp, path)
@@ -81,7 +83,8 @@ def listdir(path: str, suffix: str = "") -> list[str]:
         p = local(path)
         if not os.path.isdir(p):
             return []
-        names = sorted(n for n in os.listdir(p) if n.endswith(suffix) and TMP_MARK not in n)
+        names = sorted(n for n in os.listdir(p) if n.endswith(suffix) and TMP_MARK not in n
+                       and not n.startswith("."))
         return [os.path.join(p, n) for n in names]
     fs, fs_path = fsspec.core.url_to_fs(path)
     if not fs.exists(fs_path):
@@ -107,3 +110,20 @@ def makedirs(path: str) -> None:
     else:
         fs, fs_path = fsspec.core.url_to_fs(path)
         fs.makedirs(fs_path, exist_ok=True)
+
+
+def remove_stale_temporaries(root: str, subdirs: tuple[str, ...]) -> int:
+    """Delete temporaries a killed run left in `root/<subdir>` (local paths only); return how many."""
+    if not is_local(root):
+        return 0  # object stores never expose partial uploads
+    removed = 0
+    for sub in subdirs:
+        folder = os.path.join(local(root), sub)
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if TMP_MARK in name:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+    return removed
