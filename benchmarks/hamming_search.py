@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from curate.pipeline.hamming import brute_force_pairs, range_search
 from curate.pipeline.phash import hamming
 

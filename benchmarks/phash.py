@@ -19,8 +19,9 @@ from pathlib import Path
 
 import imagehash
 import numpy as np
-from curate.pipeline import phash as P
 from PIL import Image
+
+from curate.pipeline import phash as P
 
 RESULTS = Path(__file__).parent / "results" / "phash.json"
 

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
 from curate.pipeline.phash import HashMode, PhashParams, from_hex, to_hex
 
 log = logging.getLogger("curate.evalsets")

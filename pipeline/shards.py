@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
 import fsspec
+
 from curate.pipeline import storage
 
 # Fixed metadata so identical samples give identical tar bytes.

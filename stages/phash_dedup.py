@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, option
 from curate.pipeline.stage import RunContext, Stage, StageError

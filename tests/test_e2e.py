@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 import yaml
+
 from curate.pipeline import columns as C
 from curate.pipeline.cli import main
 

@@ -12,9 +12,10 @@ import imagehash
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image, ImageOps
+
 from curate.pipeline import evalsets as E
 from curate.pipeline.phash import PhashParams
-from PIL import Image, ImageOps
 
 
 def _imagehash_of(data: bytes) -> str:

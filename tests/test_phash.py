@@ -7,8 +7,9 @@ import io
 import imagehash
 import numpy as np
 import pytest
-from curate.pipeline import phash as P
 from PIL import Image, ImageOps
+
+from curate.pipeline import phash as P
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from PIL import Image
+
 from curate.pipeline import evalsets
 from curate.pipeline.config import load_config
 from curate.pipeline.configspec import ConfigError
 from curate.pipeline.stage import RunContext, StageError
 from curate.stages.phash_dedup import DedupConfig, EvalSetSource, PhashDedupStage
-from PIL import Image
 
 
 def _context(tmp_path: Path) -> RunContext:
