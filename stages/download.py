@@ -1,17 +1,367 @@
-"""download stage: fetch image bytes for rows that carry a URL (skeleton config; see issue 4)."""
+"""download stage: fetch, verify, resize and encode the image of every row (issue 4).
+
+Rows that already carry image bytes (webdataset input, e.g. an img2dataset download) are not
+fetched: they are decode-verified and measured (width/height/sha256) and kept byte for byte unless
+`reprocess_existing` is set. See docs/download.md for the behaviour and every reject reason.
+
+Status semantics: network, protocol and decoding problems set status `failed` (http_404, timeout,
+not_an_image, decompression_bomb, ...); policy decisions set `rejected` (opted_out, private_address,
+unsupported_scheme, too_small, aspect_ratio).
+"""
 
 from __future__ import annotations
 
+import collections
+import ipaddress
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-from curate.pipeline.configspec import option
+import pyarrow as pa
+
+from curate.pipeline import columns as C
+from curate.pipeline.configspec import ConfigError, option
+from curate.pipeline.fetch import (
+    DEFAULT_DISALLOWED_DIRECTIVES,
+    DEFAULT_ROBOTS_TOKENS,
+    DEFAULT_USER_AGENT,
+    Fetcher,
+    FetchError,
+    FetchOptions,
+    Resolver,
+)
+from curate.pipeline.imaging import (
+    DEFAULT_INPUT_FORMATS,
+    DEFAULT_MAX_PIXELS,
+    ImageError,
+    ImageFiltered,
+    ImageSpec,
+    Interpolation,
+    OutputFormat,
+    ProcessedImage,
+    ReencodePolicy,
+    ResizeMode,
+    process_image,
+    verify_image,
+)
+from curate.pipeline.stage import Resources, RunContext, Stage
+
+_INPUT_FORMAT_NAMES = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 @dataclass(frozen=True)
 class DownloadConfig:
-    enabled: bool = option(True, help="Run the download stage (rows that already carry image bytes skip it).")
-    threads: int = option(32, help="Concurrent requests per partition.", range=(1, 1024))
-    timeout: float = option(10.0, help="Total deadline per request in seconds (connect + headers + body).", range=(0, None), open_low=True)
-    retries: int = option(2, help="Retries for retryable failures (connect errors, timeouts, 429, 5xx).", range=(0, 20))
-    allow_private: bool = option(False, help="Allow private, loopback, link-local and metadata addresses (unsafe).")
-    allowed_networks: tuple[str, ...] = option((), help="CIDRs allowed although private, e.g. ['127.0.0.1/32'].")
+    enabled: bool = option(True, help="Run the download stage (rows that already carry image bytes skip fetching).")
+    # -- fetching --------------------------------------------------------------------------------
+    threads: int = option(32, help="Concurrent requests per partition (threads per worker process).", range=(1, 1024))
+    max_per_host: int = option(
+        16, help="Most concurrent requests to one host name from one worker process.", range=(1, 1024)
+    )
+    timeout: float = option(
+        10.0,
+        help="Total deadline in seconds for one attempt: connect + all redirect hops + headers + body. "
+        "A server that drips bytes is cut off when it expires.",
+        range=(0, None),
+        open_low=True,
+    )
+    connect_timeout: float = option(
+        5.0, help="Seconds allowed for DNS + TCP/TLS connect (within `timeout`).", range=(0, None), open_low=True
+    )
+    retries: int = option(
+        2,
+        help="Retries after the first attempt, only for retryable failures: connect errors, timeouts, "
+        "resets, HTTP 429 and 5xx (not 501/505).",
+        range=(0, 20),
+    )
+    backoff_base: float = option(
+        0.5,
+        help="Backoff before retry n (n = 1, 2, ...) is base * 2^(n-1) seconds, capped by `backoff_max`, "
+        "with jitter: a uniform random time between half and all of it.",
+        range=(0, None),
+    )
+    backoff_max: float = option(8.0, help="Cap on one backoff wait, seconds.", range=(0, None))
+    retry_after_max: float = option(
+        10.0,
+        help="Honour a 429/503 Retry-After of at most this many seconds; a longer one fails the row at once.",
+        range=(0, None),
+    )
+    max_total_time: float = option(
+        60.0,
+        help="Wall-clock budget per row in seconds for all attempts, backoff and Retry-After waits.",
+        range=(0, None),
+        open_low=True,
+    )
+    max_bytes: int = option(
+        20 * 1024 * 1024,
+        help="Largest response body accepted, bytes (default 20 MiB); a larger Content-Length is refused "
+        "before reading.",
+        range=(1, None),
+    )
+    max_redirects: int = option(5, help="Redirect hops followed per attempt (each hop is re-checked).", range=(0, 30))
+    user_agent: str = option(DEFAULT_USER_AGENT, help="User-Agent header sent with every request.")
+    robots_tokens: tuple[str, ...] = option(
+        DEFAULT_ROBOTS_TOKENS,
+        help="User-agent tokens whose X-Robots-Tag lines (`token: noai`) apply to us, besides lines "
+        "without a token.",
+    )
+    disallowed_directives: tuple[str, ...] = option(
+        DEFAULT_DISALLOWED_DIRECTIVES,
+        help="X-Robots-Tag directives that reject the row as `opted_out`; empty list = ignore X-Robots-Tag.",
+    )
+    verify_tls: bool = option(True, help="Verify HTTPS certificates (false = accept any certificate).")
+    ca_bundle: str = option(
+        "", help="PEM file of certificate authorities to trust instead of the system store ('' = system store).",
+        path=True,
+    )
+    # -- network safety --------------------------------------------------------------------------
+    allow_private: bool = option(
+        False,
+        help="Allow private, loopback, link-local, multicast, reserved and cloud-metadata addresses (unsafe).",
+    )
+    allowed_networks: tuple[str, ...] = option(
+        (), help="CIDRs allowed although private, e.g. ['127.0.0.1/32']; all other private addresses stay refused."
+    )
+    allow_file: bool = option(False, help="Allow file:// URLs (local files; off because URLs come from the web).")
+    # -- image -----------------------------------------------------------------------------------
+    image_size: int = option(512, help="Target size in pixels used by `resize_mode`.", range=(1, 65535))
+    resize_mode: ResizeMode = option(
+        "keep_ratio",
+        help="`none`: keep the size; `keep_ratio`: smaller side = image_size; `keep_ratio_largest`: larger "
+        "side = image_size; `center_crop`: keep_ratio then a centred image_size square; `border`: "
+        "keep_ratio_largest then pad to a square with white.",
+    )
+    resize_only_if_bigger: bool = option(
+        True, help="Only shrink: images whose relevant side is <= image_size are not resized, cropped or padded."
+    )
+    downscale_interpolation: Interpolation = option("area", help="Filter used when shrinking (`area` = box).")
+    upscale_interpolation: Interpolation = option("lanczos", help="Filter used when enlarging.")
+    min_width: int = option(0, help="Reject (`too_small`) images narrower than this, pixels, before resizing.", range=(0, None))
+    min_height: int = option(0, help="Reject (`too_small`) images shorter than this, pixels, before resizing.", range=(0, None))
+    max_aspect_ratio: float = option(
+        0.0, help="Reject (`aspect_ratio`) images whose long/short side ratio exceeds this; 0 = no limit.",
+        range=(0, None),
+    )
+    max_image_pixels: int = option(
+        DEFAULT_MAX_PIXELS,
+        help="Decompression-bomb guard: images declaring more pixels fail with `decompression_bomb` before "
+        "decoding (default: Pillow's limit, about 89.5 MP; at most 178956970).",
+        range=(1, None),
+    )
+    input_formats: tuple[str, ...] = option(
+        DEFAULT_INPUT_FORMATS,
+        help="Image formats accepted, sniffed from the bytes (Pillow names: JPEG, PNG, WEBP, GIF, BMP, TIFF).",
+    )
+    fast_jpeg_decode: bool = option(
+        True,
+        help="Decode JPEGs shrunk by 4x or more at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling, keeping >= 2x "
+        "the target size, as Pillow's thumbnail does): much cheaper for big photos; false = always decode fully.",
+    )
+    output_format: OutputFormat = option("jpg", help="Encoding of stored images: jpg, png or webp.")
+    quality: int = option(95, help="JPEG/WebP quality (1-100).", range=(1, 100))
+    png_compression: int = option(6, help="PNG zlib compression level (0-9).", range=(0, 9))
+    reencode: ReencodePolicy = option(
+        "always",
+        help="`always` re-encodes every image (strips metadata); `if_needed` keeps the original bytes when "
+        "no resize/crop/pad/rotation was needed and the format already is `output_format`.",
+    )
+    reprocess_existing: bool = option(
+        False,
+        help="Also resize/re-encode rows that arrive with image bytes (default: verify and measure only).",
+    )
+
+    def validate(self, key_path: str) -> None:
+        for i, cidr in enumerate(self.allowed_networks):
+            try:
+                ipaddress.ip_network(cidr.strip(), strict=False)
+            except ValueError as err:
+                raise ConfigError(f"{key_path}.allowed_networks[{i}]", f"not a CIDR network: {err}") from err
+        for i, name in enumerate(self.input_formats):
+            if name not in _INPUT_FORMAT_NAMES:
+                raise ConfigError(
+                    f"{key_path}.input_formats[{i}]", f"expected one of {', '.join(_INPUT_FORMAT_NAMES)}, got {name!r}"
+                )
+        if self.max_image_pixels > 2 * DEFAULT_MAX_PIXELS:  # beyond this Pillow's own guard refuses anyway
+            raise ConfigError(
+                f"{key_path}.max_image_pixels", f"must be <= {2 * DEFAULT_MAX_PIXELS}, got {self.max_image_pixels}"
+            )
+        if self.connect_timeout > self.timeout:
+            raise ConfigError(f"{key_path}.connect_timeout", f"must be <= timeout ({self.timeout:g}), got {self.connect_timeout:g}")
+        if not self.user_agent.strip() or any(c in self.user_agent for c in "\r\n"):
+            raise ConfigError(f"{key_path}.user_agent", "must be a non-empty single line")
+
+    def fetch_options(self) -> FetchOptions:
+        return FetchOptions(
+            timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+            retries=self.retries,
+            backoff_base=self.backoff_base,
+            backoff_max=self.backoff_max,
+            retry_after_max=self.retry_after_max,
+            max_total_time=self.max_total_time,
+            max_bytes=self.max_bytes,
+            max_redirects=self.max_redirects,
+            max_per_host=self.max_per_host,
+            user_agent=self.user_agent,
+            verify_tls=self.verify_tls,
+            ca_bundle=self.ca_bundle or None,
+            allow_private=self.allow_private,
+            allowed_networks=self.allowed_networks,
+            allow_file=self.allow_file,
+            disallowed_directives=self.disallowed_directives,
+            robots_tokens=self.robots_tokens,
+        )
+
+    def image_spec(self) -> ImageSpec:
+        return ImageSpec(
+            resize_mode=self.resize_mode,
+            image_size=self.image_size,
+            resize_only_if_bigger=self.resize_only_if_bigger,
+            downscale_interpolation=self.downscale_interpolation,
+            upscale_interpolation=self.upscale_interpolation,
+            min_width=self.min_width,
+            min_height=self.min_height,
+            max_aspect_ratio=self.max_aspect_ratio,
+            output_format=self.output_format,
+            quality=self.quality,
+            png_compression=self.png_compression,
+            reencode=self.reencode,
+            max_pixels=self.max_image_pixels,
+            input_formats=self.input_formats,
+            use_draft=self.fast_jpeg_decode,
+        )
+
+
+@dataclass
+class _RowOutcome:
+    image: ProcessedImage | None = None
+    reason: str | None = None
+    message: str | None = None
+    status: str = C.STATUS_FAILED
+
+
+_ADDED = (C.IMAGE, C.IMAGE_EXT, "width", "height", "original_width", "original_height", "sha256")
+
+
+class DownloadStage(Stage[DownloadConfig]):
+    """Fetch → verify → filter → resize → encode, `threads` rows at a time."""
+
+    name = "download"
+    requires = ()  # `url` and/or `image`; a row with neither fails as missing_url
+    adds = _ADDED + (C.ERROR_MESSAGE,)
+
+    def __init__(self, config: DownloadConfig, context: RunContext, *, resolver: Resolver | None = None) -> None:
+        super().__init__(config, context)
+        self._resolver = resolver  # tests inject a resolver; production uses the system's
+        self._spec = config.image_spec()
+        self._fetcher: Fetcher | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self.counters: collections.Counter[str] = collections.Counter()
+        self._counter_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # shipped to workers before setup(): no threads/sockets
+        state = self.__dict__.copy()
+        state.update(_fetcher=None, _pool=None, _counter_lock=None, _is_set_up=False)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._counter_lock = threading.Lock()
+
+    def resources(self) -> Resources:
+        return Resources(cpu_threads=1)
+
+    def setup(self) -> None:
+        self._fetcher = Fetcher(self.config.fetch_options(), resolver=self._resolver)
+        self._pool = ThreadPoolExecutor(max_workers=self.config.threads, thread_name_prefix="curate-download")
+
+    def teardown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self._fetcher is not None:
+            self._fetcher.close()
+            self._fetcher = None
+        self._is_set_up = False
+
+    # -- work ------------------------------------------------------------------------------------
+    def process(self, table: pa.Table) -> pa.Table:
+        self.ensure_setup()
+        assert self._pool is not None
+        n = table.num_rows
+        urls = table.column(C.URL).to_pylist() if C.URL in table.column_names else [None] * n
+        existing = table.column(C.IMAGE).to_pylist() if C.IMAGE in table.column_names else [None] * n
+        outcomes = list(self._pool.map(self._one_row, urls, existing))
+
+        failed: list[str | None] = [None] * n
+        rejected: list[str | None] = [None] * n
+        messages: list[str | None] = [None] * n
+        values: dict[str, list[Any]] = {name: [None] * n for name in _ADDED}
+        for i, out in enumerate(outcomes):
+            if out.reason is not None:
+                (failed if out.status == C.STATUS_FAILED else rejected)[i] = out.reason
+                messages[i] = out.message
+            elif out.image is not None:
+                img = out.image
+                values[C.IMAGE][i] = img.data
+                values[C.IMAGE_EXT][i] = img.ext
+                values["width"][i] = img.width
+                values["height"][i] = img.height
+                values["original_width"][i] = img.original_width
+                values["original_height"][i] = img.original_height
+                values["sha256"][i] = img.sha256
+        for name in _ADDED:
+            column: pa.Array | list[Any] = values[name]
+            if name == C.IMAGE:
+                column = pa.array(values[name], type=pa.binary())
+            elif name == C.IMAGE_EXT:
+                column = pa.array(values[name], type=pa.string())
+            table = C.set_column(table, name, column)
+        table = self.reject(table, failed, messages, status=C.STATUS_FAILED)
+        return self.reject(table, rejected, messages, status=C.STATUS_REJECTED)
+
+    def _count(self, *names: str, amount: int = 1) -> None:
+        with self._counter_lock:
+            for name in names:
+                self.counters[name] += amount
+
+    def _one_row(self, url: str | None, existing: bytes | None) -> _RowOutcome:
+        """Never raises: every row ends with an image or a reason."""
+        try:
+            if existing is not None:
+                self._count("input_bytes")
+                if self.config.reprocess_existing:
+                    return _RowOutcome(process_image(existing, self._spec))
+                return _RowOutcome(verify_image(existing, self._spec))
+            if url is None or not str(url).strip():
+                return _RowOutcome(reason="missing_url", message="the row has no URL")
+            assert self._fetcher is not None
+            started = time.monotonic()
+            result = self._fetcher.fetch(str(url))
+            self._count("fetched")
+            self._count("bytes_downloaded", amount=len(result.data))
+            if result.attempts > 1:
+                self._count("retried_rows")
+            if result.redirects:
+                self._count("redirected")
+            image = process_image(result.data, self._spec)
+            self._count("reencoded" if image.reencoded else "kept_original_bytes")
+            self._count("fetch_ms", amount=int((time.monotonic() - started) * 1000))
+            return _RowOutcome(image)
+        except FetchError as err:
+            if err.attempts > 1:
+                self._count("retried_rows")
+            status = C.STATUS_REJECTED if err.policy else C.STATUS_FAILED
+            return _RowOutcome(reason=err.reason, message=_attempts_note(err.message, err.attempts), status=status)
+        except ImageError as err:
+            return _RowOutcome(reason=err.reason, message=err.message, status=C.STATUS_FAILED)
+        except ImageFiltered as err:
+            return _RowOutcome(reason=err.reason, message=err.message, status=C.STATUS_REJECTED)
+        except Exception as err:  # a bug must cost one row, not the partition
+            self.log.exception("download: unexpected error for %r", url)
+            return _RowOutcome(reason="internal_error", message=f"{type(err).__name__}: {err}")
+
+
+def _attempts_note(message: str, attempts: int) -> str:
+    return f"{message} (after {attempts} attempts)" if attempts > 1 else message

@@ -1,0 +1,290 @@
+"""The download stage end to end on real photos: config, resize modes, EXIF, filters, encoding,
+rows that arrive with image bytes, and the stage contract (same rows, same order, reasons)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from curate.pipeline import columns as C
+from curate.pipeline.configspec import ConfigError, build
+from curate.pipeline.faultserver import HTML_PAGE, FaultServer, Respond
+from curate.pipeline.imaging import ImageError, ImageSpec, decode_image, process_image, sniff_format
+from curate.pipeline.stage import RunContext
+from curate.stages.download import DownloadConfig, DownloadStage
+
+LOOPBACK = {"allowed_networks": ("127.0.0.1/32",), "timeout": 2.0, "connect_timeout": 1.0, "retries": 0}
+
+
+def encode(img: Image.Image, fmt: str = "JPEG", **params: object) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def make_stage(**config: object) -> DownloadStage:
+    return DownloadStage(DownloadConfig(**{**LOOPBACK, **config}), RunContext(output_path="", work_path=""))  # type: ignore[arg-type]
+
+
+def rows(urls: list[str | None], **extra: list[object]) -> pa.Table:
+    n = len(urls)
+    data: dict[str, list[object]] = {C.KEY: [f"{i:09d}" for i in range(n)], C.URL: list(urls),
+                                     C.STATUS: [C.STATUS_SUCCESS] * n}
+    data.update(extra)
+    return pa.table(data)
+
+
+def run(urls: list[str | None], **config: object) -> pa.Table:
+    stage = make_stage(**config)
+    try:
+        return stage.process(rows(urls))
+    finally:
+        stage.teardown()
+
+
+@pytest.fixture
+def server(real_images: dict[str, bytes]) -> Iterator[FaultServer]:
+    with FaultServer({f"/{name}": Respond(data) for name, data in real_images.items()}) as srv:
+        yield srv
+
+
+@pytest.fixture
+def big_photo(real_images: dict[str, bytes]) -> bytes:
+    """A 1280x1280 JPEG mosaic of 16 real photos at native resolution: large enough for reduced-scale decoding."""
+    mosaic = Image.new("RGB", (1280, 1280))
+    photos = [Image.open(io.BytesIO(data)).convert("RGB") for data in real_images.values()]
+    for i in range(16):
+        photo = photos[i % len(photos)]
+        mosaic.paste(photo.crop((0, 0, 320, 320)), ((i % 4) * 320, (i // 4) * 320))
+    return encode(mosaic, quality=90)
+
+
+# -- config ----------------------------------------------------------------------------------------
+def test_config_defaults_and_validation() -> None:
+    cfg = build(DownloadConfig, {}, "download")
+    assert (cfg.allow_private, cfg.allowed_networks, cfg.allow_file) == (False, (), False)
+    assert cfg.disallowed_directives == ("noai", "noimageai", "noindex", "noimageindex")
+    assert build(DownloadConfig, {"allowed_networks": ["127.0.0.1/32", "::1"]}, "download").allowed_networks
+    cases = [
+        ({"allowed_networks": ["not-a-network"]}, "download.allowed_networks[0]"),
+        ({"input_formats": ["JPEG", "SVG"]}, "download.input_formats[1]"),
+        ({"connect_timeout": 20.0}, "download.connect_timeout"),
+        ({"resize_mode": "stretch"}, "download.resize_mode"),
+        ({"timeout": 0}, "download.timeout"),
+        ({"user_agent": "a\r\nX-Evil: 1"}, "download.user_agent"),
+        ({"max_image_pixels": 10**12}, "download.max_image_pixels"),
+    ]
+    for data, key_path in cases:
+        with pytest.raises(ConfigError) as info:
+            build(DownloadConfig, data, "download")
+        assert info.value.key_path == key_path, (data, str(info.value))
+
+
+def test_every_option_has_a_help_text_with_its_meaning() -> None:
+    import dataclasses
+
+    for f in dataclasses.fields(DownloadConfig):
+        assert len(f.metadata["help"]) > 20, f.name
+
+
+# -- geometry (img2dataset's semantics) ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("mode", "size", "only_if_bigger", "expected"),
+    [
+        ("none", 100, False, (320, 213)),
+        ("keep_ratio", 100, False, (150, 100)),  # round(320 * 100 / 213) = 150
+        ("keep_ratio_largest", 100, False, (100, 67)),  # round(213 * 100 / 320) = 67
+        ("center_crop", 100, False, (100, 100)),
+        ("border", 100, False, (100, 100)),
+        ("keep_ratio", 400, False, (601, 400)),  # upscaling when asked to
+        ("keep_ratio", 400, True, (320, 213)),  # ... and not when only shrinking
+        ("center_crop", 400, True, (320, 213)),  # no crop either (as img2dataset)
+        ("border", 213, False, (213, 213)),
+    ],
+)
+def test_resize_modes(server: FaultServer, mode: str, size: int, only_if_bigger: bool, expected: tuple) -> None:
+    out = run([server.url("/chelsea.jpg")], resize_mode=mode, image_size=size, resize_only_if_bigger=only_if_bigger)
+    row = out.to_pylist()[0]
+    assert row[C.STATUS] == "success", row[C.ERROR_MESSAGE]
+    assert (row["width"], row["height"]) == expected
+    assert (row["original_width"], row["original_height"]) == (320, 213)
+    img = Image.open(io.BytesIO(row[C.IMAGE]))
+    assert img.size == expected and img.format == "JPEG"
+    if mode == "border":  # white bars above and below the centred photo
+        arr = np.asarray(img.convert("RGB")).astype(int)
+        assert arr[0].mean() > 250 and arr[-1].mean() > 250
+        assert arr[arr.shape[0] // 2].mean() < 240
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255**2 / max(1e-9, float(((a - b) ** 2).mean()))))
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(float)
+
+
+def test_reduced_scale_decoding_stays_close_to_full_decoding(big_photo: bytes) -> None:
+    """1280 → 256 of a mosaic of textures (grass, gravel, brick: the worst case for a coarse filter)."""
+    for mode in ("center_crop", "keep_ratio", "border"):
+        fast = process_image(big_photo, ImageSpec(resize_mode=mode, image_size=256, use_draft=True))
+        full = process_image(big_photo, ImageSpec(resize_mode=mode, image_size=256, use_draft=False))
+        assert (fast.width, fast.height) == (full.width, full.height) == (256, 256)
+        assert psnr(pixels(fast.data), pixels(full.data)) > 30.0, mode
+    off = make_stage(fast_jpeg_decode=False)._spec
+    assert off.use_draft is False
+
+
+def test_center_crop_resamples_only_the_kept_region_without_changing_pixels(big_photo: bytes) -> None:
+    wide = Image.open(io.BytesIO(big_photo)).convert("RGB").crop((0, 0, 1280, 640))
+    reference = wide.resize((512, 256), Image.Resampling.BOX).crop((128, 0, 384, 256))
+    out = process_image(encode(wide, quality=95), ImageSpec(resize_mode="center_crop", image_size=256, use_draft=False))
+    assert np.abs(pixels(out.data) - np.asarray(reference).astype(float)).mean() < 2.0
+    assert psnr(pixels(out.data), np.asarray(reference).astype(float)) > 35.0
+
+
+def test_exif_orientation_is_applied(server: FaultServer) -> None:
+    stored = Image.new("RGB", (60, 40), (220, 20, 20))
+    stored.paste((20, 20, 220), (30, 0, 60, 40))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    server.routes["/rotated.jpg"] = Respond(encode(stored, exif=exif.tobytes()))
+    row = run([server.url("/rotated.jpg")], resize_mode="none").to_pylist()[0]
+    assert (row["width"], row["height"], row["original_width"], row["original_height"]) == (40, 60, 40, 60)
+    shown = np.asarray(Image.open(io.BytesIO(row[C.IMAGE])).convert("RGB")).astype(int)
+    assert shown[5, 20, 0] > 150 and shown[5, 20, 2] < 100  # top is the former left (red)
+    assert shown[55, 20, 2] > 150 and shown[55, 20, 0] < 100  # bottom is the former right (blue)
+    assert decode_image(encode(stored, exif=exif.tobytes())).size == (40, 60)
+
+
+# -- filters and encodings -------------------------------------------------------------------------
+def test_size_and_aspect_filters_reject(server: FaultServer) -> None:
+    urls = [server.url("/chelsea.jpg"), server.url("/astronaut.jpg")]
+    out = run(urls, min_width=321)
+    assert out.column(C.STATUS).to_pylist() == ["rejected", "rejected"]
+    assert out.column(C.REJECT_REASON).to_pylist() == ["too_small", "too_small"]
+    out = run(urls, min_height=214, max_aspect_ratio=1.4)
+    assert out.column(C.REJECT_REASON).to_pylist() == ["too_small", None]
+    out = run(urls, max_aspect_ratio=1.4)
+    assert out.column(C.REJECT_REASON).to_pylist() == ["aspect_ratio", None]
+    assert "1.50 > max_aspect_ratio 1.4" in out.column(C.ERROR_MESSAGE)[0].as_py()
+
+
+def test_keep_original_bytes_when_small_enough(server: FaultServer, real_images: dict[str, bytes]) -> None:
+    urls = [server.url("/chelsea.jpg"), server.url("/brick.png")]
+    out = run(urls, reencode="if_needed", image_size=512).to_pylist()
+    assert out[0][C.IMAGE] == real_images["chelsea.jpg"]
+    assert out[0]["sha256"] == hashlib.sha256(real_images["chelsea.jpg"]).hexdigest()
+    assert out[1][C.IMAGE_EXT] == "jpg" and sniff_format(out[1][C.IMAGE]) == "JPEG"  # PNG → jpg: re-encoded
+    always = run(urls[:1], reencode="always", image_size=512).to_pylist()[0]
+    assert always[C.IMAGE] != real_images["chelsea.jpg"]
+    assert always["sha256"] == hashlib.sha256(always[C.IMAGE]).hexdigest()
+    shrunk = run(urls[:1], reencode="if_needed", image_size=100).to_pylist()[0]
+    assert shrunk[C.IMAGE] != real_images["chelsea.jpg"] and shrunk["height"] == 100
+
+
+@pytest.mark.parametrize(("fmt", "pillow_name"), [("png", "PNG"), ("webp", "WEBP"), ("jpg", "JPEG")])
+def test_output_formats(server: FaultServer, fmt: str, pillow_name: str) -> None:
+    row = run([server.url("/horse.png")], output_format=fmt, image_size=128).to_pylist()[0]
+    assert row[C.IMAGE_EXT] == fmt and sniff_format(row[C.IMAGE]) == pillow_name
+    assert Image.open(io.BytesIO(row[C.IMAGE])).size == (row["width"], row["height"])
+
+
+def test_transparency_is_matted_on_white_for_jpeg(server: FaultServer) -> None:
+    rgba = Image.new("RGBA", (50, 50), (0, 0, 0, 0))
+    rgba.paste((200, 0, 0, 255), (0, 0, 25, 50))
+    server.routes["/alpha.png"] = Respond(encode(rgba, "PNG"), content_type="image/png")
+    row = run([server.url("/alpha.png")], resize_mode="none").to_pylist()[0]
+    arr = np.asarray(Image.open(io.BytesIO(row[C.IMAGE])).convert("RGB")).astype(int)
+    assert arr[25, 40].min() > 245  # transparent → white, not black
+    assert arr[25, 10, 0] > 150 and arr[25, 10, 1] < 60
+    kept = run([server.url("/alpha.png")], resize_mode="none", output_format="png").to_pylist()[0]
+    assert Image.open(io.BytesIO(kept[C.IMAGE])).mode == "RGBA"
+
+
+def test_other_input_formats_and_restrictions(server: FaultServer, real_images: dict[str, bytes]) -> None:
+    photo = Image.open(io.BytesIO(real_images["coffee.jpg"]))
+    for fmt in ("GIF", "BMP", "TIFF", "WEBP"):
+        server.routes[f"/coffee.{fmt}"] = Respond(encode(photo, fmt), content_type="application/octet-stream")
+    urls = [server.url(f"/coffee.{fmt}") for fmt in ("GIF", "BMP", "TIFF", "WEBP")]
+    out = run(urls, image_size=100)
+    assert out.column(C.STATUS).to_pylist() == ["success"] * 4
+    assert out.column("height").to_pylist() == [100] * 4
+    out = run(urls, input_formats=["JPEG", "PNG"])
+    assert out.column(C.REJECT_REASON).to_pylist() == ["unsupported_format"] * 4
+
+
+def test_pixel_limit_is_configurable(server: FaultServer) -> None:
+    row = run([server.url("/astronaut.jpg")], max_image_pixels=320 * 320 - 1).to_pylist()[0]
+    assert (row[C.STATUS], row[C.REJECT_REASON]) == ("failed", "decompression_bomb")
+    assert Image.MAX_IMAGE_PIXELS is not None  # Pillow's own guard stays on
+
+
+def test_decode_image_api(real_images: dict[str, bytes]) -> None:
+    img = decode_image(real_images["astronaut.jpg"])
+    assert img.size == (320, 320) and img.mode == "RGB"
+    for data, reason in ((HTML_PAGE, "not_an_image"), (b"", "empty_body"),
+                         (real_images["astronaut.jpg"][:5000], "truncated_image")):
+        with pytest.raises(ImageError) as info:
+            decode_image(data)
+        assert info.value.reason == reason
+
+
+# -- the stage contract ----------------------------------------------------------------------------
+def test_rows_with_image_bytes_skip_fetching(server: FaultServer, real_images: dict[str, bytes]) -> None:
+    photo = real_images["chelsea.jpg"]
+    table = rows(
+        ["http://127.0.0.1:9/never-fetched.jpg", None, server.url("/astronaut.jpg"), "ftp://x/y.jpg"],
+        image=[photo, HTML_PAGE, None, real_images["horse.png"]],
+        image_ext=["jpg", "jpg", None, "png"],
+    )
+    stage = make_stage(image_size=100)
+    out = stage.process(table).to_pylist()
+    assert server.hits == {"/astronaut.jpg": 1}
+    assert out[0][C.STATUS] == "success" and out[0][C.IMAGE] == photo  # kept byte for byte
+    assert (out[0]["width"], out[0]["height"]) == (320, 213)
+    assert out[0]["sha256"] == hashlib.sha256(photo).hexdigest()
+    assert (out[1][C.STATUS], out[1][C.REJECT_REASON]) == ("failed", "not_an_image")
+    assert out[2][C.STATUS] == "success" and out[2]["height"] == 100
+    assert out[3][C.IMAGE_EXT] == "png" and out[3][C.IMAGE] == real_images["horse.png"]
+    assert stage.counters["input_bytes"] == 3 and stage.counters["fetched"] == 1
+    stage.teardown()
+    reprocessed = make_stage(image_size=100, reprocess_existing=True).process(table).to_pylist()
+    assert reprocessed[0]["height"] == 100 and reprocessed[0]["original_height"] == 213
+
+
+def test_contract_same_rows_same_order_extra_columns(server: FaultServer) -> None:
+    urls = [server.url("/coins.jpg"), server.url("/nope.jpg"), None, server.url("/clock.jpg")]
+    table = rows(urls, similarity=[0.1, 0.2, 0.3, 0.4])
+    stage = make_stage()
+    out = stage.process(table)
+    assert out.num_rows == 4
+    assert out.column(C.KEY).to_pylist() == table.column(C.KEY).to_pylist()
+    assert out.column("similarity").to_pylist() == [0.1, 0.2, 0.3, 0.4]
+    assert out.column(C.STATUS).to_pylist() == ["success", "failed", "failed", "success"]
+    assert out.column(C.REJECT_REASON).to_pylist() == [None, "http_404", "missing_url", None]
+    assert out.column(C.REJECT_STAGE).to_pylist() == [None, "download", "download", None]
+    assert out.schema.field(C.IMAGE).type == pa.binary()
+    assert out.schema.field("width").type == pa.int32()
+    conformed = C.conform(out)  # what the runner writes: known columns typed, no image bytes
+    assert C.IMAGE not in conformed.column_names and "sha256" in conformed.column_names
+    assert stage.counters["fetched"] == 2 and stage.counters["bytes_downloaded"] > 0
+    # Dask pickles stages to ship them; threads and sockets stay behind and are rebuilt by setup()
+    clone = pickle.loads(pickle.dumps(stage))
+    assert clone.process(rows(urls[:1])).column(C.STATUS).to_pylist() == ["success"]
+    clone.teardown()
+    stage.teardown()
+
+
+def test_empty_partition() -> None:
+    stage = make_stage()
+    out = stage.process(rows([]))
+    assert out.num_rows == 0 and C.IMAGE in out.column_names
+    stage.teardown()
