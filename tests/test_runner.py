@@ -258,3 +258,25 @@ def test_limit_and_brace_patterns(tmp_path: Path, real_images: dict[str, bytes])
     assert last.column("caption").to_pylist() == ["c2-0", "c2-1"]
     assert all(v is not None for v in last.column("image").to_pylist())
     assert os.path.basename(last.column("source_shard")[0].as_py()) == "part-002.tar"
+
+
+def test_parquet_outputs_read_in_pandas_polars_and_duckdb(tmp_path: Path, tar_input: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    run_with(monkeypatch, {"captions": RejectBadCaptions}, config_for(tmp_path, tar_input))
+    run = tmp_path / "run"
+    (run / "curated" / ".part-00009.parquet.tmp-deadbeef").write_bytes(b"partial")  # a killed writer's leftover
+    curated_glob, rejected_glob = str(run / "curated" / "*.parquet"), str(run / "rejected" / "*.parquet")
+    frame = pd.read_parquet(run / "curated")  # directory read: hidden temporaries are skipped
+    assert len(frame) == 7 and set(frame["status"]) == {"success"}
+    assert pl.read_parquet(curated_glob).height == 7
+    assert pl.read_parquet(rejected_glob).get_column("reject_reason").to_list() == ["bad_caption"] * 3
+    con = duckdb.connect()
+    kept = con.execute(f"select count(*), min(key) from read_parquet('{curated_glob}')").fetchone()
+    reasons = con.execute(f"select reject_stage, reject_reason, count(*) from read_parquet('{rejected_glob}') "
+                          "group by all").fetchall()
+    assert kept == (7, "000000000")
+    assert reasons == [("fake_filter", "bad_caption", 3)]
