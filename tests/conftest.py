@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import http.server
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -120,3 +122,51 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     ckpt = tmp_path_factory.mktemp("tiny_clip") / "tiny_clip.pt"
     torch.save({"state_dict": model.state_dict()}, ckpt)
     return {"model": "curate-tiny-clip", "model_config": str(config_path), "pretrained": str(ckpt)}
+
+
+@dataclass
+class DemoImageServer:
+    """configs/demo/ on 127.0.0.1: `base_url + "/images/astronaut.jpg"`. `delay` (s) slows every response so
+    that a test can kill a run mid-download; `hits` counts requests."""
+
+    base_url: str = ""
+    delay: float = 0.0
+    hits: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+@pytest.fixture(scope="module")
+def demo_image_server() -> Iterator[DemoImageServer]:
+    state = DemoImageServer()
+    files = {"/" + str(p.relative_to(DEMO_DIR)): p.read_bytes() for p in DEMO_DIR.rglob("*") if p.is_file()}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            with state.lock:
+                state.hits += 1
+            if state.delay:
+                time.sleep(state.delay)
+            body = files.get(self.path.split("?", 1)[0])
+            self.send_response(200 if body is not None else 404)
+            self.send_header("Content-Type", "image/jpeg" if body is not None else "text/plain")
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+    class QuietServer(http.server.ThreadingHTTPServer):
+        daemon_threads = True
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            pass  # clients killed mid-request reset their connections: expected in crash tests
+
+    httpd = QuietServer(("127.0.0.1", 0), Handler)
+    state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield state
+    httpd.shutdown()
+    httpd.server_close()

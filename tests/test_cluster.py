@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import http.server
 import json
 import os
 import shutil
@@ -14,7 +13,6 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,35 +29,10 @@ SHARD_SIZE = 3
 
 
 @pytest.fixture(scope="module")
-def image_server() -> Iterator[str]:
+def image_server(demo_image_server: Any) -> str:
     """configs/demo/images on 127.0.0.1, 40 ms per image so that partitions overlap the kill."""
-    files = {f"/images/{p.name}": p.read_bytes() for p in IMAGES.iterdir()}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server API)
-            time.sleep(0.04)
-            body = files.get(self.path.split("?", 1)[0])
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-    class QuietServer(http.server.ThreadingHTTPServer):
-        daemon_threads = True
-
-        def handle_error(self, request: Any, client_address: Any) -> None:
-            pass  # the killed worker's connections reset: expected
-
-    httpd = QuietServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    demo_image_server.delay = 0.04
+    return demo_image_server.base_url
 
 
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import http.server
 import json
 import os
 import random
@@ -21,10 +20,8 @@ import signal
 import subprocess
 import sys
 import tarfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,49 +51,9 @@ if delay:
 '''
 
 
-@dataclass
-class ImageServer:
-    base_url: str = ""
-    delay: float = 0.0
-    hits: int = 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
 @pytest.fixture(scope="module")
-def image_server() -> Iterator[ImageServer]:
-    state = ImageServer()
-    files = {f"/images/{p.name}": p.read_bytes() for p in IMAGES.iterdir()}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server API)
-            with state.lock:
-                state.hits += 1
-            if state.delay:
-                time.sleep(state.delay)
-            body = files.get(self.path.split("?", 1)[0])
-            self.send_response(200 if body is not None else 404)
-            self.send_header("Content-Type", "image/jpeg" if body is not None else "text/plain")
-            self.send_header("Content-Length", str(len(body or b"")))
-            self.end_headers()
-            self.wfile.write(body or b"")
-
-    class QuietServer(http.server.ThreadingHTTPServer):
-        daemon_threads = True
-
-        def handle_error(self, request: Any, client_address: Any) -> None:
-            pass  # clients killed mid-request reset their connections: expected here
-
-    httpd = QuietServer(("127.0.0.1", 0), Handler)
-    state.base_url = f"http://127.0.0.1:{httpd.server_address[1]}"
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
+def image_server(demo_image_server: Any) -> Any:
+    return demo_image_server
 
 
 def write_corpus(path: Path, base_url: str) -> None:
@@ -244,7 +201,7 @@ def output_differences(out: Path, reference: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory: pytest.TempPathFactory, image_server: ImageServer) -> dict[str, Any]:
+def workspace(tmp_path_factory: pytest.TempPathFactory, image_server: Any) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("crash")
     corpus = root / "corpus.csv"
     write_corpus(corpus, image_server.base_url)
@@ -264,7 +221,7 @@ def _slow_env(hooks: Path, commit_delay: float) -> dict[str, str]:
 
 
 def test_sigkill_during_download_write_and_between_shards_then_resume(
-        workspace: dict[str, Any], image_server: ImageServer) -> None:
+        workspace: dict[str, Any], image_server: Any) -> None:
     seed = int(os.environ.get("CURATE_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)
     out = workspace["root"] / f"killed-{seed}"
@@ -307,7 +264,7 @@ def test_sigkill_during_download_write_and_between_shards_then_resume(
     assert output_differences(out, workspace["reference"]) == [], f"seed {seed}"
 
 
-def test_sigkill_at_random_times_then_resume(workspace: dict[str, Any], image_server: ImageServer) -> None:
+def test_sigkill_at_random_times_then_resume(workspace: dict[str, Any], image_server: Any) -> None:
     """Kills at uniformly random moments of the run (no slow-down), twice, then completion."""
     seed = int(os.environ.get("CURATE_CRASH_SEED", random.randrange(1 << 30)))
     rng = random.Random(seed)

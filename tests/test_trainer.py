@@ -5,17 +5,13 @@ command line docs/operations.md shows."""
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
-import http.server
 import json
 import math
 import os
 import re
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,20 +23,10 @@ DEMO = REPO / "configs" / "demo"
 TINY_MODEL = "curate-tiny-clip"
 
 
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def image_server() -> Iterator[str]:
+def image_server(demo_image_server: Any) -> str:
     """configs/demo/ served read-only on 127.0.0.1 (module-wide: the pipeline run is shared by the tests)."""
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(DEMO)))
-    httpd.daemon_threads = True
-    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    return demo_image_server.base_url
 
 
 @pytest.fixture(scope="module")
