@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("curate.cluster")
@@ -37,16 +38,19 @@ def _wants_gpu(stage_specs: Sequence[Any]) -> bool:
     return False
 
 
-def _cluster_has_gpu_workers(client: Any) -> bool:
-    workers = client.scheduler_info(n_workers=-1).get("workers", {}) if _accepts_n_workers(client) else \
-        client.scheduler_info().get("workers", {})
-    return any((w.get("resources") or {}).get("GPU", 0) > 0 for w in workers.values())
+@dataclass(frozen=True)
+class Placement:
+    """What the cluster offers for task placement."""
+
+    gpu: bool = False  # some workers advertise GPU: GPU stages ask for GPU=1
+    cpu_tagged: bool = False  # some workers advertise CPU: CPU work asks for CPU=1, staying off GPU workers
 
 
-def _accepts_n_workers(client: Any) -> bool:
-    import inspect
-
-    return "n_workers" in inspect.signature(client.scheduler_info).parameters
+def placement_of(client: Any) -> Placement:
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    resources = [w.get("resources") or {} for w in workers.values()]
+    return Placement(gpu=any(r.get("GPU", 0) > 0 for r in resources),
+                     cpu_tagged=any(r.get("CPU", 0) > 0 for r in resources))
 
 
 def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
@@ -64,6 +68,8 @@ def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
         # Dask serves a dashboard regardless; keep it on loopback (None would mean 0.0.0.0:8787).
         dashboard_address="127.0.0.1:0",
         silence_logs=logging.ERROR,
+        # With GPU workers beside them, CPU workers advertise CPU so CPU stages never occupy a GPU worker.
+        resources={"CPU": cfg.threads_per_worker} if gpu_workers and cfg.processes else None,
         **network,
     )
     if gpu_workers and cfg.processes:
@@ -72,7 +78,7 @@ def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
         for i in range(gpu_workers):
             name, spec = next(iter(cluster.new_worker_spec().items()))
             spec = copy.deepcopy(spec)
-            spec["options"]["resources"] = {"GPU": 1}
+            spec["options"]["resources"] = {"GPU": 1}  # and no CPU: only GPU stages run here
             spec["options"]["env"] = {"CUDA_VISIBLE_DEVICES": str(i)}
             spec["options"]["nthreads"] = 1
             cluster.worker_spec[f"gpu-{i}"] = spec
@@ -82,10 +88,10 @@ def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
 
 @contextlib.contextmanager
 def open_client(cfg: Any, stage_specs: Sequence[Any], *, client: Any = None,
-                echo: Callable[[str], None] = print) -> Iterator[tuple[Any, bool]]:
-    """Yield (dask client, whether GPU-resource workers exist); close what we opened."""
+                echo: Callable[[str], None] = print) -> Iterator[tuple[Any, Placement]]:
+    """Yield (dask client, its Placement); close what we opened."""
     if client is not None:
-        yield client, _cluster_has_gpu_workers(client)
+        yield client, placement_of(client)
         return
     from distributed import Client
 
@@ -102,7 +108,7 @@ def open_client(cfg: Any, stage_specs: Sequence[Any], *, client: Any = None,
         echo(f"curate: connected to {cfg.scheduler_address} ({len(c.scheduler_info().get('workers', {}))} workers)"
              + (f"; dashboard {c.dashboard_link}" if c.dashboard_link else ""))
         try:
-            yield c, _cluster_has_gpu_workers(c)
+            yield c, placement_of(c)
         finally:
             c.close()
         return
@@ -112,7 +118,7 @@ def open_client(cfg: Any, stage_specs: Sequence[Any], *, client: Any = None,
     if cfg.dashboard:
         echo(f"curate: Dask dashboard {c.dashboard_link}")
     try:
-        yield c, gpu_workers > 0 and cfg.processes
+        yield c, placement_of(c)
     finally:
         c.close()
         cluster.close()

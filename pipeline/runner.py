@@ -342,15 +342,21 @@ def _passes(config: RunConfig, specs: list[StageSpec], context: RunContext) -> l
     return passes
 
 
-def _group_by_resources(steps: list[Step], context: RunContext, gpu_cluster: bool) -> list[tuple[list[Step], dict]]:
-    """Consecutive steps with the same resource needs run as one task; GPU stages get `GPU=1` tasks."""
-    if not gpu_cluster:
+def _group_by_resources(steps: list[Step], context: RunContext, placement: Any) -> list[tuple[list[Step], dict]]:
+    """Consecutive steps with the same resource needs run as one task.
+
+    On a cluster with GPU workers, GPU stages become `GPU=1` tasks and, where workers advertise `CPU`, all other
+    steps become `CPU=1` tasks, so CPU work never occupies a GPU worker. Elsewhere a partition is one task.
+    """
+    if not placement.gpu:
         return [(steps, {})]
     groups: list[tuple[list[Step], dict]] = []
     for step in steps:
         res: dict[str, float] = {}
         if step.stage is not None and step.kind in ("stage", "score", "apply"):
             res = step.stage.cls(step.stage.config, context).resources().dask_resources
+        if not res and placement.cpu_tagged:
+            res = {"CPU": 1}
         if groups and groups[-1][1] == res:
             groups[-1][0].append(step)
         else:
@@ -431,7 +437,7 @@ class Runner:
                         sink: StageSpec, context: RunContext) -> None:
         from curate.pipeline.cluster import open_client
 
-        with open_client(self.config.cluster, specs, client=self._client, echo=self.echo) as (client, gpu_cluster):
+        with open_client(self.config.cluster, specs, client=self._client, echo=self.echo) as (client, placement):
             passes = _passes(self.config, specs, context)
             decisions: dict[int, Any] = {}
             failures: list[str] = []
@@ -445,7 +451,7 @@ class Runner:
                 if not pending:
                     continue
                 label = f"pass {pass_index + 1}/{len(passes)}" if len(passes) > 1 else "partitions"
-                failures += self._submit_pass(client, gpu_cluster, pending, steps, context, decisions, sink, label)
+                failures += self._submit_pass(client, placement, pending, steps, context, decisions, sink, label)
                 if failures:
                     break
             try:
@@ -456,12 +462,12 @@ class Runner:
                 raise RunFailed(f"{len(failures)} partition(s) failed; finished ones are kept, re-run to resume:\n  "
                                 + "\n  ".join(failures[:10]))
 
-    def _submit_pass(self, client: Any, gpu_cluster: bool, pending: list[inputs.PartitionSpec],
+    def _submit_pass(self, client: Any, placement: Any, pending: list[inputs.PartitionSpec],
                      steps: list[Step], context: RunContext, decisions: dict[int, Any], sink: StageSpec,
                      label: str) -> list[str]:
         from distributed import as_completed
 
-        groups = _group_by_resources(steps, context, gpu_cluster)
+        groups = _group_by_resources(steps, context, placement)
         # One broadcast copy per worker instead of one per task (a dedup decision can be large).
         decisions_ref = client.scatter([decisions], broadcast=True)[0] if decisions else {}
         futures = {}

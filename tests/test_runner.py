@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -280,3 +281,41 @@ def test_parquet_outputs_read_in_pandas_polars_and_duckdb(tmp_path: Path, tar_in
                           "group by all").fetchall()
     assert kept == (7, "000000000")
     assert reasons == [("fake_filter", "bad_caption", 3)]
+
+
+class RecordsWorker(Stage[Any]):
+    """Records which Dask worker ran it, and whether that worker advertises a GPU."""
+
+    name = "cpu_recorder"
+    gpus = 0.0
+
+    def resources(self) -> Any:
+        from curate.pipeline.stage import Resources
+
+        return Resources(gpus=self.gpus)
+
+    def process(self, table: pa.Table) -> pa.Table:
+        from distributed import get_worker
+
+        worker = get_worker()
+        has_gpu = bool(worker.state.total_resources.get("GPU"))
+        return C.set_column(table, f"{self.name}_on_gpu_worker", [has_gpu] * table.num_rows)
+
+
+class GpuRecorder(RecordsWorker):
+    name = "gpu_recorder"
+    gpus = 1.0
+
+
+def test_gpu_stage_tasks_go_to_gpu_workers_and_cpu_stages_stay_off_them(
+        tmp_path: Path, tar_input: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # worker processes cannot import this module
+    cfg = config_for(tmp_path, tar_input, **{"cluster.processes": "true", "cluster.gpu_workers": 1,
+                                             "clip.enabled": "true"})
+    run_with(monkeypatch, {"captions": RecordsWorker, "clip": GpuRecorder}, cfg)
+    curated = pq.read_table(tmp_path / "run" / "curated")
+    assert curated.num_rows == 10
+    assert set(curated.column("gpu_recorder_on_gpu_worker").to_pylist()) == {True}
+    assert set(curated.column("cpu_recorder_on_gpu_worker").to_pylist()) == {False}
