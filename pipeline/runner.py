@@ -582,8 +582,9 @@ class Runner:
         # The big intermediates are no longer needed once the run is finalized.
         for p in plan.partitions:
             storage.remove(f"{self.work}/parts/part-{p.partition_id:05d}.tar")
-            for k in range(1, 8):
+            for k in range(1, 8):  # the saved decision.pkl stays: a later re-run reuses it, never re-decides
                 storage.remove(_pass_path(self.work, k, p.partition_id, ".arrow"))
+                storage.remove(_pass_path(self.work, k, p.partition_id, ".summary.pkl"))
         funnel = stats.format_funnel(merged, [s.cls.name for s in specs])
         self.echo(funnel)
         self.echo(f"curate: wrote {len(infos)} shard(s) with {manifest['total_samples']:,} samples to "

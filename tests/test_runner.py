@@ -168,6 +168,11 @@ def test_global_pass_decides_once_and_resumes(tmp_path: Path, tar_input: Path,
     assert not list((run / "_work" / "pass-1").glob("*.arrow"))  # intermediates removed after finalize
     kept_scores = pq.read_table(run / "curated").column("clip_score").to_pylist()
     assert min(kept_scores) >= 16
+    # Lose a finished partition after finalize: it is rescored and filtered with the saved decision.
+    before = shard_digest(run)
+    (run / "_work" / "done" / "part-00001.json").unlink()
+    again = run_with(monkeypatch, {"captions": RejectBadCaptions, "clip": KeepLongestHalf}, cfg)
+    assert again.stats["kept"] == 4 and shard_digest(run) == before
 
 
 def test_resume_skips_done_partitions_and_output_is_identical(tmp_path: Path, tar_input: Path,
