@@ -33,6 +33,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.pipeline.inputs import IMAGE_EXTENSIONS, iter_tar_samples
+
 log = logging.getLogger("curate.dedup_report")
 
 #: Default pHash match threshold (bits of 64), as `dedup.threshold`.
@@ -42,7 +44,6 @@ DEFAULT_THRESHOLD = 8
 DEFAULT_CANDIDATE_THRESHOLD = 16
 MAX_CANDIDATES_PER_ROW = 32
 PAIR_FIELDS = ("key", "eval_set", "item_id", "distance", "verified", "score", "candidate_distance")
-_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 _IMAGE_BYTES_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes", "bytes")
 
 
@@ -94,31 +95,11 @@ def resolve_corpus(source: str) -> CorpusSource:
     )
 
 
-def _member_key(name: str) -> tuple[str, str]:
-    """WebDataset convention: key = path up to the first dot of the file name; field = the rest."""
-    directory, _, base = name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
 def _iter_tar_images(path: str) -> Iterator[tuple[str, bytes | None]]:
     """(key, image bytes or None) per sample, streaming the tar once."""
-    current: str | None = None
-    image: bytes | None = None
-    with tarfile.open(path, "r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = _member_key(member.name)
-            if current is not None and key != current:
-                yield current, image
-                image = None
-            current = key
-            if ext in _IMAGE_EXTS and image is None:
-                handle = tar.extractfile(member)
-                image = handle.read() if handle is not None else None
-    if current is not None:
-        yield current, image
+    for key, fields in iter_tar_samples(path):
+        ext = next((e for e in fields if e in IMAGE_EXTENSIONS), None)
+        yield key, fields[ext] if ext is not None else None
 
 
 def _parquet_columns(path: str) -> tuple[str | None, str | None, bool]:

@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.pipeline.inputs import split_sample_name
 from curate.pipeline.phash import HashMode, PhashParams, from_hex, to_hex
 
 log = logging.getLogger("curate.evalsets")
@@ -275,13 +276,6 @@ def _iter_parquet(files: list[Path], image_column: str | None, id_column: str | 
         )
 
 
-def _sample_key(member_name: str) -> tuple[str, str]:
-    """WebDataset convention: key = path up to the first dot of the file name; ext = the rest."""
-    directory, _, base = member_name.rpartition("/")
-    stem, _, ext = base.partition(".")
-    return (f"{directory}/{stem}" if directory else stem), ext.lower()
-
-
 def _iter_tars(files: list[Path]) -> Iterator[EvalItem]:
     for file in files:
         seen: set[str] = set()
@@ -289,7 +283,7 @@ def _iter_tars(files: list[Path]) -> Iterator[EvalItem]:
             for member in tar:
                 if not member.isfile():
                     continue
-                key, ext = _sample_key(member.name)
+                key, ext = split_sample_name(member.name)
                 if key in seen or f".{ext.rsplit('.', 1)[-1]}" not in IMAGE_EXTENSIONS:
                     continue
                 handle = tar.extractfile(member)

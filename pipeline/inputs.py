@@ -265,8 +265,9 @@ def _rename_input_columns(table: pa.Table, url_column: str, caption_column: str)
 
 # -- WebDataset tars -------------------------------------------------------------------------------
 
-def _split_member(name: str) -> tuple[str, str]:
-    """webdataset's convention: key = path up to the first dot of the basename; the rest is the field."""
+def split_sample_name(name: str) -> tuple[str, str]:
+    """webdataset's convention: key = path up to the first dot of the basename; the rest is the field
+    (lower-cased). `a/b/000001.seg.png` -> (`a/b/000001`, `seg.png`)."""
     path = PurePosixPath(name)
     stem, _, ext = path.name.partition(".")
     key = str(path.parent / stem) if str(path.parent) != "." else stem
@@ -281,7 +282,7 @@ def index_tar(path: str) -> list[str]:
         for member in tar:
             if not member.isfile():
                 continue
-            key, _ = _split_member(member.name)
+            key, _ = split_sample_name(member.name)
             if key not in seen:
                 seen.add(key)
                 keys.append(key)
@@ -296,7 +297,7 @@ def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         for member in tar:
             if not member.isfile():
                 continue
-            key, ext = _split_member(member.name)
+            key, ext = split_sample_name(member.name)
             if current is not None and key != current:
                 yield current, fields
                 fields = {}

@@ -24,12 +24,12 @@ import contextlib
 import datetime as _dt
 import html
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import re
-import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 
 from curate.pipeline import columns as C
 from curate.pipeline import storage
+from curate.pipeline.inputs import iter_tar_samples
 
 log = logging.getLogger("curate.report")
 
@@ -338,26 +339,8 @@ def _facts(row: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _iter_shard_samples(path: str, limit: int) -> Iterator[dict[str, bytes]]:
     """The first `limit` samples of a shard, as {extension: bytes}; stops reading the tar early."""
-    group: dict[str, bytes] = {}
-    current: str | None = None
-    count = 0
-    with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = os.path.basename(member.name)
-            key, _, ext = base.partition(".")
-            if current is not None and key != current:
-                yield {"__key__": current.encode(), **group}
-                count += 1
-                group = {}
-                if count >= limit:
-                    return
-            current = key
-            data = tar.extractfile(member)
-            group[ext.lower()] = data.read() if data is not None else b""
-    if current is not None and group and count < limit:
-        yield {"__key__": current.encode(), **group}
+    for key, fields in itertools.islice(iter_tar_samples(path), max(limit, 0)):
+        yield {"__key__": key.encode(), **fields}
 
 
 def _kept_cards(run_dir: str, manifest: dict[str, Any], limit: int, px: int) -> list[Card]:

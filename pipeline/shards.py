@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 import fsspec
 
 from curate.pipeline import storage
+from curate.pipeline.inputs import split_sample_name
 
 # Fixed metadata so identical samples give identical tar bytes.
 _MTIME = 0
@@ -82,7 +83,7 @@ def _iter_grouped(path: str) -> Iterator[list[tuple[str, bytes]]]:
     group: list[tuple[str, bytes]] = []
     current = None
     for name, data in iter_members(path):
-        key = os.path.basename(name).split(".", 1)[0]
+        key, _ = split_sample_name(name)
         if current is not None and key != current:
             yield group
             group = []
