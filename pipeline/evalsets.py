@@ -45,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from curate.pipeline import storage
 from curate.pipeline.inputs import split_sample_name
 from curate.pipeline.phash import HashMode, PhashParams, from_hex, to_hex
 
@@ -498,11 +499,8 @@ def build_index_table(
 
 
 def _write_atomic(table: pa.Table, output: str) -> None:
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, out)
+    with storage.atomic_path(output) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 def hash_evalset(

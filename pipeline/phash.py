@@ -140,22 +140,13 @@ def from_ints(values: Sequence[int], n_bits: int = 64) -> np.ndarray:
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode image bytes as the pipeline hashes them: EXIF orientation applied, RGB.
 
-    Uses ``curate.pipeline.imaging.decode_image`` where the project provides it so that every stage
-    sees the same pixels; Pillow's decompression-bomb guard stays on either way.
+    Goes through ``curate.pipeline.imaging.decode_image`` so that every stage sees the same pixels, with
+    Pillow's decompression-bomb guard on.
     """
-    try:
-        from curate.pipeline.imaging import decode_image  # type: ignore[attr-defined]
-    except ImportError:
-        decode_image = None
-    if decode_image is not None:
-        img = decode_image(data)
-        return img if img.mode == "RGB" else img.convert("RGB")
-    from PIL import Image, ImageOps
+    from curate.pipeline.imaging import decode_image
 
-    with Image.open(io.BytesIO(data)) as opened:
-        opened.load()
-        img = ImageOps.exif_transpose(opened)
-        return img.convert("RGB") if img.mode != "RGB" else img.copy()
+    img = decode_image(data)
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 _ORIENTATION_TAG = 0x0112
