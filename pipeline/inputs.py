@@ -335,15 +335,12 @@ def _read_tar_samples(spec: PartitionSpec) -> pa.Table:
             target = f"input_{name}" if name in C.KNOWN_NAMES or name in row else name
             row[target] = value
         rows.append(row)
-    columns: dict[str, list[Any]] = {}
-    for i, row in enumerate(rows):
-        for name, value in row.items():
-            columns.setdefault(name, [None] * i).append(value)
-        for name in columns:
-            if len(columns[name]) < i + 1:
-                columns[name].append(None)
+    names: dict[str, None] = {}  # every field any sample has, in first-seen order
+    for row in rows:
+        names.update(dict.fromkeys(row))
     arrays = {}
-    for name, values in columns.items():
+    for name in names:
+        values = [row.get(name) for row in rows]
         if name == C.IMAGE:
             arrays[name] = pa.array(values, pa.binary())
         elif name in (C.URL, C.CAPTION, C.IMAGE_EXT, "source_key", "source_shard"):

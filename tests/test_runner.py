@@ -324,3 +324,25 @@ def test_gpu_stage_tasks_go_to_gpu_workers_and_cpu_stages_stay_off_them(
     assert curated.num_rows == 10
     assert set(curated.column("gpu_recorder_on_gpu_worker").to_pylist()) == {True}
     assert set(curated.column("cpu_recorder_on_gpu_worker").to_pylist()) == {False}
+
+
+def test_tar_samples_with_different_fields_get_nulls(tmp_path: Path) -> None:
+    def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(tmp_path / "mixed.tar", "w") as tar:
+        add(tar, "a.jpg", b"x")
+        add(tar, "a.txt", b"cap a")
+        add(tar, "b.jpg", b"y")
+        add(tar, "b.json", json.dumps({"url": "u", "extra": 3, "status": "ok"}).encode())
+        add(tar, "c.txt", b"cap c")  # no image: later failed as no_image, never dropped
+    cfg = load_config(None, [f"input.path={tmp_path / 'mixed.tar'}", "output.path=o"], data={})
+    rows = read_partition(plan_input(cfg.input, str(tmp_path / "w")).partitions[0], cfg.input).to_pylist()
+    assert [r["source_key"] for r in rows] == ["a", "b", "c"]
+    assert [r["caption"] for r in rows] == ["cap a", None, "cap c"]
+    assert [r["url"] for r in rows] == [None, "u", None]
+    assert [r["extra"] for r in rows] == [None, 3, None]
+    assert [r["input_status"] for r in rows] == [None, "ok", None]
+    assert [r["image"] for r in rows] == [b"x", b"y", None]
