@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +20,15 @@ from typing import Any
 log = logging.getLogger("curate.cluster")
 
 
+# Device nodes of the NVIDIA (CUDA) and AMD (ROCm) drivers: without any, torch cannot see a GPU.
+_GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
+
+
 def _cuda_devices() -> int:
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return 0
+    if sys.platform.startswith("linux") and not any(os.path.exists(p) for p in _GPU_DRIVER_PATHS):
+        return 0  # spares every CPU-only run start the ~3 s torch import
     try:
         import torch
 
