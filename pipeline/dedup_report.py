@@ -264,7 +264,8 @@ def _thumbnail(data: bytes | None, target: Path, side: int) -> bool:
 
 
 def _verify_matches(
-    matches: list[Match], corpus_images: dict[int, bytes | None], descriptors: list[bytes | None], nd: Any
+    matches: list[Match], corpus_images: dict[int, bytes | None], descriptors: list[bytes | None], nd: Any,
+    n_bits: int,
 ) -> None:
     from curate.pipeline.phash import decode_rgb
 
@@ -285,7 +286,7 @@ def _verify_matches(
             eval_desc = descriptors[m.eval_row]
             if eval_desc is None:
                 continue
-            m.verified, m.score = nd.verify(eval_desc, corpus_desc)
+            m.verified, m.score = nd.verify(eval_desc, corpus_desc, distance=m.candidate_distance, n_bits=n_bits)
 
 
 # -- main entry ------------------------------------------------------------------------------------
@@ -389,7 +390,7 @@ def dedup_report(
             if row in needed:
                 corpus_images[row] = image
     if nd is not None:
-        _verify_matches(matches, corpus_images, index.column("descriptor").to_pylist(), nd)
+        _verify_matches(matches, corpus_images, index.column("descriptor").to_pylist(), nd, n_bits)
         # found only through the looser candidate search: a match only when the second signal says so
         matches = [m for m in matches if m.distance <= threshold or m.verified]
 

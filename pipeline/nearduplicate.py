@@ -8,12 +8,19 @@ threshold, against the eval image's own hash plus the extra hashes of :func:`can
 two compact :func:`descriptor` blobs:
 
 * **keypoints**: up to 200 ORB keypoints (FAST corners + 256-bit rotated BRIEF) of the image scaled
-  to 320 px on its longest side; two pictures are the same when enough matches agree on one
-  similarity transform (RANSAC). This survives crops, rotations, rescales, overlays and colour
-  shifts, and it is what flat-background look-alikes fail: their few corners do not agree.
+  to 320 px on its longest side, matched and checked for one similarity transform (RANSAC). This
+  survives crops, rotations, rescales, overlays and colour shifts; flat-background look-alikes fail
+  it, as their few corners do not agree.
 * **thumbnail**: a 64 px grayscale thumbnail, compared after alignment (the RANSAC transform, the
-  identity or a mirror, refined by ECC) with a normalised cross-correlation of high-passed pixels.
-  It carries blurred and mirrored copies, where keypoints are scarce or not mirror-invariant.
+  identity or a mirror, refined by ECC) by normalised cross-correlation: per 4x4 block and over the
+  whole overlap, of high-passed and of plain pixels. It carries blurred and mirrored copies, where
+  keypoints are scarce or not mirror-invariant.
+
+The decision is a logistic model (:data:`MODEL`) over these measurements, the low-information flag
+and the pHash distance, fitted by ``benchmarks/near_dup_eval.py --fit`` on generated near-duplicates
+*and* on unrelated pairs posing as pHash collisions at any distance, so that a small pHash distance
+alone never confirms a pair (at LAION scale unrelated collisions are common). Pairs with nothing to
+compare (no agreeing keypoints and no detailed thumbnail block) are refused before the model.
 
 Everything is offline (OpenCV, Pillow, numpy). A CLIP image-embedding cosine would be the natural
 third signal where real weights are available; it is not used here.
@@ -22,7 +29,7 @@ third signal where real weights are available; it is not used here.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,9 +37,9 @@ import numpy as np
 if TYPE_CHECKING:
     from PIL import Image
 
-#: Bumped whenever the descriptor bytes or the meaning of verify()'s thresholds change; an index
-#: built with another version must be rebuilt (store it in the index metadata).
-DESCRIPTOR_VERSION = "nd2-orb200@320-thumb64-objcrop"
+#: Bumped whenever the descriptor bytes change; an index built with another version must be rebuilt
+#: (it is stored in the index metadata). Refitting :data:`MODEL` alone does not change it.
+DESCRIPTOR_VERSION = "nd3-orb200@320-thumb64-objcrop-median3"
 
 _MAGIC = b"ND1"
 # magic, flags, original width/height, thumbnail width/height, keypoint image width/height, n keypoints
@@ -45,21 +52,15 @@ _THUMB_SIDE = 64
 _GRID = 4  # keypoints are spread over a 4x4 grid; the dense check compares 4x4 blocks
 _ORB_DESCRIPTOR_BYTES = 32
 
-# Decision thresholds, tuned on benchmarks/near_dup_eval.py (see docs/dedup.md).
+# Measurement parameters (the decision itself is MODEL, fitted by benchmarks/near_dup_eval.py --fit).
 _RATIO = 0.8  # Lowe ratio test on Hamming distances
 _RANSAC_PX = 4.0  # reprojection tolerance at the 320 px keypoint scale
-_MIN_INLIERS = 14
-_MIN_INLIERS_LOW_INFO = 20
-_MIN_INLIER_NCC = 0.35  # dense check must not contradict a keypoint match
-_MIN_DENSE_NCC = 0.85  # dense-only acceptance (blur, mirror): a high bar
-_MIN_DENSE_NCC_LOW_INFO = 0.92
 _MAX_ROTATION_DEG = 20.0  # keypoint transforms turning further are not near-duplicates
 _BACKGROUND_TOLERANCE = 16  # gray levels from the border colour that still count as background
 _CONTENT_CROP_MAX_AREA = 0.6  # crop to the object when its bounding box covers less of the image
 _MIN_SIDE = 64  # images smaller than this (px) carry too little to trust pHash: low-information
 _MIN_BLOCK_DETAIL = 2.0  # high-pass std (gray levels) for a block to count as carrying detail
 _MIN_DETAIL_BLOCKS = 3
-_MIN_DETAIL_BLOCKS_LOW_INFO = 6  # a silhouette outline alone is not enough to call two cut-outs equal
 
 # low_information(): share of near-flat pixels in the 64 px thumbnail, and contrast floor
 _FLAT_GRADIENT = 6.0  # Sobel magnitude (0-255 gray levels per pixel) below which a pixel is flat
@@ -94,7 +95,12 @@ def _content_crop(gray: Image.Image) -> Image.Image:
     A small product on a large white page leaves it a few pixels in a 64 px thumbnail, where any two
     such pages look alike; compared at the object's own scale they do not.
     """
-    arr = np.asarray(gray, dtype=np.int16)
+    import cv2
+
+    arr = np.asarray(gray)
+    if min(arr.shape) >= 16:  # JPEG ringing and speckles around the object must not widen the box
+        arr = cv2.medianBlur(np.ascontiguousarray(arr), 3)
+    arr = arr.astype(np.int16)
     h, w = arr.shape
     border = np.concatenate([arr[0], arr[-1], arr[:, 0], arr[:, -1]])
     background = int(np.median(border))
@@ -255,32 +261,35 @@ def _parse(blob: bytes) -> _Parsed:
     )
 
 
-def _keypoint_transform(eval_d: _Parsed, corpus_d: _Parsed) -> tuple[np.ndarray | None, int]:
-    """Similarity transform corpus->eval (keypoint scale) agreed by RANSAC, and its inlier count."""
+def _keypoint_transform(eval_d: _Parsed, corpus_d: _Parsed) -> tuple[np.ndarray | None, int, int]:
+    """Similarity transform corpus->eval (keypoint scale) agreed by RANSAC, its inliers and the matches.
+
+    Returns (matrix or None, distinct eval keypoints among the inliers, matches passing the ratio test).
+    """
     import cv2
 
     if len(eval_d.descriptors) < 2 or len(corpus_d.descriptors) < 2:
-        return None, 0
+        return None, 0, 0
     matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
     pairs = matcher.knnMatch(corpus_d.descriptors, eval_d.descriptors, k=2)
     good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < _RATIO * p[1].distance]
     if len(good) < 6:
-        return None, 0
+        return None, 0, len(good)
     src = corpus_d.positions[[m.queryIdx for m in good]]
     dst = eval_d.positions[[m.trainIdx for m in good]]
     matrix, inlier_mask = cv2.estimateAffinePartial2D(
         src, dst, method=cv2.RANSAC, ransacReprojThreshold=_RANSAC_PX, maxIters=2000, confidence=0.995
     )
     if matrix is None or inlier_mask is None:
-        return None, 0
+        return None, 0, len(good)
     scale = float(np.hypot(matrix[0, 0], matrix[1, 0]))
     angle = abs(float(np.degrees(np.arctan2(matrix[1, 0], matrix[0, 0]))))
     # a near-duplicate is neither a tiny detail of the other picture nor turned over ("u" vs "n")
     if not 0.33 <= scale <= 3.0 or angle > _MAX_ROTATION_DEG:
-        return None, 0
+        return None, 0, len(good)
     # many-to-one matches onto a few corners are not evidence: count distinct eval keypoints
     inliers = {good[i].trainIdx for i in np.flatnonzero(inlier_mask.ravel())}
-    return matrix, len(inliers)
+    return matrix, len(inliers), len(good)
 
 
 def _highpass(thumb: np.ndarray) -> np.ndarray:
@@ -298,14 +307,14 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / denom) if denom > 1e-6 else 0.0
 
 
-def _block_ncc(target_hp: np.ndarray, aligned_hp: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
-    """Median NCC over the 4x4 blocks that overlap and carry detail in the eval image, and their count.
+def _block_scores(target_hp: np.ndarray, aligned_hp: np.ndarray, mask: np.ndarray) -> list[float]:
+    """NCC of each 4x4 block that overlaps and carries detail in the eval image.
 
-    A median, so an overlaid caption or logo (a few blocks) cannot sink a true match, and only
-    blocks with detail, so a shared flat background cannot make two different cut-outs agree.
+    Only blocks with detail, so a shared flat background cannot make two different cut-outs agree;
+    callers take the median, so an overlaid caption or logo (a few blocks) cannot sink a true match.
     """
     if mask.sum() < 0.4 * mask.size:  # too little overlap to judge
-        return 0.0, 0
+        return []
     h, w = target_hp.shape
     scores = []
     for by in range(_GRID):
@@ -319,15 +328,28 @@ def _block_ncc(target_hp: np.ndarray, aligned_hp: np.ndarray, mask: np.ndarray) 
             if t.std() < _MIN_BLOCK_DETAIL:
                 continue
             scores.append(_ncc(t, aligned_hp[rows, cols][block_mask]))
-    if len(scores) < _MIN_DETAIL_BLOCKS:
-        return 0.0, len(scores)
-    return float(np.median(scores)), len(scores)
+    return scores
 
 
-def _dense_score(
+@dataclass(frozen=True)
+class _Agreement:
+    """How well the corpus thumbnail, aligned one way, agrees with the eval thumbnail."""
+
+    alignment: str  # keypoints | identity | mirror
+    median: float  # median block NCC of high-passed pixels (0 with fewer than 3 detailed blocks)
+    mean: float  # mean block NCC
+    global_ncc: float  # NCC of the high-passed pixels over the whole overlap
+    raw_ncc: float  # NCC of the plain pixels over the whole overlap (layout and tone)
+    blocks: int  # detailed blocks compared
+
+
+def _dense_agreement(
     eval_d: _Parsed, corpus_d: _Parsed, matrix: np.ndarray | None, allow_mirror: bool
-) -> tuple[float, int]:
-    """High-pass NCC of the thumbnails after aligning corpus onto eval, refined by ECC."""
+) -> _Agreement:
+    """Thumbnail agreement after aligning corpus onto eval (keypoint transform, identity, mirror; ECC-refined).
+
+    The best alignment by median block NCC (then global NCC) is kept.
+    """
     import cv2
 
     target = eval_d.thumb
@@ -335,31 +357,43 @@ def _dense_score(
     source = corpus_d.thumb
     sh, sw = source.shape
     target_hp = _highpass(target)
+    target_f = target.astype(np.float32)
     source_f = source.astype(np.float32)
 
-    starts: list[tuple[np.ndarray, np.ndarray]] = []
+    starts: list[tuple[str, np.ndarray, np.ndarray]] = []
     if matrix is not None:
         # keypoint-scale transform -> thumbnail scale
         to_src_kp = np.diag([corpus_d.work_size[0] / sw, corpus_d.work_size[1] / sh, 1.0])
         to_tgt_thumb = np.diag([tw / eval_d.work_size[0], th / eval_d.work_size[1], 1.0])
         full = to_tgt_thumb @ np.vstack([matrix, [0, 0, 1]]) @ to_src_kp
-        starts.append((full[:2].astype(np.float32), source_f))
+        starts.append(("keypoints", full[:2].astype(np.float32), source_f))
     stretch = np.array([[tw / sw, 0, 0], [0, th / sh, 0]], dtype=np.float32)
-    starts.append((stretch, source_f))
+    starts.append(("identity", stretch, source_f))
     if allow_mirror:
-        starts.append((stretch, source_f[:, ::-1].copy()))
+        starts.append(("mirror", stretch, source_f[:, ::-1].copy()))
 
-    best, best_blocks = 0.0, 0
+    best: _Agreement | None = None
     ones = np.ones_like(source_f)
-    for warp, src in starts:
+    for alignment, warp, src in starts:
         warp = _refine_ecc(target, src, warp)
         aligned = cv2.warpAffine(src, warp, (tw, th), flags=cv2.INTER_LINEAR)
         valid = cv2.warpAffine(ones, warp, (tw, th), flags=cv2.INTER_NEAREST) > 0.5
         valid = cv2.erode(valid.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0  # drop border blur
-        score, blocks = _block_ncc(target_hp, _highpass(aligned), valid)
-        if score > best or (best == 0.0 and blocks > best_blocks):
-            best, best_blocks = score, blocks
-    return best, best_blocks
+        aligned_hp = _highpass(aligned)
+        scores = _block_scores(target_hp, aligned_hp, valid)
+        overlap = valid.sum() > 0.4 * valid.size
+        found = _Agreement(
+            alignment=alignment,
+            median=float(np.median(scores)) if len(scores) >= _MIN_DETAIL_BLOCKS else 0.0,
+            mean=float(np.mean(scores)) if scores else 0.0,
+            global_ncc=_ncc(target_hp[valid], aligned_hp[valid]) if overlap else 0.0,
+            raw_ncc=_ncc(target_f[valid], aligned[valid]) if overlap else 0.0,
+            blocks=len(scores),
+        )
+        if best is None or (found.median, found.global_ncc) > (best.median, best.global_ncc):
+            best = found
+    assert best is not None
+    return best
 
 
 def _refine_ecc(target: np.ndarray, source: np.ndarray, warp: np.ndarray) -> np.ndarray:
@@ -386,56 +420,138 @@ def _refine_ecc(target: np.ndarray, source: np.ndarray, warp: np.ndarray) -> np.
 
 
 @dataclass(frozen=True)
-class Evidence:
-    """What verify() decided on: keypoint inliers, dense thumbnail agreement, low-information flag."""
+class _LogisticModel:
+    """Logistic regression over :meth:`Evidence.features`, fitted by benchmarks/near_dup_eval.py --fit."""
 
-    inliers: int
-    dense: float
-    blocks: int  # detailed thumbnail blocks the dense score rests on
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    threshold: float  # probability at which a candidate counts as the same picture
+
+    def probability(self, features: np.ndarray) -> float:
+        z = (features - np.asarray(self.mean)) / np.asarray(self.scale)
+        logit = float(z @ np.asarray(self.weights) + self.bias)
+        return float(1.0 / (1.0 + np.exp(-np.clip(logit, -60.0, 60.0))))
+
+
+# --- fitted model: written by benchmarks/near_dup_eval.py --fit; do not edit by hand ---
+#: Fitted on 3840 pairs (1761 positive; candidates within 16 of 64 bits plus
+#: 600 unrelated pairs per seed posing as pHash collisions; benchmark seeds
+#: 1, 2); threshold: the lowest probability keeping training precision >= 0.993.
+MODEL = _LogisticModel(
+    mean=(
+        1.62271, 0.165084, 0.488769, 0.474429, 0.478515, 0.564359, 0.850602, 0.442969, 0.118831,
+        0.16625, 0.208568, 3.25412, 0.460835, 0.456052,
+    ),
+    scale=(
+        2.06538, 0.262079, 0.453692, 0.444663, 0.441658, 0.44961, 0.204457, 0.496737, 0.0963624,
+        0.339987, 0.379944, 1.22223, 0.480625, 0.468605,
+    ),
+    weights=(
+        2.46304, 1.4703, 0.526635, 2.94414, -0.258339, 0.980069, 0.0450971, 0.594228, -1.5002,
+        -0.307772, -0.227563, -0.925377, 1.38031, 0.0236159,
+    ),
+    bias=0.84846,
+    threshold=0.264689,
+)
+# --- end of fitted model ---
+FEATURE_NAMES = (
+    "log1p_inliers", "inlier_share", "block_ncc_median", "block_ncc_mean", "global_ncc", "raw_ncc",
+    "block_share", "low_info", "candidate_distance", "low_info_x_median", "low_info_x_raw",
+    "log1p_matches", "min_median_raw", "min_global_raw",
+)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The measurements verify() decides on, and the model's probability that the pair is the same picture."""
+
+    inliers: int  # distinct eval keypoints agreeing on one similarity transform
+    matches: int  # keypoint matches passing the ratio test
+    keypoints: int  # keypoints of the image with fewer of them
+    alignment: str  # thumbnail alignment that agreed best: keypoints | identity | mirror
+    dense: float  # median block NCC of the aligned, high-passed thumbnails
+    dense_mean: float
+    global_ncc: float
+    raw_ncc: float
+    blocks: int  # detailed thumbnail blocks the dense scores rest on
     low_info: bool
-    by_keypoints: bool
-    by_dense: bool
+    distance_share: float  # pHash candidate distance / hash bits
+    probability: float
+
+    @property
+    def comparable(self) -> bool:
+        """Is there anything to judge? Keypoints agreeing, or detailed thumbnail blocks to compare.
+
+        Two featureless pictures (flat colours, a plain silhouette without corners) can be neither
+        confirmed nor told apart by this descriptor; such a candidate is not accepted.
+        """
+        return self.inliers > 0 or self.blocks >= _MIN_DETAIL_BLOCKS
 
     @property
     def match(self) -> bool:
-        return self.by_keypoints or self.by_dense
+        return self.comparable and self.probability >= MODEL.threshold
 
     @property
     def score(self) -> float:
-        """In [0, 1]: the larger of min(1, inliers / 50) and the dense NCC."""
-        return round(max(min(1.0, self.inliers / 50.0), max(self.dense, 0.0)), 4)
+        """The model's probability, rounded (reports and row messages)."""
+        return round(self.probability, 4)
+
+    def features(self) -> np.ndarray:
+        return _features(self.inliers, self.matches, self.keypoints, self.dense, self.dense_mean,
+                         self.global_ncc, self.raw_ncc, self.blocks, self.low_info, self.distance_share)
 
 
-def evidence(eval_desc: bytes, corpus_desc: bytes, allow_mirror: bool = True) -> Evidence:
-    """The full reasoning behind :func:`verify` (for reports and threshold tuning)."""
+def _features(
+    inliers: int, matches: int, keypoints: int, median: float, mean: float, global_ncc: float, raw_ncc: float,
+    blocks: int, low_info: bool, distance_share: float,
+) -> np.ndarray:
+    low = 1.0 if low_info else 0.0
+    return np.array([
+        np.log1p(inliers), inliers / max(30, keypoints), median, mean, global_ncc, raw_ncc,
+        blocks / (_GRID * _GRID), low, distance_share, low * median, low * raw_ncc, np.log1p(matches),
+        min(median, raw_ncc), min(global_ncc, raw_ncc),
+    ], dtype=np.float64)
+
+
+#: Assumed pHash distance when the caller does not give one: the stage's default candidate threshold
+#: (16 of 64 bits), the least favourable distance a candidate can have.
+_UNKNOWN_DISTANCE_SHARE = 0.25
+
+
+def evidence(
+    eval_desc: bytes, corpus_desc: bytes, allow_mirror: bool = True,
+    distance: int | None = None, n_bits: int = 64,
+) -> Evidence:
+    """The full reasoning behind :func:`verify` (for reports and model fitting)."""
     eval_d, corpus_d = _parse(eval_desc), _parse(corpus_desc)
     low_info = eval_d.low_info or corpus_d.low_info
-    matrix, inliers = _keypoint_transform(eval_d, corpus_d)
-    dense, blocks = _dense_score(eval_d, corpus_d, matrix, allow_mirror)
-    min_inliers = _MIN_INLIERS_LOW_INFO if low_info else _MIN_INLIERS
-    min_dense = _MIN_DENSE_NCC_LOW_INFO if low_info else _MIN_DENSE_NCC
-    min_blocks = _MIN_DETAIL_BLOCKS_LOW_INFO if low_info else _MIN_DETAIL_BLOCKS
-    # the thumbnails contradict a keypoint match only where they have detail to compare at all
-    contradicted = blocks >= _MIN_DETAIL_BLOCKS and dense < _MIN_INLIER_NCC
-    return Evidence(
-        inliers=inliers,
-        dense=round(dense, 4),
-        blocks=blocks,
-        low_info=low_info,
-        by_keypoints=matrix is not None and inliers >= min_inliers and not contradicted,
-        by_dense=dense >= min_dense and blocks >= min_blocks,
+    matrix, inliers, matches = _keypoint_transform(eval_d, corpus_d)
+    agreement = _dense_agreement(eval_d, corpus_d, matrix, allow_mirror)
+    share = _UNKNOWN_DISTANCE_SHARE if distance is None else distance / max(1, n_bits)
+    keypoints = min(len(eval_d.descriptors), len(corpus_d.descriptors))
+    found = Evidence(
+        inliers=inliers, matches=matches, keypoints=keypoints, alignment=agreement.alignment,
+        dense=agreement.median, dense_mean=agreement.mean, global_ncc=agreement.global_ncc,
+        raw_ncc=agreement.raw_ncc, blocks=agreement.blocks, low_info=low_info, distance_share=share,
+        probability=0.0,
     )
+    if not found.comparable:
+        return found  # probability 0: nothing the model could judge (it never saw such pairs)
+    return replace(found, probability=MODEL.probability(found.features()))
 
 
-def verify(eval_desc: bytes, corpus_desc: bytes, allow_mirror: bool = True) -> tuple[bool, float]:
-    """Is the corpus image really the same picture as the eval image? Returns (match, score).
+def verify(
+    eval_desc: bytes, corpus_desc: bytes, allow_mirror: bool = True,
+    distance: int | None = None, n_bits: int = 64,
+) -> tuple[bool, float]:
+    """Is the corpus image really the same picture as the eval image? Returns (match, probability).
 
-    Accepted when at least 14 distinct keypoints agree on one similarity transform (20 when either
-    image is low-information) and the aligned thumbnails do not contradict it (block NCC >= 0.35),
-    or, without keypoint agreement, when the aligned (or, with `allow_mirror`, mirrored) thumbnails
-    correlate at >= 0.85 (>= 0.92 and over at least 6 detailed blocks for low-information images).
-    Keypoint transforms must keep the scale within 1/3..3 and turn by at most 20 degrees. The score
-    in [0, 1] is the larger of the two evidences: min(1, inliers / 50) and the dense block NCC.
+    Measures keypoint agreement (RANSAC similarity transform: inliers, matches) and thumbnail agreement
+    after alignment (block, global and plain NCC), and combines them with the low-information flag and
+    the pHash `distance` (of `n_bits`; the candidate threshold 16/64 is assumed when unknown) in a
+    logistic model (:data:`MODEL`). With `allow_mirror` false, mirrored alignment is not tried.
     """
-    found = evidence(eval_desc, corpus_desc, allow_mirror)
+    found = evidence(eval_desc, corpus_desc, allow_mirror, distance, n_bits)
     return found.match, found.score

@@ -259,7 +259,7 @@ class PhashDedupStage(Stage[DedupConfig]):
             eval_desc = self._eval.descriptors[item]
             if eval_desc is None:
                 continue
-            same, score = self._nd.verify(eval_desc, corpus_desc)
+            same, score = self._nd.verify(eval_desc, corpus_desc, distance=d, n_bits=self._params.n_bits)
             if same:
                 self.counters["eval_verified"] += 1
                 if d > self.config.threshold:

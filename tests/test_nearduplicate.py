@@ -90,12 +90,53 @@ def test_every_transformation_verifies(
         assert 0.0 <= score <= 1.0
 
 
-def test_unrelated_photos_are_refused(descriptors: dict[str, bytes]) -> None:
+@pytest.mark.parametrize("distance", [None, 0, 8, 16])
+def test_unrelated_photos_are_refused_at_any_phash_distance(descriptors: dict[str, bytes], distance: int | None) -> None:
+    """At LAION scale unrelated pictures collide under pHash; a small distance alone confirms nothing."""
     names = sorted(descriptors)
     for a in names:
         for b in names:
             if a != b:
-                assert nd.verify(descriptors[a], descriptors[b])[0] is False, (a, b)
+                assert nd.verify(descriptors[a], descriptors[b], distance=distance)[0] is False, (a, b)
+
+
+def test_a_copy_verifies_on_its_descriptor_even_at_the_candidate_threshold(
+    photos: dict[str, Image.Image], descriptors: dict[str, bytes]
+) -> None:
+    copy = nd.descriptor(_jpeg(TRANSFORMS["crop_rescale"](photos["coffee.jpg"]), 85))
+    for distance in (0, 8, 16):
+        found = nd.evidence(descriptors["coffee.jpg"], copy, distance=distance)
+        assert found.match and found.comparable, (distance, found)
+    # the distance is evidence too: the same measurements are more convincing closer in pHash
+    near = nd.evidence(descriptors["coffee.jpg"], copy, distance=0).probability
+    assert near >= nd.evidence(descriptors["coffee.jpg"], copy, distance=16).probability
+
+
+def test_featureless_pictures_are_not_comparable() -> None:
+    """Flat colours have no keypoints and no detailed block: nothing to confirm, so no match."""
+    light = nd.descriptor(Image.new("RGB", (200, 200), (240, 240, 240)))
+    blue = nd.descriptor(Image.new("RGB", (200, 200), (30, 90, 200)))
+    found = nd.evidence(light, blue, distance=0)
+    assert not found.comparable and not found.match and found.probability == 0.0
+    assert nd.verify(light, light, distance=0) == (False, 0.0)
+
+
+def test_model_and_features_agree(descriptors: dict[str, bytes]) -> None:
+    found = nd.evidence(descriptors["chelsea.jpg"], descriptors["coffee.jpg"])
+    n = len(nd.FEATURE_NAMES)
+    assert found.features().shape == (n,)
+    assert len(nd.MODEL.mean) == len(nd.MODEL.scale) == len(nd.MODEL.weights) == n
+    assert all(v > 0 for v in nd.MODEL.scale) and 0.0 < nd.MODEL.threshold < 1.0
+
+
+def test_object_box_survives_heavy_jpeg(demo_dir: Path) -> None:
+    """JPEG ringing around a cut-out must not widen its box (the thumbnails would then differ in scale)."""
+    page = _cutout(demo_dir, "chelsea.jpg", (400, 300), (150, 90, 250, 210))
+    clean = nd._content_crop(page.convert("L")).size
+    for quality in (8, 15):
+        noisy = nd._content_crop(_jpeg(page, quality).convert("L")).size
+        assert abs(noisy[0] - clean[0]) <= 0.08 * clean[0] and abs(noisy[1] - clean[1]) <= 0.08 * clean[1], (
+            quality, clean, noisy)
 
 
 def test_mirror_matching_can_be_switched_off(photos: dict[str, Image.Image], descriptors: dict[str, bytes]) -> None:
@@ -111,10 +152,11 @@ def test_flat_background_collision_is_rejected(demo_dir: Path) -> None:
     distance = imagehash.phash(first) - imagehash.phash(second)
     assert distance <= 8, f"fixture should collide under pHash, distance {distance}"
     assert nd.low_information(first) and nd.low_information(second)
-    assert nd.verify(nd.descriptor(first), nd.descriptor(second))[0] is False
+    assert nd.verify(nd.descriptor(first), nd.descriptor(second), distance=distance)[0] is False
     # ... while the same cut-out, rescaled and re-encoded, still verifies
     copy = _jpeg(first.resize((300, 225)), 80)
-    assert nd.verify(nd.descriptor(first), nd.descriptor(copy))[0] is True
+    copy_distance = imagehash.phash(first) - imagehash.phash(copy)
+    assert nd.verify(nd.descriptor(first), nd.descriptor(copy), distance=copy_distance)[0] is True
 
 
 def test_low_information_detects_flat_images(photos: dict[str, Image.Image]) -> None:
