@@ -260,7 +260,9 @@ def phash_bytes(
     for i, data in enumerate(images):
         try:
             gray = _draft_gray(data, min_side)
-            pixels[i] = np.asarray(gray.resize((side, side), Image.Resampling.LANCZOS))
+            # reducing_gap: box-reduce by an integer factor first, then Lanczos the last <= 2x (about
+            # 13% faster on web JPEGs; agreement with imagehash is measured in benchmarks/phash.py)
+            pixels[i] = np.asarray(gray.resize((side, side), Image.Resampling.LANCZOS, reducing_gap=2.0))
         except Exception as err:  # noqa: BLE001
             errors[i] = f"{type(err).__name__}: {err}"
             continue
