@@ -264,7 +264,7 @@ class PhashDedupStage(Stage[DedupConfig]):
                 self.counters["eval_verified"] += 1
                 if d > self.config.threshold:
                     self.counters["eval_verified_beyond_threshold"] += 1
-                return item, d, f", verified (score {score:.2f})"
+                return item, d, f", verified (probability {score:.2f})"
             if d <= self.config.threshold:
                 self.counters["eval_pHash_match_overruled"] += 1  # pHash alone would have rejected it
         return None
