@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,15 @@ import pyarrow.compute as pc
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, option
 from curate.pipeline.stage import RunContext, Stage, StageError
+
+
+def uniform_collision_rate(threshold: int, n_bits: int) -> float:
+    """Share of uniformly random `n_bits` hashes within `threshold` bits of a given one.
+
+    Real pHashes cluster, so unrelated pictures collide more often than this (benchmarks/phash_collisions.py):
+    it is a lower bound on how many candidates an eval index of that many hashes makes per row.
+    """
+    return sum(math.comb(n_bits, k) for k in range(min(threshold, n_bits) + 1)) / 2**n_bits
 
 
 @dataclass(frozen=True)
@@ -56,7 +66,7 @@ class DedupConfig:
     threshold: int = option(8, help="Max Hamming distance (bits, of hash_size² = 64 by default) for a pHash match when `verify` is off.", range=(0, 1023))
     candidate_threshold: int = option(16, help="With `verify`: max Hamming distance (bits) for a pHash candidate that is then checked by the second signal. Must be >= `threshold`.", range=(0, 1023))
     verify: bool = option(True, help="Confirm pHash candidates with the near-duplicate descriptor (keypoints + aligned thumbnail) before rejecting; indexes must carry descriptors.")
-    max_candidates: int = option(32, help="With `verify`: at most this many eval candidates per row are verified (nearest first).", range=(1, None))
+    max_candidates: int = option(8, help="With `verify`: at most this many eval candidates per row are verified (nearest first); each costs one verify call (about 6 ms). See docs/dedup.md, cost at scale.", range=(1, None))
     hash_size: int = option(8, help="pHash side: the hash has hash_size² bits (8 → 64 bits, 16 hex digits). Eval indexes must use the same.", range=(2, 32))
     hash_mode: Literal["exact", "fast"] = option("exact", help="`exact`: bit-identical to imagehash.phash. `fast`: JPEG draft decoding + batched DCT, several times faster, agreement with imagehash documented in docs/dedup.md.")
     cache_dir: str = option("", help="Cache folder for indexes of `eval_sets` ('' = $XDG_CACHE_HOME/curate/evalsets, else ~/.cache/curate/evalsets).", path=True)
@@ -190,6 +200,16 @@ class PhashDedupStage(Stage[DedupConfig]):
         descriptors = merged.column("descriptor").to_pylist() if cfg.verify else None
         self._eval = _EvalIndex(labels, HammingIndex(all_hashes, n_bits, max_t), np.concatenate(owner), descriptors)
         self.log.info("eval search: %d items, %d hashes, threshold %d", len(labels), len(all_hashes), max_t)
+        if cfg.verify:
+            chance = len(all_hashes) * uniform_collision_rate(max_t, n_bits)
+            if chance >= 1.0:
+                self.log.warning(
+                    "dedup.candidate_threshold %d against %d eval hashes: even uniformly random hashes would make "
+                    "%.1f candidates per row, and real pictures collide far more often (benchmarks/phash_collisions.py); "
+                    "each costs a verify call up to dedup.max_candidates (%d). For large eval sets, consider a lower "
+                    "candidate_threshold (docs/dedup.md, cost at scale).",
+                    max_t, len(all_hashes), chance, cfg.max_candidates,
+                )
 
     # -- per partition -----------------------------------------------------------------------------
     def process(self, table: pa.Table) -> pa.Table:
@@ -259,6 +279,7 @@ class PhashDedupStage(Stage[DedupConfig]):
             eval_desc = self._eval.descriptors[item]
             if eval_desc is None:
                 continue
+            self.counters["eval_verify_calls"] += 1
             same, score = self._nd.verify(eval_desc, corpus_desc, distance=d, n_bits=self._params.n_bits)
             if same:
                 self.counters["eval_verified"] += 1

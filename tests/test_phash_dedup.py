@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,7 +15,7 @@ from curate.pipeline import evalsets
 from curate.pipeline.config import load_config
 from curate.pipeline.configspec import ConfigError
 from curate.pipeline.stage import RunContext, StageError
-from curate.stages.phash_dedup import DedupConfig, EvalSetSource, PhashDedupStage
+from curate.stages.phash_dedup import DedupConfig, EvalSetSource, PhashDedupStage, uniform_collision_rate
 
 
 def _context(tmp_path: Path) -> RunContext:
@@ -107,6 +108,24 @@ def test_verification_guard_rejects_a_phash_collision(demo_dir: Path, tmp_path: 
     out = guarded.process(corpus)
     assert out.column("status").to_pylist() == ["success"]
     assert guarded.counters["eval_pHash_match_overruled"] == 1
+    assert guarded.counters["eval_verify_calls"] == 1
+
+
+def test_uniform_collision_rate_and_the_cost_warning(demo_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    assert uniform_collision_rate(0, 64) == 2.0**-64
+    assert uniform_collision_rate(64, 64) == 1.0
+    assert uniform_collision_rate(16, 64) == pytest.approx(3.87e-5, rel=1e-2)
+    assert uniform_collision_rate(8, 16) == pytest.approx(39203 / 65536)
+    eval_dir = tmp_path / "eval"
+    eval_dir.mkdir()
+    Image.open(demo_dir / "images" / "chelsea.jpg").save(eval_dir / "chelsea.png")
+    with caplog.at_level(logging.WARNING):
+        _stage(tmp_path, eval_sets=(EvalSetSource(path=str(eval_dir)),), cache_dir=str(tmp_path / "c"))
+    assert not [r for r in caplog.records if "candidates per row" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):  # 40 of 64 bits: a handful of eval hashes already floods every row
+        _stage(tmp_path, eval_sets=(EvalSetSource(path=str(eval_dir)),), cache_dir=str(tmp_path / "c"),
+               candidate_threshold=40)
+    assert [r for r in caplog.records if "candidates per row" in r.getMessage()]
 
 
 def _run_global(stage: PhashDedupStage, partitions: list[pa.Table]) -> list[pa.Table]:
