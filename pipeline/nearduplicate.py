@@ -312,22 +312,31 @@ def _block_scores(target_hp: np.ndarray, aligned_hp: np.ndarray, mask: np.ndarra
 
     Only blocks with detail, so a shared flat background cannot make two different cut-outs agree;
     callers take the median, so an overlaid caption or logo (a few blocks) cannot sink a true match.
+    Computed from per-block masked sums (the verify hot path), in row-major block order.
     """
     if mask.sum() < 0.4 * mask.size:  # too little overlap to judge
         return []
     h, w = target_hp.shape
+    rows = [by * h // _GRID for by in range(_GRID)]
+    cols = [bx * w // _GRID for bx in range(_GRID)]
+    m = mask.astype(np.float64)
+    t = target_hp.astype(np.float64) * m
+    a = aligned_hp.astype(np.float64) * m
+
+    def block_sums(x: np.ndarray) -> np.ndarray:
+        return np.add.reduceat(np.add.reduceat(x, rows, axis=0), cols, axis=1).ravel()
+
+    area = np.diff([*rows, h])[:, None] * np.diff([*cols, w])[None, :]
+    n, st, sa = block_sums(m), block_sums(t), block_sums(a)
+    stt, saa, sta = block_sums(t * t), block_sums(a * a), block_sums(t * a)
     scores = []
-    for by in range(_GRID):
-        for bx in range(_GRID):
-            rows = slice(by * h // _GRID, (by + 1) * h // _GRID)
-            cols = slice(bx * w // _GRID, (bx + 1) * w // _GRID)
-            block_mask = mask[rows, cols]
-            if block_mask.mean() < 0.7:
-                continue
-            t = target_hp[rows, cols][block_mask]
-            if t.std() < _MIN_BLOCK_DETAIL:
-                continue
-            scores.append(_ncc(t, aligned_hp[rows, cols][block_mask]))
+    for i in np.flatnonzero(n >= 0.7 * area.ravel()):
+        var_t = stt[i] - st[i] * st[i] / n[i]
+        if np.sqrt(max(var_t, 0.0) / n[i]) < _MIN_BLOCK_DETAIL:
+            continue
+        var_a = saa[i] - sa[i] * sa[i] / n[i]
+        denom = np.sqrt(max(var_t, 0.0) * max(var_a, 0.0))
+        scores.append(float((sta[i] - st[i] * sa[i] / n[i]) / denom) if denom > 1e-6 else 0.0)
     return scores
 
 
