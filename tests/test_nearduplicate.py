@@ -6,6 +6,7 @@ import io
 from pathlib import Path
 
 import imagehash
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
@@ -195,3 +196,42 @@ def test_descriptor_is_compact_and_checked() -> None:
         nd.verify(blob, b"not a descriptor")
     with pytest.raises(ValueError):
         nd.verify(blob, blob[:-3])
+
+
+def _block_scores_reference(target: np.ndarray, aligned: np.ndarray, mask: np.ndarray) -> list[float]:
+    """The plain per-block loop that nd._block_scores computes from block sums."""
+    if mask.sum() < 0.4 * mask.size:
+        return []
+    h, w = target.shape
+    out = []
+    for by in range(4):
+        for bx in range(4):
+            rows, cols = slice(by * h // 4, (by + 1) * h // 4), slice(bx * w // 4, (bx + 1) * w // 4)
+            block_mask = mask[rows, cols]
+            if block_mask.mean() < 0.7:
+                continue
+            t, a = target[rows, cols][block_mask], aligned[rows, cols][block_mask]
+            if t.std() < 2.0:
+                continue
+            t, a = t - t.mean(), a - a.mean()
+            denom = float(np.sqrt((t * t).sum() * (a * a).sum()))
+            out.append(float((t * a).sum() / denom) if denom > 1e-6 else 0.0)
+    return out
+
+
+def test_block_scores_equal_the_plain_loop() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        h, w = (int(v) for v in rng.integers(20, 65, size=2))
+        target = rng.normal(0, rng.uniform(0.5, 30), (h, w))
+        aligned = target * rng.uniform(-1, 1) + rng.normal(0, rng.uniform(0.1, 30), (h, w))
+        mask = np.ones((h, w), bool)
+        if trial % 2:
+            mask[: int(rng.integers(0, h // 2)), :] = False
+            mask[:, int(rng.integers(w // 2, w)):] = False
+        if trial % 5 == 0:
+            target[:, : w // 2] = 0.5  # a flat half: blocks without detail are skipped
+        expected = _block_scores_reference(target, aligned, mask)
+        got = nd._block_scores(target.astype(np.float32), aligned.astype(np.float32), mask)
+        assert len(got) == len(expected), trial
+        assert np.allclose(got, expected, atol=1e-5), trial
