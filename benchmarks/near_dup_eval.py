@@ -16,9 +16,15 @@ eval images' copies and the distractor stamps). Reported per transformation: rec
 
 * plain pHash at the largest threshold whose precision stays >= 0.99 (and at the stage default 8);
 * the full method: pHash against the eval image's hash and its `candidate_hashes` at a looser
-  candidate threshold, then `verify(descriptor(eval), descriptor(corpus))`.
+  candidate threshold, then `verify(descriptor(eval), descriptor(corpus))` with the shipped model,
+  and the same with the model refitted in 10-fold cross-validation by eval image.
 
-Run: `python benchmarks/near_dup_eval.py [--quick]`; results go to benchmarks/results/near_dup_eval.json.
+Pairs of Tux Paint variants of one drawing are left out of scoring (`drawing_family`).
+
+Run: `python benchmarks/near_dup_eval.py [--quick] [--seed N]`; results go to
+benchmarks/results/near_dup_eval.json (seed 0) or near_dup_eval_seedN.json.
+Refit the verifier: `python benchmarks/near_dup_eval.py --fit` (seeds 1 and 2; writes the model
+into pipeline/nearduplicate.py).
 """
 
 from __future__ import annotations
