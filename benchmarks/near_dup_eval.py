@@ -299,6 +299,22 @@ def hamming_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.bitwise_count(a[:, None] ^ b[None, :]).astype(np.int16)
 
 
+def candidate_distances(
+    eval_hashes: np.ndarray, variants: list[list[int]], corpus_hashes: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(eval, corpus) pHash distances: to the eval image's hash, and the nearest of it and its variants.
+
+    The second is what the stage searches with `candidate_threshold`.
+    """
+    plain = hamming_matrix(eval_hashes, corpus_hashes)
+    loose = plain.copy()
+    for i, hashes in enumerate(variants):
+        if hashes:
+            nearest = hamming_matrix(np.array(hashes, dtype=np.uint64), corpus_hashes).min(axis=0)
+            loose[i] = np.minimum(loose[i], nearest)
+    return plain, loose
+
+
 def pick_threshold(dist: np.ndarray, truth: np.ndarray, max_t: int = 32) -> tuple[int, list[dict]]:
     sweep, best = [], -1
     for t in range(max_t + 1):
@@ -379,15 +395,10 @@ def collect(seed: int, quick: bool, widest: int, collisions: int = COLLISIONS) -
     eval_hashes = np.array([phash_int(e.image) for e in evals], dtype=np.uint64)
     corpus_hashes = np.array([phash_int(c.image) for c in corpus], dtype=np.uint64)
     phash_ms = (time.perf_counter() - t0) * 1000 / (len(evals) + len(corpus))
-    plain = hamming_matrix(eval_hashes, corpus_hashes)
     t0 = time.perf_counter()
     variants = [nd.candidate_hashes(e.image) for e in evals]
     variants_ms = (time.perf_counter() - t0) * 1000 / len(evals)
-    loose = plain.copy()
-    for i, hashes in enumerate(variants):
-        if hashes:
-            d = hamming_matrix(np.array(hashes, dtype=np.uint64), corpus_hashes).min(axis=0)
-            loose[i] = np.minimum(loose[i], d)
+    plain, loose = candidate_distances(eval_hashes, variants, corpus_hashes)
 
     # descriptors for every eval image, for corpus images only when they are candidates (as the stage does)
     candidates = loose <= widest

@@ -18,7 +18,6 @@ import json
 import os
 import platform
 import sys
-from math import comb
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import near_dup_eval as B  # noqa: E402  (the same images and loaders as the nea
 from PIL import Image  # noqa: E402
 
 from curate.pipeline import nearduplicate as nd  # noqa: E402
+from curate.stages.phash_dedup import uniform_collision_rate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "phash_collisions.json"
 THRESHOLDS = (8, 10, 12, 14, 16)
@@ -43,11 +43,7 @@ def main() -> None:
     family = [B.drawing_family(i.name) or i.name for i in items]
     main_hashes = np.array([B.phash_int(i.image) for i in items], dtype=np.uint64)
     variants = [nd.candidate_hashes(i.image) for i in items]
-    d_main = B.hamming_matrix(main_hashes, main_hashes).astype(np.int64)
-    d_loose = d_main.copy()
-    for i, hashes in enumerate(variants):
-        if hashes:
-            d_loose[i] = np.minimum(d_loose[i], B.hamming_matrix(np.array(hashes, dtype=np.uint64), main_hashes).min(0))
+    d_main, d_loose = B.candidate_distances(main_hashes, variants, main_hashes)
     unrelated = np.array([[a != b for b in family] for a in family])
     groups = np.array([i.group for i in items])
     out: dict[str, dict] = {}
@@ -60,7 +56,7 @@ def main() -> None:
             "rate_main_hash": {t: float(f"{(main_d <= t).mean():.3g}") for t in THRESHOLDS},
             "rate_with_variant_hashes": {t: float(f"{(loose_d <= t).mean():.3g}") for t in THRESHOLDS},
         }
-    uniform = {t: float(f"{sum(comb(64, k) for k in range(t + 1)) / 2**64:.3g}") for t in THRESHOLDS}
+    uniform = {t: float(f"{uniform_collision_rate(t, 64):.3g}") for t in THRESHOLDS}
     result = {
         "benchmark": "phash_collisions",
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()},

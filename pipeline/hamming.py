@@ -126,8 +126,9 @@ class Plan:
         )
 
 
-def _ball(bits: int, radius: int) -> int:
-    return sum(math.comb(bits, k) for k in range(radius + 1))
+def ball_size(bits: int, radius: int) -> int:
+    """How many `bits`-bit codes lie within `radius` of a given one."""
+    return sum(math.comb(bits, k) for k in range(min(radius, bits) + 1))
 
 
 def _valid_bits_per_word(n_bits: int) -> list[int]:
@@ -179,7 +180,7 @@ def make_plan(n_bits: int, threshold: int, n_index: int, n_queries: int) -> Plan
             if radius >= key_bits:
                 usable = False  # every key would be probed: no filtering at all
                 break
-            ball = _ball(key_bits, radius)
+            ball = ball_size(key_bits, radius)
             if ball > _MAX_PROBES_PER_BLOCK:
                 usable = False
                 break

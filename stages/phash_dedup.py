@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +43,9 @@ def uniform_collision_rate(threshold: int, n_bits: int) -> float:
     Real pHashes cluster, so unrelated pictures collide more often than this (benchmarks/phash_collisions.py):
     it is a lower bound on how many candidates an eval index of that many hashes makes per row.
     """
-    return sum(math.comb(n_bits, k) for k in range(min(threshold, n_bits) + 1)) / 2**n_bits
+    from curate.pipeline.hamming import ball_size
+
+    return ball_size(n_bits, threshold) / 2**n_bits
 
 
 @dataclass(frozen=True)
