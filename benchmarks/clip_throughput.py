@@ -85,7 +85,7 @@ def bench_model(
 ) -> dict[str, Any]:
     import torch
 
-    from curate.pipeline import clip_model as cm
+    from curate.stages.clip_filter import model as clip_model as cm
 
     model_config = str(TINY_CONFIG) if name == "curate-tiny-clip" else ""
     spec = cm.ModelSpec(model=name, pretrained="", model_config=model_config, device=device,
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     logging.basicConfig(level=logging.ERROR)
     warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-    from curate.pipeline import clip_model as cm
+    from curate.stages.clip_filter import model as clip_model as cm
 
     device = cm.resolve_device(args.device)
     on_gpu = device.startswith("cuda")

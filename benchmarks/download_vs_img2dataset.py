@@ -247,7 +247,8 @@ def main() -> None:
         raise SystemExit(f"{args.i2d_python} cannot import img2dataset:\n{check.stderr[-2000:]}")
     i2d_version = check.stdout.strip()
 
-    from curate.pipeline.faultserver import FaultServer, Respond
+    sys.path.insert(0, str(REPO / "tests"))  # the fault-injection server lives with the tests
+    from faultserver import FaultServer, Respond
 
     print(f"generating {args.distinct} JPEGs ...", flush=True)
     bodies = make_jpegs(args.distinct)
@@ -308,7 +309,7 @@ def main() -> None:
             "urls": args.urls, "distinct_jpegs": args.distinct, "processes": args.processes,
             "threads": args.threads, "latency_s": list(args.latency), "shard_rows": SHARD_ROWS,
             "resize": RESIZE, "img2dataset_version": i2d_version,
-            "server": "curate.pipeline.faultserver (asyncio, loopback) in the driver process",
+            "server": "tests/faultserver.py (asyncio, loopback) in the driver process",
         },
         "baseline_img2dataset": best["img2dataset"],
         "curate_download_stage": best["curate"],

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from curate.pipeline.hamming import brute_force_pairs, range_search
-from curate.pipeline.phash import hamming
+from curate.stages.phash_dedup.hamming import brute_force_pairs, range_search
+from curate.stages.phash_dedup.phash import hamming
 
 RESULTS = Path(__file__).parent / "results" / "hamming_search.json"
 

@@ -47,7 +47,7 @@ import imagehash
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
-from curate.pipeline import nearduplicate as nd
+from curate.stages.phash_dedup import nearduplicate as nd
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "benchmarks" / "data"

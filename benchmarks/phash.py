@@ -21,7 +21,7 @@ import imagehash
 import numpy as np
 from PIL import Image
 
-from curate.pipeline import phash as P
+from curate.stages.phash_dedup import phash as P
 
 RESULTS = Path(__file__).parent / "results" / "phash.json"
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import near_dup_eval as B  # noqa: E402  (the same images and loaders as the near-duplicate evaluation)
 from PIL import Image  # noqa: E402
 
-from curate.pipeline import nearduplicate as nd  # noqa: E402
+from curate.stages.phash_dedup import nearduplicate as nd  # noqa: E402
 from curate.stages.phash_dedup import uniform_collision_rate  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "phash_collisions.json"

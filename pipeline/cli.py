@@ -109,7 +109,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_hash_evalset(args: argparse.Namespace) -> int:
-    from curate.pipeline.evalsets import hash_evalset
+    from curate.stages.phash_dedup.evalsets import hash_evalset
 
     n = hash_evalset(args.source, args.output, name=args.name, hash_size=args.hash_size, mode=args.mode,
                      fmt=args.fmt)
@@ -118,7 +118,7 @@ def _cmd_hash_evalset(args: argparse.Namespace) -> int:
 
 
 def _cmd_dedup_report(args: argparse.Namespace) -> int:
-    from curate.pipeline.dedup_report import dedup_report
+    from curate.stages.phash_dedup.report import dedup_report
 
     summary = dedup_report(args.corpus, args.indexes, args.output, threshold=args.threshold, verify=args.verify)
     print(f"curate: dedup report -> {args.output}/index.html")

@@ -1,10 +1,13 @@
-"""Row columns shared by every stage (see docs/architecture.md and shared/design.md).
+"""Row columns: the engine's, and the output schema they form with the stages' declared columns.
 
 Names follow img2dataset where it has one. `image` (bytes) and `image_ext` are internal: they
 travel between stages but never reach Parquet outputs.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import pyarrow as pa
 
@@ -23,9 +26,10 @@ ERROR_MESSAGE = "error_message"
 IMAGE = "image"
 IMAGE_EXT = "image_ext"
 
-# Known columns and their Arrow types. Every output Parquet carries all of them (null where a
-# stage did not run), followed by the input's extra columns, so partitions concatenate cleanly.
-KNOWN_SCHEMA = pa.schema(
+# The engine's columns and their Arrow types. Every output Parquet carries these, then the columns every
+# registered stage declares in `Stage.adds` (null where a stage did not run), then the input's extra columns,
+# so partitions concatenate cleanly.
+ENGINE_SCHEMA = pa.schema(
     [
         (KEY, pa.string()),
         (URL, pa.string()),
@@ -35,20 +39,30 @@ KNOWN_SCHEMA = pa.schema(
         (REJECT_STAGE, pa.string()),
         (REJECT_REASON, pa.string()),
         (ERROR_MESSAGE, pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("original_width", pa.int32()),
-        ("original_height", pa.int32()),
-        ("sha256", pa.string()),
-        ("phash", pa.string()),
-        ("eval_match", pa.string()),
-        ("eval_distance", pa.int32()),
-        ("dup_of", pa.string()),
-        ("clip_score", pa.float32()),
     ]
 )
 INTERNAL_COLUMNS = (IMAGE, IMAGE_EXT)
-KNOWN_NAMES = frozenset(KNOWN_SCHEMA.names)
+
+
+def known_schema() -> pa.Schema:
+    """The output schema of this install: engine columns, then each registered stage's `adds`."""
+    from curate.pipeline import registry  # the registry imports the stage contract, which imports us
+
+    return _schema_of(registry.STAGES)
+
+
+@functools.cache
+def _schema_of(entries: tuple[Any, ...]) -> pa.Schema:
+    from curate.pipeline import registry
+
+    fields = list(ENGINE_SCHEMA)
+    seen = set(ENGINE_SCHEMA.names) | set(INTERNAL_COLUMNS)
+    for stage in registry.registered(entries):
+        for field in stage.cls.adds:
+            if field.name not in seen:
+                seen.add(field.name)
+                fields.append(field)
+    return pa.schema(fields)
 
 
 def conform(table: pa.Table, *, keep_internal: bool = False) -> pa.Table:
@@ -56,17 +70,18 @@ def conform(table: pa.Table, *, keep_internal: bool = False) -> pa.Table:
 
     Missing known columns are added as nulls; internal columns are dropped unless asked for.
     """
+    schema = known_schema()
     n = table.num_rows
     arrays: list[pa.Array | pa.ChunkedArray] = []
     fields: list[pa.Field] = []
-    for field in KNOWN_SCHEMA:
+    for field in schema:
         if field.name in table.column_names:
             arrays.append(table.column(field.name).cast(field.type))
         else:
             arrays.append(pa.nulls(n, type=field.type))
         fields.append(field)
     for name in table.column_names:
-        if name in KNOWN_NAMES:
+        if name in schema.names:
             continue
         if name in INTERNAL_COLUMNS and not keep_internal:
             continue
@@ -78,8 +93,8 @@ def conform(table: pa.Table, *, keep_internal: bool = False) -> pa.Table:
 def set_column(table: pa.Table, name: str, values: pa.Array | list) -> pa.Table:
     """Add or replace column `name`."""
     if not isinstance(values, pa.Array | pa.ChunkedArray):
-        field_type = KNOWN_SCHEMA.field(name).type if name in KNOWN_NAMES else None
-        values = pa.array(values, type=field_type)
+        schema = known_schema()
+        values = pa.array(values, type=schema.field(name).type if name in schema.names else None)
     idx = table.schema.get_field_index(name)
     if idx >= 0:
         return table.set_column(idx, name, values)

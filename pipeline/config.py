@@ -1,13 +1,15 @@
 """The run config: YAML → frozen typed dataclasses, with `--set section.key=value` overrides.
 
-Sections `input`, `output`, `cluster` are the engine's; each stage module declares its own section
-(`download`, `captions`, `dedup`, `clip`, `write`). Paths in a YAML file are relative to that file's
-folder; paths given with `--set` are relative to the current directory.
+Sections `input`, `output`, `cluster` and `write` are the engine's; every stage in the registry adds its own
+section (its `config_class`), in registry order. Paths in a YAML file are relative to that file's folder; paths
+given with `--set` are relative to the current directory.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -16,12 +18,9 @@ from typing import Any, Literal
 
 import yaml
 
-from curate.pipeline.configspec import ConfigError, build, describe, option
-from curate.stages.clean_captions import CaptionsConfig
-from curate.stages.clip_filter import ClipConfig
-from curate.stages.download import DownloadConfig
-from curate.stages.phash_dedup import DedupConfig
-from curate.stages.write import WriteConfig
+from curate.pipeline import registry
+from curate.pipeline.configspec import ConfigError, build, describe, option, resolve_path
+from curate.pipeline.sink import WriteConfig
 
 InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "webdataset"]
 
@@ -60,16 +59,35 @@ class ClusterConfig:
     gpu_workers: int = option(0, help="LocalCluster workers that advertise `GPU=1` (0 = one per visible CUDA device).", range=(0, None))
 
 
-@dataclass(frozen=True)
 class RunConfig:
-    input: InputConfig = option(InputConfig(), help="What to read.")
-    output: OutputConfig = option(OutputConfig(), help="Where to write.")
-    cluster: ClusterConfig = option(ClusterConfig(), help="Where to compute.")
-    download: DownloadConfig = option(DownloadConfig(), help="Download stage.")
-    captions: CaptionsConfig = option(CaptionsConfig(), help="Caption cleaning stage.")
-    dedup: DedupConfig = option(DedupConfig(), help="pHash eval-set dedup stage.")
-    clip: ClipConfig = option(ClipConfig(), help="CLIP similarity filter stage.")
-    write: WriteConfig = option(WriteConfig(), help="Shard writer.")
+    """A run's config: the engine's sections, then one per registered stage (built by `run_config_class`).
+
+    Stage sections are attributes named after their YAML section (`config.dedup`); the engine reaches them by
+    name through :meth:`section`.
+    """
+
+    input: InputConfig
+    output: OutputConfig
+    cluster: ClusterConfig
+    write: WriteConfig
+
+    def section(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+@functools.cache
+def run_config_class(entries: tuple[registry.StageEntry, ...] | None = None) -> type[RunConfig]:
+    """The frozen dataclass of a run config for these registry entries (default: the registry's)."""
+    stage_fields = [(r.section, r.cls.config_class, option(r.cls.config_class(), help=r.help))
+                    for r in registry.registered(entries)]
+    return dataclasses.make_dataclass(
+        "RunConfig",
+        [("input", InputConfig, option(InputConfig(), help="What to read.")),
+         ("output", OutputConfig, option(OutputConfig(), help="Where to write.")),
+         ("cluster", ClusterConfig, option(ClusterConfig(), help="Where to compute.")),
+         *stage_fields,
+         ("write", WriteConfig, option(WriteConfig(), help="Shard writer."))],
+        bases=(RunConfig,), frozen=True, module=__name__)
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -114,12 +132,8 @@ def _absolutize_overrides(cls: type, key: str, value: Any, cwd: Path) -> Any:
             return value
         field_meta = found.metadata
         node = found.type if isinstance(found.type, type) else getattr(found.default, "__class__", None)
-    if field_meta and field_meta.get("path") and isinstance(value, str) and value and "://" not in value:
-        p = Path(value).expanduser()
-        p = p if p.is_absolute() else (cwd / p).resolve()
-        if field_meta["path"] == "if_exists" and not p.exists():
-            return value
-        return str(p)
+    if field_meta and field_meta.get("path"):
+        return resolve_path(value, field_meta["path"], cwd)
     return value
 
 
@@ -151,19 +165,20 @@ def load_config(
     else:
         raw = copy.deepcopy(dict(data))
     cwd = Path.cwd()
+    config_class = run_config_class()
     for key, value in parse_overrides(overrides):
-        _set_dotted(raw, key, _absolutize_overrides(RunConfig, key, value, cwd))
+        _set_dotted(raw, key, _absolutize_overrides(config_class, key, value, cwd))
     for section, value in raw.items():
         if value is None:
             raw[section] = {}
-    return build(RunConfig, raw, "", base_dir)
+    return build(config_class, raw, "", base_dir)
 
 
 def config_reference_markdown() -> str:
     """docs/config.md's option tables, generated from the dataclasses (tests keep them in sync)."""
     lines: list[str] = []
     current = None
-    for key, type_text, default, help_text in describe(RunConfig):
+    for key, type_text, default, help_text in describe(run_config_class()):
         section = key.split(".")[0]
         if section != current:
             current = section

@@ -2,14 +2,14 @@
 
 Each config section is a frozen dataclass whose fields are declared with :func:`option`, which
 records the help text and the constraints (range, choices, path) used both to validate and to
-generate docs/config.md. Stage modules declare their own sections; `pipeline.config` assembles them.
+generate docs/config.md. Stages declare their own sections; `pipeline.config` assembles them from the registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
-import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -44,6 +44,24 @@ def option(
     if isinstance(default, list | dict | set):
         raise TypeError("use tuples for sequence defaults: config objects are frozen")
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def resolve_path(value: Any, mode: bool | str, base_dir: Path) -> Any:
+    """A path-typed value (or each string of a list of them) made absolute against `base_dir`.
+
+    The one rule for config paths: the YAML file's folder for values in the file, the current directory for
+    `--set` values. URLs (`s3://...`) and empty strings are left alone; `mode="if_exists"` resolves a value only
+    when that file exists (a value that may be a name, like an open_clip tag, or a relative file path).
+    """
+    if isinstance(value, list | tuple):
+        return type(value)(resolve_path(v, mode, base_dir) for v in value)
+    if not mode or not isinstance(value, str) or not value or "://" in value:
+        return value
+    p = Path(value).expanduser()
+    p = Path(os.path.normpath(p if p.is_absolute() else base_dir / p))
+    if mode == "if_exists" and not p.exists():
+        return value
+    return str(p)
 
 
 def _type_name(tp: Any) -> str:
@@ -141,14 +159,8 @@ def _convert(value: Any, tp: Any, key_path: str, meta: Mapping[str, Any], base_d
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(key_path, f"expected a string, got {value!r}")
-        if meta.get("path") and value and base_dir is not None and "://" not in value:
-            p = Path(value).expanduser()
-            if not p.is_absolute():
-                p = base_dir / p
-            # path="if_exists": a value that may be a name (e.g. an open_clip tag) or a relative file path.
-            if meta["path"] == "if_exists" and not p.exists():
-                return value
-            return str(p)
+        if meta.get("path") and base_dir is not None:
+            return resolve_path(value, meta["path"], base_dir)
         return value
     raise TypeError(f"unsupported config type {tp!r} at {key_path}")
 
@@ -207,7 +219,3 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
             default = "null" if f.default is None else repr(f.default)
         rows.append((where, type_text, default, meta.get("help", "")))
     return rows
-
-
-def type_hints_of(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)

@@ -16,8 +16,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import tarfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
@@ -29,6 +27,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from curate.pipeline import columns as C
+from curate.pipeline import tario
 from curate.pipeline.configspec import ConfigError
 
 log = logging.getLogger("curate.inputs")
@@ -36,7 +35,6 @@ log = logging.getLogger("curate.inputs")
 TABLE_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
                     ".ndjson": "jsonl"}
 TAR_EXTENSIONS = (".tar",)
-IMAGE_EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
 KEY_WIDTH = 9
 
 
@@ -137,7 +135,7 @@ def plan_input(input_cfg: Any, work_dir: str, limit: int = 0) -> InputPlan:
         if limit and position >= limit:
             break
         if fmt == "webdataset":
-            readable, n_rows = source, len(index_tar(source))
+            readable, n_rows = source, len(tario.index_tar(source))
             part_format = "webdataset"
         else:
             if fmt == "parquet":
@@ -252,7 +250,7 @@ def _rename_input_columns(table: pa.Table, url_column: str, caption_column: str)
             names.append(C.URL)
         elif name == caption_column:
             names.append(C.CAPTION)
-        elif name in C.KNOWN_NAMES or name in C.INTERNAL_COLUMNS:
+        elif name in C.known_schema().names or name in C.INTERNAL_COLUMNS:
             names.append(f"input_{name}")
         else:
             names.append(name)
@@ -265,52 +263,9 @@ def _rename_input_columns(table: pa.Table, url_column: str, caption_column: str)
 
 # -- WebDataset tars -------------------------------------------------------------------------------
 
-def split_sample_name(name: str) -> tuple[str, str]:
-    """webdataset's convention: key = path up to the first dot of the basename; the rest is the field
-    (lower-cased). `a/b/000001.seg.png` -> (`a/b/000001`, `seg.png`)."""
-    path = PurePosixPath(name)
-    stem, _, ext = path.name.partition(".")
-    key = str(path.parent / stem) if str(path.parent) != "." else stem
-    return key, ext.lower()
-
-
-def index_tar(path: str) -> list[str]:
-    """Sample keys of a tar in order (headers only on seekable local files)."""
-    keys: list[str] = []
-    seen: set[str] = set()
-    with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, _ = split_sample_name(member.name)
-            if key not in seen:
-                seen.add(key)
-                keys.append(key)
-    return keys
-
-
-def iter_tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(sample key, {field: bytes}) in tar order, one sample at a time."""
-    current: str | None = None
-    fields: dict[str, bytes] = {}
-    with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_sample_name(member.name)
-            if current is not None and key != current:
-                yield current, fields
-                fields = {}
-            current = key
-            data = tar.extractfile(member)
-            fields[ext] = data.read() if data is not None else b""
-    if current is not None:
-        yield current, fields
-
-
 def _read_tar_samples(spec: PartitionSpec) -> pa.Table:
     rows: list[dict[str, Any]] = []
-    for index, (key, fields) in enumerate(iter_tar_samples(spec.path)):
+    for index, (key, fields) in enumerate(tario.iter_tar_samples(spec.path)):
         if index < spec.start:
             continue
         if index >= spec.stop:
@@ -323,16 +278,16 @@ def _read_tar_samples(spec: PartitionSpec) -> pa.Table:
                 meta = loaded if isinstance(loaded, dict) else {}
             except (ValueError, UnicodeDecodeError):
                 meta = {}
-        image_field = next((e for e in fields if e in IMAGE_EXTENSIONS), None)
-        row[C.IMAGE] = fields[image_field] if image_field else None
-        row[C.IMAGE_EXT] = IMAGE_EXTENSIONS[image_field] if image_field else None
+        image = tario.image_field(fields)
+        row[C.IMAGE] = fields[image] if image else None
+        row[C.IMAGE_EXT] = tario.IMAGE_EXTENSIONS[image] if image else None
         caption = fields.get("txt")
         row[C.CAPTION] = caption.decode("utf-8", "replace") if caption is not None else meta.get("caption")
         row[C.URL] = meta.get("url")
         for name, value in meta.items():
             if name in ("url", "caption") or not isinstance(value, str | int | float | bool) or value is None:
                 continue
-            target = f"input_{name}" if name in C.KNOWN_NAMES or name in row else name
+            target = f"input_{name}" if name in C.known_schema().names or name in row else name
             row[target] = value
         rows.append(row)
     names: dict[str, None] = {}  # every field any sample has, in first-seen order

@@ -10,29 +10,11 @@ which worker finished first, so a re-run or a resumed run produces byte-identica
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
-from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
-import fsspec
-
-from curate.pipeline import storage
-from curate.pipeline.inputs import split_sample_name
-
-# Fixed metadata so identical samples give identical tar bytes.
-_MTIME = 0
-_MODE = 0o644
-
-
-@dataclass(frozen=True)
-class Sample:
-    key: str
-    image: bytes
-    image_ext: str
-    caption: str
-    meta_json: bytes
+from curate.pipeline import storage, tario
 
 
 @dataclass(frozen=True)
@@ -41,56 +23,6 @@ class ShardInfo:
     samples: int
     bytes: int
     sha256: str
-
-
-def _member(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = _MTIME
-    info.mode = _MODE
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    tar.addfile(_member(name, len(data)), io.BytesIO(data))
-
-
-def write_samples(path: str, samples: Iterable[Sample]) -> int:
-    """Write a tar of samples atomically; return the number of samples."""
-    count = 0
-    with storage.atomic_path(path) as tmp, open(tmp, "wb") as f, \
-            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for s in samples:
-            _add(tar, f"{s.key}.{s.image_ext}", s.image)
-            _add(tar, f"{s.key}.txt", s.caption.encode("utf-8"))
-            _add(tar, f"{s.key}.json", s.meta_json)
-            count += 1
-    return count
-
-
-def iter_members(path: str) -> Iterator[tuple[str, bytes]]:
-    with fsspec.open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|") as tar:
-        for member in tar:
-            if member.isfile():
-                data = tar.extractfile(member)
-                yield member.name, data.read() if data is not None else b""
-
-
-def _iter_grouped(path: str) -> Iterator[list[tuple[str, bytes]]]:
-    """Members grouped by sample key (consecutive, as written by write_samples)."""
-    group: list[tuple[str, bytes]] = []
-    current = None
-    for name, data in iter_members(path):
-        key, _ = split_sample_name(name)
-        if current is not None and key != current:
-            yield group
-            group = []
-        current = key
-        group.append((name, data))
-    if group:
-        yield group
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -103,7 +35,7 @@ def repack(part_paths: list[str], shards_dir: str, prefix: str, shard_samples: i
     infos: list[ShardInfo] = []
     writer: _ShardWriter | None = None
     for part in part_paths:
-        for group in _iter_grouped(part):
+        for _key, group in tario.iter_sample_members(part):
             size = sum(len(d) + 512 for _, d in group)
             if writer is not None and (writer.samples >= shard_samples
                                        or (shard_bytes and writer.bytes + size > shard_bytes and writer.samples)):
@@ -129,7 +61,7 @@ class _ShardWriter:
 
     def add(self, group: list[tuple[str, bytes]], size: int) -> None:
         for name, data in group:
-            _add(self._tar, name, data)
+            tario.add_member(self._tar, name, data)
         self.samples += 1
         self.bytes += size
 

@@ -10,21 +10,24 @@ Heavy set-up (models, indexes) happens in :meth:`Stage.setup`, which the runner 
 process; the stage instance is then reused for every partition that worker runs.
 
 A stage that needs a run-wide decision before it can filter (e.g. keep the top 30% by CLIP score)
-sets `global_pass = True` and implements :meth:`score`, :meth:`summarize`, :meth:`decide` and
-:meth:`apply`: the runner scores every partition first, computes the decision once from the
-summaries, then applies it without recomputing anything.
+returns True from :meth:`Stage.run_wide` for that config and implements :meth:`score`, :meth:`summarize`,
+:meth:`decide` and :meth:`apply`: the runner scores every partition first, computes the decision once from
+the summaries, then applies it without recomputing anything.
+
+Everything the engine needs to plan a run is class-level (as NeMo Curator's `ProcessingStage`): `name`,
+`config_class`, `requires`, `adds`, and the classmethods `run_wide(config)` and `resources(config)`. The
+client never builds a stage to learn them; it builds one instance per stage, for `preflight` and `decide`.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from curate.pipeline import columns as C
 
@@ -33,7 +36,11 @@ ConfigT = TypeVar("ConfigT")
 
 @dataclass(frozen=True)
 class Resources:
-    """What one running instance of a stage needs on its worker."""
+    """What one running instance of a stage uses on its worker.
+
+    `gpus > 0` means "runs on a GPU where the cluster offers one": on a cluster with GPU workers its tasks ask for
+    that share of the Dask resource `GPU`; on a CPU-only cluster the stage runs on the CPU like every other.
+    """
 
     cpu_threads: int = 1
     gpus: float = 0.0
@@ -50,8 +57,6 @@ class RunContext:
 
     output_path: str
     work_path: str
-    input_format: str = "parquet"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def work_dir(self) -> Path:
@@ -66,17 +71,31 @@ class StageSetupError(StageError):
     """setup() failed on a worker (model or index could not load): the whole run stops at once."""
 
 
+# Class-level facts of the contract: a subclass sets them as plain class attributes, never as properties, so
+# the engine can read them from the class without building (or setting up) an instance.
+_CLASS_LEVEL = ("name", "config_class", "requires", "adds", "run_wide", "resources", "report_parts")
+
+
 class Stage(Generic[ConfigT]):
     """Base class for pipeline stages. Subclasses set the class attributes and `process`."""
 
     #: Name used in `reject_stage`, stats and logs.
     name: ClassVar[str] = ""
-    #: Columns the stage reads (the runner checks them before the first partition).
+    #: The frozen dataclass of the stage's config section (it must have `enabled: bool`).
+    config_class: ClassVar[type] = object
+    #: Columns the stage reads (the runner checks them before each partition). A stage that requires
+    #: `columns.IMAGE` gets only rows with image bytes: the runner fails the others (`no_image`) before it.
     requires: ClassVar[tuple[str, ...]] = ()
-    #: Columns the stage adds or rewrites.
-    adds: ClassVar[tuple[str, ...]] = ()
-    #: Set by stages that need a run-wide decision (see module docstring).
-    global_pass: ClassVar[bool] = False
+    #: Columns the stage adds or rewrites, with their Arrow types: every output Parquet carries the added
+    #: columns of every registered stage (null where a stage did not run), in registry order.
+    adds: ClassVar[tuple[pa.Field, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for attr in _CLASS_LEVEL:
+            if isinstance(cls.__dict__.get(attr), property):
+                raise TypeError(f"{cls.__name__}.{attr} is class-level in the stage contract; "
+                                "it must not be a property")
 
     def __init__(self, config: ConfigT, context: RunContext) -> None:
         self.config = config
@@ -84,9 +103,25 @@ class Stage(Generic[ConfigT]):
         self.log = logging.getLogger(f"curate.stages.{self.name}")
         self._is_set_up = False
 
-    # -- lifecycle ---------------------------------------------------------------------------
-    def resources(self) -> Resources:
+    # -- class-level facts that depend on the config ---------------------------------------------
+    @classmethod
+    def run_wide(cls, config: ConfigT) -> bool:
+        """True when, with this config, the stage needs a run-wide decision (score/summarize/decide/apply)."""
+        return False
+
+    @classmethod
+    def resources(cls, config: ConfigT) -> Resources:
         return Resources()
+
+    @classmethod
+    def report_parts(cls, section: dict[str, Any]) -> Any:
+        """What this stage adds to the run report (`curate.pipeline.report.ReportParts`), or None.
+
+        `section` is the stage's config section as the run saved it (plain data: old runs may lack keys).
+        """
+        return None
+
+    # -- lifecycle ---------------------------------------------------------------------------
 
     def preflight(self) -> None:
         """Cheap checks on the client before any task runs (files exist, options agree).
@@ -177,7 +212,3 @@ def mark_rows(
     table = C.set_column(table, C.REJECT_STAGE, new_stage)
     table = C.set_column(table, C.REJECT_REASON, new_reason)
     return C.set_column(table, C.ERROR_MESSAGE, new_msg)
-
-
-def alive_mask(table: pa.Table) -> pa.ChunkedArray | pa.Array:
-    return pc.equal(table.column(C.STATUS), C.STATUS_SUCCESS)

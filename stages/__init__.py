@@ -1,1 +1,1 @@
-"""curate.stages: one module per pipeline stage. `curate.pipeline.registry` lists them."""
+"""curate.stages: one package per pipeline stage; `curate.pipeline.registry` is where each is wired in."""

@@ -17,7 +17,7 @@ import pytest
 
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError
-from curate.pipeline.langid import BACKENDS, LanguageIdentifierError, make_identifier, normalize_code
+from curate.stages.clean_captions.langid import BACKENDS, LanguageIdentifierError, make_identifier, normalize_code
 from curate.pipeline.stage import RunContext
 from curate.stages.clean_captions import (
     CAPTION_LANGUAGE,

@@ -1,4 +1,4 @@
-"""clip_filter stage and curate.pipeline.clip_model: exactness against open_clip, the tensor (GPU-style)
+"""clip_filter stage and curate.stages.clip_filter.model: exactness against open_clip, the tensor (GPU-style)
 image pipeline against the reference, tokenizer equivalence, failure handling, both decision modes,
 embeddings, model loading. GPU-only checks run when CUDA is visible."""
 
@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from curate.pipeline import clip_model as cm
+from curate.stages.clip_filter import model as clip_model as cm
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, build
 from curate.pipeline.stage import RunContext, StageError

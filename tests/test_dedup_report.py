@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curate.pipeline.dedup_report import dedup_report
+from curate.stages.phash_dedup.report import dedup_report
 
 # configs/demo/evalset holds edited copies of three demo photos (text overlay, blur, crop)
 EXPECTED = {
@@ -28,7 +28,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.fixture(scope="module")
 def index_path(tmp_path_factory: pytest.TempPathFactory, demo_dir: Path) -> str:
-    from curate.pipeline import evalsets
+    from curate.stages.phash_dedup import evalsets
 
     out = tmp_path_factory.mktemp("index") / "demo.parquet"
     evalsets.hash_evalset(str(demo_dir / "evalset"), str(out), name="demo", workers=1)
@@ -83,7 +83,7 @@ def test_webdataset_corpus_finds_the_edited_copies(
 def test_run_directory_uses_stored_hashes_and_verification_guards_them(
     tmp_path: Path, real_images: dict[str, bytes], index_path: str
 ) -> None:
-    from curate.pipeline import phash
+    from curate.stages.phash_dedup import phash
 
     run = tmp_path / "run"
     (run / "shards").mkdir(parents=True)

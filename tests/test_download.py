@@ -15,8 +15,8 @@ from PIL import Image
 
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, build
-from curate.pipeline.faultserver import HTML_PAGE, FaultServer, Respond
-from curate.pipeline.imaging import ImageError, ImageSpec, decode_image, process_image, sniff_format
+from faultserver import HTML_PAGE, FaultServer, Respond
+from curate.pipeline.images import ImageError, ImageSpec, decode_image, process_image, sniff_format
 from curate.pipeline.stage import RunContext
 from curate.stages.download import DownloadConfig, DownloadStage
 

@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 
 from curate.pipeline import columns as C
-from curate.pipeline.faultserver import (
+from faultserver import (
     HTML_PAGE,
     CloseWithoutResponse,
     Drip,
@@ -30,7 +30,7 @@ from curate.pipeline.faultserver import (
     retry_after,
     truncated,
 )
-from curate.pipeline.fetch import Fetcher, FetchError, FetchOptions
+from curate.stages.download.fetch import Fetcher, FetchError, FetchOptions
 from curate.pipeline.stage import RunContext
 from curate.stages.download import DownloadConfig, DownloadStage
 

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageOps
 
-from curate.pipeline import evalsets as E
-from curate.pipeline.phash import PhashParams
+from curate.stages.phash_dedup import evalsets as E
+from curate.stages.phash_dedup.phash import PhashParams
 
 
 def _imagehash_of(data: bytes) -> str:
@@ -141,7 +141,7 @@ def test_hf_save_to_disk_dataset_and_dataset_dict(demo_evalset: Path, tmp_path: 
 
 
 def test_verification_columns_stored_when_asked(demo_evalset: Path, tmp_path: Path) -> None:
-    from curate.pipeline import nearduplicate
+    from curate.stages.phash_dedup import nearduplicate
 
     table = E.build_index_table(str(demo_evalset), verify=True)
     assert {"variant_hashes", "descriptor"} <= set(table.column_names)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from curate.pipeline.faultserver import (
+from faultserver import (
     Drip,
     Fault,
     FaultServer,
@@ -21,7 +21,7 @@ from curate.pipeline.faultserver import (
     Request,
     Respond,
 )
-from curate.pipeline.fetch import (
+from curate.stages.download.fetch import (
     AddressPolicy,
     Fetcher,
     FetchError,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from curate.pipeline.hamming import (
+from curate.stages.phash_dedup.hamming import (
     HammingIndex,
     Pairs,
     brute_force_pairs,

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont, ImageOps
 
-from curate.pipeline import nearduplicate as nd
+from curate.stages.phash_dedup import nearduplicate as nd
 
 PHOTOS = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg")
 

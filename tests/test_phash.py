@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from curate.pipeline import phash as P
+from curate.stages.phash_dedup import phash as P
 
 
 def _encode(img: Image.Image, fmt: str = "PNG", **kw: object) -> bytes:

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from curate.pipeline import evalsets
+from curate.stages.phash_dedup import evalsets
 from curate.pipeline.config import load_config
 from curate.pipeline.configspec import ConfigError
 from curate.pipeline.stage import RunContext, StageError

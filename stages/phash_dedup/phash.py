@@ -140,10 +140,10 @@ def from_ints(values: Sequence[int], n_bits: int = 64) -> np.ndarray:
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode image bytes as the pipeline hashes them: EXIF orientation applied, RGB.
 
-    Goes through ``curate.pipeline.imaging.decode_image`` so that every stage sees the same pixels, with
+    Goes through ``curate.pipeline.images.decode_image`` so that every stage sees the same pixels, with
     Pillow's decompression-bomb guard on.
     """
-    from curate.pipeline.imaging import decode_image
+    from curate.pipeline.images import decode_image
 
     img = decode_image(data)
     return img if img.mode == "RGB" else img.convert("RGB")

@@ -5,7 +5,7 @@ against every eval index loaded in :meth:`PhashDedupStage.setup` (prebuilt ``ded
 ``dedup.eval_sets`` hashed once into a cache). With ``dedup.verify`` (default) the search runs at the
 looser ``dedup.candidate_threshold`` against each eval image's hash and its variant hashes (mirror,
 crops), and every candidate is confirmed with the second signal of
-:mod:`curate.pipeline.nearduplicate`; a row is rejected (``eval_duplicate``) only when one verifies.
+:mod:`curate.stages.phash_dedup.nearduplicate`; a row is rejected (``eval_duplicate``) only when one verifies.
 Without it, a row is rejected when any eval hash is within ``dedup.threshold``. The row records
 ``eval_match`` (``evalset:item_id``) and ``eval_distance``.
 
@@ -43,7 +43,7 @@ def uniform_collision_rate(threshold: int, n_bits: int) -> float:
     Real pHashes cluster, so unrelated pictures collide more often than this (benchmarks/phash_collisions.py):
     it is a lower bound on how many candidates an eval index of that many hashes makes per row.
     """
-    from curate.pipeline.hamming import ball_size
+    from curate.stages.phash_dedup.hamming import ball_size
 
     return ball_size(n_bits, threshold) / 2**n_bits
 
@@ -103,8 +103,14 @@ class _EvalIndex:
 
 class PhashDedupStage(Stage[DedupConfig]):
     name = "phash_dedup"
+    config_class = DedupConfig
     requires = (C.KEY, C.IMAGE)
-    adds = ("phash", "eval_match", "eval_distance", "dup_of")
+    adds = (
+        pa.field("phash", pa.string()),
+        pa.field("eval_match", pa.string()),
+        pa.field("eval_distance", pa.int32()),
+        pa.field("dup_of", pa.string()),
+    )
 
     def __init__(self, config: DedupConfig, context: RunContext) -> None:
         super().__init__(config, context)
@@ -113,9 +119,9 @@ class PhashDedupStage(Stage[DedupConfig]):
         self._params: Any = None
         self._nd: Any = None
 
-    @property  # type: ignore[override]
-    def global_pass(self) -> bool:  # a run-wide pass only when within-corpus dedup is on
-        return self.config.within_corpus
+    @classmethod
+    def run_wide(cls, config: DedupConfig) -> bool:  # a run-wide pass only when within-corpus dedup is on
+        return config.within_corpus
 
     # -- set-up ------------------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -134,18 +140,18 @@ class PhashDedupStage(Stage[DedupConfig]):
                 raise ConfigError(f"dedup.eval_sets[{i}].path", f"eval set {source.path!r} does not exist")
 
     def setup(self) -> None:
-        from curate.pipeline import evalsets
-        from curate.pipeline.hamming import HammingIndex
-        from curate.pipeline.phash import PhashParams, from_hex
+        from curate.stages.phash_dedup import evalsets
+        from curate.stages.phash_dedup.hamming import HammingIndex
+        from curate.stages.phash_dedup.phash import PhashParams, from_hex
 
         cfg = self.config
         self._params = PhashParams(hash_size=cfg.hash_size, mode=cfg.hash_mode)
         if cfg.verify and (cfg.indexes or cfg.eval_sets):
             try:
-                from curate.pipeline import nearduplicate
+                from curate.stages.phash_dedup import nearduplicate
             except ImportError as err:
                 raise StageError(
-                    "dedup.verify needs curate.pipeline.nearduplicate, which is missing; set dedup.verify: false"
+                    "dedup.verify needs curate.stages.phash_dedup.nearduplicate, which is missing; set dedup.verify: false"
                 ) from err
             self._nd = nearduplicate
         tables = []
@@ -214,13 +220,13 @@ class PhashDedupStage(Stage[DedupConfig]):
 
     # -- per partition -----------------------------------------------------------------------------
     def process(self, table: pa.Table) -> pa.Table:
-        if self.global_pass:  # the runner calls score/apply instead; keep process usable alone
+        if self.run_wide(self.config):  # the runner calls score/apply instead; keep process usable alone
             return self.apply(self.score(table), None)
         return self.score(table)
 
     def score(self, table: pa.Table) -> pa.Table:
         """pHash every row and reject eval-set matches (they never enter the within-corpus pass)."""
-        from curate.pipeline.phash import decode_rgb, phash_bytes, to_hex
+        from curate.stages.phash_dedup.phash import decode_rgb, phash_bytes, to_hex
 
         params = self._params
         images = table.column(C.IMAGE).to_pylist()
@@ -293,7 +299,7 @@ class PhashDedupStage(Stage[DedupConfig]):
 
     # -- within-corpus pass --------------------------------------------------------------------------
     def summarize(self, table: pa.Table) -> dict[str, Any]:
-        from curate.pipeline.phash import from_hex
+        from curate.stages.phash_dedup.phash import from_hex
 
         keys = table.column(C.KEY).to_pylist()
         sha = table.column("sha256").to_pylist() if "sha256" in table.column_names else [None] * len(keys)
@@ -319,7 +325,7 @@ class PhashDedupStage(Stage[DedupConfig]):
 
     def decide(self, summaries: Sequence[dict[str, Any]]) -> pa.Table:
         """Rejected keys with reason and kept duplicate, from every partition's summary (client side)."""
-        from curate.pipeline.hamming import self_pairs
+        from curate.stages.phash_dedup.hamming import self_pairs
 
         parts = [s for s in summaries if s and len(s["keys"])]
         if not parts:

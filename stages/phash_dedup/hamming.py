@@ -1,6 +1,6 @@
 """Exact Hamming range search over binary hashes: every pair within a distance threshold.
 
-Hashes are ``uint64`` arrays of shape ``(n, words)`` (see :mod:`curate.pipeline.phash`).
+Hashes are ``uint64`` arrays of shape ``(n, words)`` (see :mod:`curate.stages.phash_dedup.phash`).
 
 Method: multi-index hashing (Norouzi et al., 2012) with the generalised pigeonhole principle. The
 code's bits are split into ``m`` disjoint blocks with radii ``r_i`` such that ``sum(r_i + 1) = t + 1``;

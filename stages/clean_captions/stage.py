@@ -279,7 +279,7 @@ class CaptionsConfig:
             if not re.fullmatch(r"[a-z]{2,3}", code):
                 raise ConfigError(f"{key_path}.languages[{i}]", f"expected a lower-case ISO 639 code like 'en', got {code!r}")
         if self.languages and self.enabled:
-            from curate.pipeline.langid import BACKENDS
+            from curate.stages.clean_captions.langid import BACKENDS
 
             backend = BACKENDS[self.language_backend]
             if not backend.available():
@@ -477,7 +477,7 @@ class LanguageFilter:
     """Language part of the stage: batch language id plus the allowed-language rule."""
 
     def __init__(self, config: CaptionsConfig, identifier: Any = None) -> None:
-        from curate.pipeline.langid import make_identifier
+        from curate.stages.clean_captions.langid import make_identifier
 
         self.config = config
         self.allowed = frozenset(config.languages)
@@ -535,8 +535,14 @@ class CleanCaptionsStage(Stage[CaptionsConfig]):
     """Normalise captions, strip/reject junk, keep allowed languages (see module docstring)."""
 
     name: ClassVar[str] = "clean_captions"
+    config_class: ClassVar[type] = CaptionsConfig
     requires: ClassVar[tuple[str, ...]] = (C.CAPTION,)
-    adds: ClassVar[tuple[str, ...]] = (C.CAPTION, C.CAPTION_ORIGINAL, CAPTION_LANGUAGE, CAPTION_LANGUAGE_SCORE)
+    adds: ClassVar[tuple[pa.Field, ...]] = (
+        pa.field(C.CAPTION, pa.string()),
+        pa.field(C.CAPTION_ORIGINAL, pa.string()),
+        pa.field(CAPTION_LANGUAGE, pa.string()),
+        pa.field(CAPTION_LANGUAGE_SCORE, pa.float32()),
+    )
 
     def __init__(self, config: CaptionsConfig, context: Any) -> None:
         super().__init__(config, context)

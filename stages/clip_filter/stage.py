@@ -12,7 +12,7 @@ semantic dedup. Two decision modes:
 
 Rows turned down here: `no_caption` (rejected: empty/missing caption, nothing to compare with),
 `undecodable` (failed: the image bytes cannot be decoded), `low_clip_score` (rejected).
-Model code lives in :mod:`curate.pipeline.clip_model`; see docs/clip.md.
+Model code lives in :mod:`curate.stages.clip_filter.model`; see docs/clip.md.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from curate.pipeline import columns as C
-from curate.pipeline.clip_model import (
+from curate.stages.clip_filter.model import (
     ClipScorer,
     ModelSpec,
     get_scorer,
@@ -149,8 +149,9 @@ class ClipDecision:
 
 class ClipFilterStage(Stage[ClipConfig]):
     name = "clip_filter"
+    config_class = ClipConfig
     requires = (C.IMAGE, C.CAPTION)
-    adds = (CLIP_SCORE,)
+    adds = (pa.field(CLIP_SCORE, pa.float32()),)
 
     def __init__(self, config: ClipConfig, context: Any) -> None:
         super().__init__(config, context)
@@ -166,10 +167,15 @@ class ClipFilterStage(Stage[ClipConfig]):
         return state
 
     # -- configuration-derived facts ---------------------------------------------------------
-    @property
-    def global_pass(self) -> bool:  # type: ignore[override]
+    @classmethod
+    def run_wide(cls, config: ClipConfig) -> bool:
         """top_fraction needs every score before deciding anything."""
-        return self.config.top_fraction is not None
+        return config.top_fraction is not None
+
+    @classmethod
+    def resources(cls, config: ClipConfig) -> Resources:
+        """A GPU wherever the cluster offers one, unless `clip.device` pins the CPU."""
+        return Resources(cpu_threads=max(1, config.cpu_threads), gpus=0 if config.device == "cpu" else 1)
 
     @property
     def device(self) -> str:
@@ -201,11 +207,6 @@ class ClipFilterStage(Stage[ClipConfig]):
             compile=self.config.compile,
         )
 
-    def resources(self) -> Resources:
-        if self.device.startswith("cuda"):
-            return Resources(cpu_threads=max(1, self.config.cpu_threads), gpus=1)
-        return Resources(cpu_threads=max(1, self.config.cpu_threads))
-
     # -- lifecycle ---------------------------------------------------------------------------
     def setup(self) -> None:
         if self.config.cpu_threads:
@@ -232,7 +233,7 @@ class ClipFilterStage(Stage[ClipConfig]):
 
     # -- single pass -------------------------------------------------------------------------
     def process(self, table: pa.Table) -> pa.Table:
-        if self.global_pass:
+        if self.run_wide(self.config):
             raise StageError("clip_filter: clip.top_fraction needs the two-pass runner (score/decide/apply)")
         table = self.score(table)
         return self._reject_below(table, lambda scores, keys: scores >= self.config.threshold, self._threshold_msg)

@@ -21,7 +21,7 @@ Adapters (:func:`iter_eval_images`, format picked by :func:`detect_format` or gi
 An index (INDEX.parquet) has the columns ``eval_set``, ``item_id``, ``path`` (file path or source
 reference), ``phash`` (hex, equal to ``str(imagehash.phash(img))`` in exact mode), and when the
 near-duplicate verification was on at hash time ``variant_hashes`` (list of hex) and ``descriptor``
-(binary), see :mod:`curate.pipeline.nearduplicate`. The hash parameters, format version, source
+(binary), see :mod:`curate.stages.phash_dedup.nearduplicate`. The hash parameters, format version, source
 and its fingerprint live in the Parquet key-value metadata under ``curate.evalset_index``.
 """
 
@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 
 from curate.pipeline import storage
 from curate.pipeline.inputs import split_sample_name
-from curate.pipeline.phash import HashMode, PhashParams, from_hex, to_hex
+from curate.stages.phash_dedup.phash import HashMode, PhashParams, from_hex, to_hex
 
 log = logging.getLogger("curate.evalsets")
 
@@ -385,17 +385,17 @@ def iter_eval_images(
 
 def _nearduplicate() -> Any:
     try:
-        from curate.pipeline import nearduplicate
+        from curate.stages.phash_dedup import nearduplicate
     except ImportError as err:
         raise RuntimeError(
-            "near-duplicate verification needs curate.pipeline.nearduplicate, which is not available"
+            "near-duplicate verification needs curate.stages.phash_dedup.nearduplicate, which is not available"
         ) from err
     return nearduplicate
 
 
 def _hash_one(data: bytes, params: PhashParams, verify: bool) -> tuple[str | None, list[str], bytes | None, str | None]:
     """(phash hex, variant hex list, descriptor, error) of one eval image; runs in pool workers."""
-    from curate.pipeline.phash import decode_rgb, phash_bytes, phash_image
+    from curate.stages.phash_dedup.phash import decode_rgb, phash_bytes, phash_image
 
     try:
         if not verify:
@@ -511,7 +511,7 @@ def hash_evalset(
     """`curate hash-evalset`: hash an eval set into INDEX.parquet. Returns the number of items.
 
     `name` defaults to the folder/file name; `verify` None = store the near-duplicate variant
-    hashes and descriptors when :mod:`curate.pipeline.nearduplicate` is importable; `workers` = 0
+    hashes and descriptors when :mod:`curate.stages.phash_dedup.nearduplicate` is importable; `workers` = 0
     uses one process per core. Raises ValueError with a clear message for unreadable sources.
     """
     params = PhashParams(hash_size=hash_size, mode=mode)

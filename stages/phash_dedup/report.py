@@ -4,9 +4,9 @@ For a corpus (a finished run directory, WebDataset tars, or Parquet with image b
 column) against one or more eval indexes (INDEX.parquet from `curate hash-evalset`):
 
 * every corpus image is pHashed (a run's `curated/*.parquet` hashes are reused) and searched
-  exactly against the index hashes (`curate.pipeline.hamming`);
+  exactly against the index hashes (`curate.stages.phash_dedup.hamming`);
 * a pair within `threshold` bits is a pHash match; with `verify` (and descriptors in the index) it is
-  checked by the near-duplicate second signal (`curate.pipeline.nearduplicate`), and pairs found only
+  checked by the near-duplicate second signal (`curate.stages.phash_dedup.nearduplicate`), and pairs found only
   through the looser candidate search (the eval images' mirror/crop hashes within
   `candidate_threshold`) are added when they verify;
 * output in DIR: `pairs.csv` / `pairs.json` (one row per match), `summary.json` (counts and rates
@@ -155,7 +155,7 @@ def _run_hashes(source: CorpusSource) -> dict[str, str]:
 
 # -- eval side -------------------------------------------------------------------------------------
 def _load_indexes(paths: list[str]) -> tuple[pa.Table, Any, list[dict[str, Any]]]:
-    from curate.pipeline import evalsets
+    from curate.stages.phash_dedup import evalsets
 
     if not paths:
         raise ValueError("dedup-report needs at least one --index INDEX.parquet")
@@ -216,8 +216,8 @@ def _search(
     corpus_words: np.ndarray, index: pa.Table, params: Any, threshold: int, candidate_threshold: int | None
 ) -> list[Match]:
     """Pairs within `threshold` (main hash) and, if given, within `candidate_threshold` (main + variants)."""
-    from curate.pipeline.hamming import range_search
-    from curate.pipeline.phash import from_hex, hamming
+    from curate.stages.phash_dedup.hamming import range_search
+    from curate.stages.phash_dedup.phash import from_hex, hamming
 
     n_bits = params.n_bits
     eval_words = from_hex(index.column("phash").to_pylist(), n_bits)
@@ -248,7 +248,7 @@ def _search(
 
 # -- verification and thumbnails -------------------------------------------------------------------
 def _thumbnail(data: bytes | None, target: Path, side: int) -> bool:
-    from curate.pipeline.phash import decode_rgb
+    from curate.stages.phash_dedup.phash import decode_rgb
 
     if data is None:
         return False
@@ -267,7 +267,7 @@ def _verify_matches(
     matches: list[Match], corpus_images: dict[int, bytes | None], descriptors: list[bytes | None], nd: Any,
     n_bits: int,
 ) -> None:
-    from curate.pipeline.phash import decode_rgb
+    from curate.stages.phash_dedup.phash import decode_rgb
 
     by_row: dict[int, list[Match]] = defaultdict(list)
     for m in matches:
@@ -308,7 +308,7 @@ def dedup_report(
     through the candidate search (main and variant hashes within `candidate_threshold`, default 16)
     are reported when they verify. Raises ValueError for a bad corpus, index or threshold.
     """
-    from curate.pipeline.phash import from_hex, phash_bytes, to_hex
+    from curate.stages.phash_dedup.phash import from_hex, phash_bytes, to_hex
 
     index, params, metas = _load_indexes(list(indexes))
     n_bits = params.n_bits
@@ -324,7 +324,7 @@ def dedup_report(
     nd = None
     has_descriptors = "descriptor" in index.column_names and index.column("descriptor").null_count < index.num_rows
     if verify and has_descriptors:
-        from curate.pipeline import nearduplicate as nd
+        from curate.stages.phash_dedup import nearduplicate as nd
 
         stale = {m.get("eval_set") for m in metas if m.get("verify") and m.get("descriptor_version")
                  not in (None, nd.DESCRIPTOR_VERSION)}

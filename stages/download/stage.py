@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, option
-from curate.pipeline.fetch import (
+from curate.stages.download.fetch import (
     DEFAULT_DISALLOWED_DIRECTIVES,
     DEFAULT_ROBOTS_TOKENS,
     DEFAULT_USER_AGENT,
@@ -32,7 +32,7 @@ from curate.pipeline.fetch import (
     FetchOptions,
     Resolver,
 )
-from curate.pipeline.imaging import (
+from curate.pipeline.images import (
     DEFAULT_INPUT_FORMATS,
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -46,7 +46,7 @@ from curate.pipeline.imaging import (
     process_image,
     verify_image,
 )
-from curate.pipeline.stage import Resources, RunContext, Stage
+from curate.pipeline.stage import RunContext, Stage
 
 _INPUT_FORMAT_NAMES = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -241,15 +241,24 @@ class _RowOutcome:
     status: str = C.STATUS_FAILED
 
 
-_ADDED = (C.IMAGE, C.IMAGE_EXT, "width", "height", "original_width", "original_height", "sha256")
+_INT = pa.int32()
 
 
 class DownloadStage(Stage[DownloadConfig]):
     """Fetch → verify → filter → resize → encode, `threads` rows at a time."""
 
     name = "download"
+    config_class = DownloadConfig
     requires = ()  # `url` and/or `image`; a row with neither fails as missing_url
-    adds = _ADDED + (C.ERROR_MESSAGE,)
+    adds = (
+        pa.field(C.IMAGE, pa.binary()),
+        pa.field(C.IMAGE_EXT, pa.string()),
+        pa.field("width", _INT),
+        pa.field("height", _INT),
+        pa.field("original_width", _INT),
+        pa.field("original_height", _INT),
+        pa.field("sha256", pa.string()),
+    )
 
     def __init__(self, config: DownloadConfig, context: RunContext, *, resolver: Resolver | None = None) -> None:
         super().__init__(config, context)
@@ -268,9 +277,6 @@ class DownloadStage(Stage[DownloadConfig]):
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
         self._counter_lock = threading.Lock()
-
-    def resources(self) -> Resources:
-        return Resources(cpu_threads=1)
 
     def setup(self) -> None:
         self._fetcher = Fetcher(self.config.fetch_options(), resolver=self._resolver)
@@ -297,7 +303,7 @@ class DownloadStage(Stage[DownloadConfig]):
         failed: list[str | None] = [None] * n
         rejected: list[str | None] = [None] * n
         messages: list[str | None] = [None] * n
-        values: dict[str, list[Any]] = {name: [None] * n for name in _ADDED}
+        values: dict[str, list[Any]] = {field.name: [None] * n for field in self.adds}
         for i, out in enumerate(outcomes):
             if out.reason is not None:
                 (failed if out.status == C.STATUS_FAILED else rejected)[i] = out.reason
@@ -311,13 +317,8 @@ class DownloadStage(Stage[DownloadConfig]):
                 values["original_width"][i] = img.original_width
                 values["original_height"][i] = img.original_height
                 values["sha256"][i] = img.sha256
-        for name in _ADDED:
-            column: pa.Array | list[Any] = values[name]
-            if name == C.IMAGE:
-                column = pa.array(values[name], type=pa.binary())
-            elif name == C.IMAGE_EXT:
-                column = pa.array(values[name], type=pa.string())
-            table = C.set_column(table, name, column)
+        for field in self.adds:
+            table = C.set_column(table, field.name, pa.array(values[field.name], type=field.type))
         table = self.reject(table, failed, messages, status=C.STATUS_FAILED)
         return self.reject(table, rejected, messages, status=C.STATUS_REJECTED)
 

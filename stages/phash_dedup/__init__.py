@@ -1,0 +1,6 @@
+"""phash_dedup stage: pHash near-duplicates against eval sets (and within the corpus), the eval-set index, the
+dedup report."""
+
+from curate.stages.phash_dedup.stage import DedupConfig, PhashDedupStage
+
+__all__ = ["DedupConfig", "PhashDedupStage"]
