@@ -33,9 +33,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # langid; must be set before
 import pyarrow as pa  # noqa: E402
 
 from curate.pipeline import columns as C  # noqa: E402
-from curate.stages.clean_captions.langid import BACKENDS  # noqa: E402
 from curate.pipeline.stage import RunContext  # noqa: E402
 from curate.stages.clean_captions import CaptionsConfig, CleanCaptionsStage  # noqa: E402
+from curate.stages.clean_captions.langid import BACKENDS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "data" / "captions_labeled.jsonl"

@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from curate.pipeline import __version__
+from curate.pipeline import __version__, registry
 from curate.pipeline.configspec import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -54,27 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Parse and validate a config; same messages and exit codes as `run`.")
     _add_config_args(p)
 
-    p = sub.add_parser("hash-evalset", help="build a pHash index (INDEX.parquet) of an eval set",
-                       description="Hash an eval set (image folder, parquet, WebDataset tars or a Hugging Face "
-                                   "dataset saved to disk) into an index for `dedup.indexes`.")
-    p.add_argument("source", help="eval set: folder, .parquet, tar(s) / brace pattern, or HF save_to_disk folder")
-    p.add_argument("--name", default=None, help="eval-set name (default: the folder/file name)")
-    p.add_argument("-o", "--output", required=True, help="INDEX.parquet to write")
-    p.add_argument("--hash-size", type=int, default=8, help="pHash size (8 -> 64-bit hashes)")
-    p.add_argument("--mode", choices=("exact", "fast"), default="exact",
-                   help="exact = bit-identical to imagehash.phash; fast = batched DCT (see docs/dedup.md)")
-    p.add_argument("--format", dest="fmt", default="auto",
-                   choices=("auto", "folder", "parquet", "webdataset", "hf"), help="source format")
-
-    p = sub.add_parser("dedup-report", help="report near-duplicates between a corpus and eval indexes",
-                       description="Match a corpus (a finished run directory, parquet or WebDataset tars) against "
-                                   "eval indexes; writes index.html, pairs.csv, pairs.json, summary.json.")
-    p.add_argument("--corpus", required=True, help="run directory, parquet file or WebDataset tars")
-    p.add_argument("--index", dest="indexes", action="append", required=True, help="INDEX.parquet, repeatable")
-    p.add_argument("-o", "--output", required=True, help="report directory")
-    p.add_argument("--threshold", type=int, default=None, help="max Hamming distance (default: the index's)")
-    p.add_argument("--no-verify", dest="verify", action="store_false",
-                   help="plain pHash only, without the second-signal check")
+    for stage in registry.registered():  # tools a stage provides (e.g. dedup: hash-evalset, dedup-report)
+        for command in stage.cls.commands():
+            p = sub.add_parser(command.name, help=command.help, description=command.description)
+            command.add_arguments(p)
+            p.set_defaults(handler=command.run)
 
     p = sub.add_parser("report", help="(re)write RUN_DIR/report.html",
                        description="Write the HTML run report of a finished run directory.")
@@ -108,25 +92,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _cmd_hash_evalset(args: argparse.Namespace) -> int:
-    from curate.stages.phash_dedup.evalsets import hash_evalset
-
-    n = hash_evalset(args.source, args.output, name=args.name, hash_size=args.hash_size, mode=args.mode,
-                     fmt=args.fmt)
-    print(f"curate: hashed {n:,} eval images -> {args.output}")
-    return EXIT_OK
-
-
-def _cmd_dedup_report(args: argparse.Namespace) -> int:
-    from curate.stages.phash_dedup.report import dedup_report
-
-    summary = dedup_report(args.corpus, args.indexes, args.output, threshold=args.threshold, verify=args.verify)
-    print(f"curate: dedup report -> {args.output}/index.html")
-    for name, info in (summary.get("eval_sets") or {}).items():
-        print(f"  {name}: {info}")
-    return EXIT_OK
-
-
 def _cmd_report(args: argparse.Namespace) -> int:
     from curate.pipeline.report import write_run_report
 
@@ -144,11 +109,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {
     "run": _cmd_run,
     "validate": _cmd_validate,
-    "hash-evalset": _cmd_hash_evalset,
-    "dedup-report": _cmd_dedup_report,
     "report": _cmd_report,
     "demo": _cmd_demo,
 }
+# Commands that run the pipeline: any other error there is a run failure (exit 1), not a usage error.
+PIPELINE_COMMANDS = ("run", "demo")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,12 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return COMMANDS[args.command](args)
+        handler = getattr(args, "handler", None) or COMMANDS[args.command]
+        return handler(args)
     except ConfigError as err:
         print(f"curate: config error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except (ValueError, FileNotFoundError) as err:
-        if args.command in ("hash-evalset", "dedup-report", "report"):
+        if args.command not in PIPELINE_COMMANDS:
             print(f"curate: {err}", file=sys.stderr)
             return EXIT_USAGE
         print(f"curate: run failed: {type(err).__name__}: {err}", file=sys.stderr)

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,14 +35,6 @@ def _cuda_devices() -> int:
         return int(torch.cuda.device_count())
     except Exception:  # torch missing or broken CUDA: no GPUs for scheduling purposes
         return 0
-
-
-def _wants_gpu(stage_specs: Sequence[Any]) -> bool:
-    for spec in stage_specs:
-        device = getattr(spec.config, "device", None)
-        if device is not None and device != "cpu":
-            return True
-    return False
 
 
 @dataclass(frozen=True)
@@ -94,9 +86,13 @@ def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
 
 
 @contextlib.contextmanager
-def open_client(cfg: Any, stage_specs: Sequence[Any], *, client: Any = None,
+def open_client(cfg: Any, wants_gpu: bool, *, client: Any = None,
                 echo: Callable[[str], None] = print) -> Iterator[tuple[Any, Placement]]:
-    """Yield (dask client, its Placement); close what we opened."""
+    """Yield (dask client, its Placement); close what we opened.
+
+    `wants_gpu`: some enabled stage runs on a GPU where one is offered (`Stage.resources(config).gpus`); only then
+    does a LocalCluster add GPU workers.
+    """
     if client is not None:
         yield client, placement_of(client)
         return
@@ -119,7 +115,7 @@ def open_client(cfg: Any, stage_specs: Sequence[Any], *, client: Any = None,
         finally:
             c.close()
         return
-    gpu_workers = cfg.gpu_workers or (_cuda_devices() if _wants_gpu(stage_specs) else 0)
+    gpu_workers = cfg.gpu_workers or (_cuda_devices() if wants_gpu else 0)
     cluster = _local_cluster(cfg, gpu_workers)
     c = Client(cluster)
     if cfg.dashboard:

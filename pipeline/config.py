@@ -75,19 +75,25 @@ class RunConfig:
         return getattr(self, name)
 
 
-@functools.cache
 def run_config_class(entries: tuple[registry.StageEntry, ...] | None = None) -> type[RunConfig]:
     """The frozen dataclass of a run config for these registry entries (default: the registry's)."""
+    return _run_config_class(registry.STAGES if entries is None else entries)
+
+
+@functools.cache
+def _run_config_class(entries: tuple[registry.StageEntry, ...]) -> type[RunConfig]:
     stage_fields = [(r.section, r.cls.config_class, option(r.cls.config_class(), help=r.help))
                     for r in registry.registered(entries)]
-    return dataclasses.make_dataclass(
+    cls = dataclasses.make_dataclass(
         "RunConfig",
         [("input", InputConfig, option(InputConfig(), help="What to read.")),
          ("output", OutputConfig, option(OutputConfig(), help="Where to write.")),
          ("cluster", ClusterConfig, option(ClusterConfig(), help="Where to compute.")),
          *stage_fields,
          ("write", WriteConfig, option(WriteConfig(), help="Shard writer."))],
-        bases=(RunConfig,), frozen=True, module=__name__)
+        bases=(RunConfig,), frozen=True)
+    cls.__module__ = __name__
+    return cls
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

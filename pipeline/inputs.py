@@ -118,7 +118,7 @@ def _select_files(files: list[str], fmt: str) -> list[str]:
     return [f for f in files if PurePosixPath(f).suffix.lower() in wanted]
 
 
-def plan_input(input_cfg: Any, work_dir: str, limit: int = 0) -> InputPlan:
+def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0) -> InputPlan:
     """Resolve, (convert) and partition the input. Raises ConfigError for unusable input."""
     files = _expand(input_cfg.path)
     if not files:
@@ -148,7 +148,7 @@ def plan_input(input_cfg: Any, work_dir: str, limit: int = 0) -> InputPlan:
                 except Exception as err:
                     raise ConfigError("input.path", f"cannot read Parquet {source!r}: {err}") from err
             else:
-                readable = f"{work_dir}/input/file-{file_index:05d}.parquet"
+                readable = f"{converted_dir}/file-{file_index:05d}.parquet"
                 n_rows, names, bad = _convert_text_table(source, fmt, readable, input_cfg.shard_size,
                                                          (input_cfg.url_column, input_cfg.caption_column))
                 malformed += bad

@@ -68,7 +68,3 @@ def registered(entries: tuple[StageEntry, ...] | None = None) -> tuple[Registere
         out.append(RegisteredStage(entry.section, cls, entry.help))
     return tuple(out)
 
-
-def section_of_stage() -> dict[str, str]:
-    """Stage name (`reject_stage`, stats) -> YAML section: the one mapping between the two."""
-    return {r.cls.name: r.section for r in registered()}

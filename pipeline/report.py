@@ -11,6 +11,9 @@ plain link (never fetched by the page), caption, reason and error message. A thu
 image exists locally: the URL is a local path or `file://` URL that still exists, or, for pHash matches, the
 matched eval-set image (path from the eval index) is shown beside the card.
 
+Stage-specific parts (a stage's histograms, an image to show beside a turned-down row such as the eval image it
+matched) come from the stages themselves: `Stage.report_parts(section)` returns a :class:`ReportParts`.
+
 The page is static and offline: inline CSS, inline SVG charts, thumbnails as `data:` JPEGs, no JavaScript, and
 a Content-Security-Policy that forbids loading anything else. It scales with the corpus: metrics are streamed
 column by column (two passes over small numeric columns, never whole tables), and galleries hold at most
@@ -30,7 +33,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,18 +44,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.pipeline import columns as C
-from curate.pipeline import storage
-from curate.pipeline.inputs import iter_tar_samples
+from curate.pipeline import registry, storage
+from curate.pipeline.layout import RunLayout
+from curate.pipeline.tario import iter_tar_samples
 
 log = logging.getLogger("curate.report")
 
-REPORT_NAME = "report.html"
-# The engine's stages in pipeline order; other stages found in stats follow in their own order.
-DEFAULT_STAGE_ORDER = ("download", "captions", "clean_captions", "dedup", "phash_dedup", "clip", "clip_filter",
-                       "write")
-# Where a run keeps its resolved config (the runner: `_work/run.json` {"config": ...}); first found wins.
-# Used for the threshold markers, the eval indexes (matched-image thumbnails) and the input folder.
-CONFIG_CANDIDATES = ("_work/run.json", "config.json", "config.yaml")
+# Besides the runner's `_work/run.json` ({"config": ...}), a run folder assembled by hand may hold its config here.
+CONFIG_FILES = ("config.json", "config.yaml")
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 KEPT_COLOR = "#2a9d8f"
 REJECTED_COLOR = "#e76f51"
@@ -63,8 +62,8 @@ QUANTILE_SAMPLE = 200_000
 # ---------------------------------------------------------------------------------------------------------------
 # Reading the run
 # ---------------------------------------------------------------------------------------------------------------
-def _parquet_files(run_dir: str, sub: str) -> list[str]:
-    return storage.listdir(f"{run_dir}/{sub}", ".parquet")
+def _parquet_files(folder: str) -> list[str]:
+    return storage.listdir(folder, ".parquet")
 
 
 @contextlib.contextmanager
@@ -87,14 +86,14 @@ def _columns_of(path: str, wanted: Sequence[str]) -> pa.Table:
 
 
 def _read_run_config(run_dir: str) -> dict[str, Any]:
-    for name in CONFIG_CANDIDATES:
-        path = f"{run_dir}/{name}"
+    """The run's resolved config (first found): stage sections for their report parts, the input folder."""
+    for path in (RunLayout.of(run_dir).run_json, *(f"{run_dir}/{name}" for name in CONFIG_FILES)):
         if not storage.exists(path):
             continue
         try:
             with fsspec.open(path, "rb") as f:
                 raw = f.read()
-            if name.endswith(".json"):
+            if path.endswith(".json"):
                 data = json.loads(raw)
             else:
                 import yaml
@@ -151,22 +150,40 @@ class CaptionLength(Metric):
         return pc.drop_null(pc.utf8_length(col)).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
-class ShorterSide(Metric):
-    """min(original width, original height), falling back to the written size where the original is unknown."""
+#: {row key: (label, local image path)} of an image to show beside each given turned-down row (rows as dicts).
+RelatedImages = Callable[[list[dict[str, Any]]], dict[str, tuple[str, str]]]
 
-    def values(self, table: pa.Table) -> np.ndarray:
-        def side(w: str, h: str) -> np.ndarray:
-            wc, hc = table.column(w), table.column(h)
-            if pa.types.is_null(wc.type) or pa.types.is_null(hc.type):
-                return np.full(table.num_rows, np.nan)
-            wa = wc.cast(pa.float64()).fill_null(math.nan).to_numpy(zero_copy_only=False)
-            ha = hc.cast(pa.float64()).fill_null(math.nan).to_numpy(zero_copy_only=False)
-            return np.minimum(wa, ha)
 
-        original = side("original_width", "original_height")
-        written = side("width", "height")
-        merged = np.where(np.isnan(original), written, original)
-        return merged[np.isfinite(merged)]
+@dataclass
+class ReportParts:
+    """What one stage contributes to the run report."""
+
+    #: Histograms of the stage's columns.
+    metrics: Sequence[Metric] = ()
+    #: Row columns that `facts` and `related_images` read.
+    columns: Sequence[str] = ()
+    #: (label, value) lines for a sample's card, from the row (a kept sample's JSON or a rejected row).
+    facts: Callable[[dict[str, Any]], list[tuple[str, str]]] | None = None
+    related_images: RelatedImages | None = None
+
+
+def value_facts(row: dict[str, Any], labels: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    """(label, formatted value) for each (column, label) whose value is present."""
+    facts = []
+    for name, label in labels:
+        value = row.get(name)
+        if value is not None and not (isinstance(value, float) and math.isnan(value)):
+            facts.append((label, _fmt(value)))
+    return facts
+
+
+def _stage_parts(config: dict[str, Any]) -> list[ReportParts]:
+    parts = []
+    for stage in registry.registered():
+        part = stage.cls.report_parts(_section(config, stage.section))
+        if part is not None:
+            parts.append(part)
+    return parts
 
 
 @dataclass
@@ -181,27 +198,17 @@ class Histogram:
 
 
 def _metrics(config: dict[str, Any]) -> list[Metric]:
-    clip_cfg, dedup_cfg = _section(config, "clip"), _section(config, "dedup")
-    clip = ColumnMetric("CLIP score", "cosine similarity", ("clip_score",), integer=False, clip_upper_quantile=None,
-                        note="image-caption cosine similarity of the run's CLIP model")
-    if clip_cfg.get("enabled", True) and clip_cfg.get("top_fraction") is None and "threshold" in clip_cfg:
-        clip.markers.append((float(clip_cfg["threshold"]), f"threshold {float(clip_cfg['threshold']):g}"))
-    phash = ColumnMetric("pHash distance to nearest eval item", "Hamming distance, bits of 64", ("eval_distance",),
-                         integer=True, clip_upper_quantile=None,
-                         note="only rows the dedup stage compared within its search radius")
-    if dedup_cfg.get("enabled", True) and "threshold" in dedup_cfg:
-        phash.markers.append((float(dedup_cfg["threshold"]) + 0.5, f"threshold {int(dedup_cfg['threshold'])}"))
+    """The engine's histogram (caption length), then each stage's in registry order."""
+    parts = _stage_parts(config)
     caption = CaptionLength("Caption length", "characters", (C.CAPTION,), integer=True, clip_upper_quantile=0.995,
                             note="cleaned caption")
-    size = ShorterSide("Image size", "shorter side of the original image, px",
-                       ("original_width", "original_height", "width", "height"), integer=True,
-                       clip_upper_quantile=0.995)
-    return [clip, phash, caption, size]
+    return [caption, *(m for part in parts for m in part.metrics)]
 
 
 def _histograms(run_dir: str, metrics: list[Metric], bins: int = 30) -> list[Histogram]:
     """Two streaming passes over only the metric columns: range (with a bounded quantile sample), then counts."""
-    groups = {"kept": _parquet_files(run_dir, "curated"), "rejected": _parquet_files(run_dir, "rejected")}
+    layout = RunLayout.of(run_dir)
+    groups = {"kept": _parquet_files(layout.curated_dir), "rejected": _parquet_files(layout.rejected_dir)}
     columns = sorted({c for m in metrics for c in m.columns})
     rng = np.random.default_rng(0)
     lo = [math.inf] * len(metrics)
@@ -324,17 +331,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _facts(row: dict[str, Any]) -> list[tuple[str, str]]:
-    facts = []
-    w, h = row.get("original_width") or row.get("width"), row.get("original_height") or row.get("height")
-    if w and h:
-        facts.append(("size", f"{w}×{h}"))
-    for name, label in (("clip_score", "CLIP"), ("eval_match", "eval match"), ("eval_distance", "pHash dist"),
-                        ("dup_of", "duplicate of")):
-        value = row.get(name)
-        if value is not None and not (isinstance(value, float) and math.isnan(value)):
-            facts.append((label, _fmt(value)))
-    return facts
+def _facts(row: dict[str, Any], parts: Sequence[ReportParts]) -> list[tuple[str, str]]:
+    return [fact for part in parts if part.facts is not None for fact in part.facts(row)]
 
 
 def _iter_shard_samples(path: str, limit: int) -> Iterator[dict[str, bytes]]:
@@ -343,13 +341,14 @@ def _iter_shard_samples(path: str, limit: int) -> Iterator[dict[str, bytes]]:
         yield {"__key__": key.encode(), **fields}
 
 
-def _kept_cards(run_dir: str, manifest: dict[str, Any], limit: int, px: int) -> list[Card]:
+def _kept_cards(run_dir: str, manifest: dict[str, Any], limit: int, px: int, parts: Sequence[ReportParts]
+                ) -> list[Card]:
     """Up to `limit` kept samples spread over the shards (a few from the start of evenly spaced shards)."""
     if limit <= 0:
         return []
     names = [s["name"] for s in manifest.get("shards", []) if s.get("samples")]
     if not names:
-        names = [os.path.basename(p) for p in storage.listdir(f"{run_dir}/shards", ".tar")]
+        names = [os.path.basename(p) for p in storage.listdir(RunLayout.of(run_dir).shards_dir, ".tar")]
     if not names:
         return []
     picks = sorted({round(i * (len(names) - 1) / max(1, min(limit, len(names)) - 1))
@@ -357,7 +356,7 @@ def _kept_cards(run_dir: str, manifest: dict[str, Any], limit: int, px: int) -> 
     per_shard = math.ceil(limit / len(picks))
     cards: list[Card] = []
     for idx in picks:
-        for sample in _iter_shard_samples(f"{run_dir}/shards/{names[idx]}", per_shard):
+        for sample in _iter_shard_samples(RunLayout.of(run_dir).shard(names[idx]), per_shard):
             meta: dict[str, Any] = {}
             if "json" in sample:
                 try:
@@ -367,7 +366,7 @@ def _kept_cards(run_dir: str, manifest: dict[str, Any], limit: int, px: int) -> 
             image = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
             caption = sample["txt"].decode("utf-8", "replace") if "txt" in sample else meta.get(C.CAPTION) or ""
             card = Card(key=sample["__key__"].decode(), caption=caption, url=meta.get(C.URL),
-                        thumbnail=_thumbnail(image, px) if image else None, facts=_facts(meta))
+                        thumbnail=_thumbnail(image, px) if image else None, facts=_facts(meta, parts))
             card.facts.append(("shard", names[idx]))
             cards.append(card)
             if len(cards) >= limit:
@@ -376,16 +375,15 @@ def _kept_cards(run_dir: str, manifest: dict[str, Any], limit: int, px: int) -> 
 
 
 _REJECT_COLUMNS = (C.KEY, C.URL, C.CAPTION, C.CAPTION_ORIGINAL, C.STATUS, C.REJECT_STAGE, C.REJECT_REASON,
-                   C.ERROR_MESSAGE, "width", "height", "original_width", "original_height", "clip_score",
-                   "eval_match", "eval_distance", "dup_of")
+                   C.ERROR_MESSAGE)
 
 
-def _rejected_rows(run_dir: str, limit: int) -> dict[tuple[str, str], list[dict[str, Any]]]:
+def _rejected_rows(run_dir: str, limit: int, columns: Sequence[str]) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """Up to `limit` rows per (stage, reason), first ones in partition order."""
     found: dict[tuple[str, str], list[dict[str, Any]]] = {}
     if limit <= 0:
         return found
-    for path in _parquet_files(run_dir, "rejected"):
+    for path in _parquet_files(RunLayout.of(run_dir).rejected_dir):
         head = _columns_of(path, (C.REJECT_STAGE, C.REJECT_REASON))
         stages = head.column(C.REJECT_STAGE).to_pylist()
         reasons = head.column(C.REJECT_REASON).to_pylist()
@@ -402,46 +400,11 @@ def _rejected_rows(run_dir: str, limit: int) -> dict[tuple[str, str], list[dict[
         if not wanted:
             continue
         with _open_parquet(path) as pf:
-            present = [c for c in _REJECT_COLUMNS if c in pf.schema_arrow.names]
+            present = list(dict.fromkeys(c for c in (*_REJECT_COLUMNS, *columns) if c in pf.schema_arrow.names))
             rows = pf.read(columns=present).take(pa.array(wanted)).to_pylist()
         for group_key, row in zip(targets, rows, strict=True):
             found[group_key].append(row)
     return found
-
-
-def _eval_paths(config: dict[str, Any], run_dir: str, wanted: set[str]) -> dict[str, str]:
-    """`eval_set:item_id` -> local image path, from the run's eval indexes, for the matches shown only."""
-    if not wanted:
-        return {}
-    dedup = _section(config, "dedup")
-    paths: dict[str, str] = {}
-    # Eval sets given as folders: item_id is the file's path relative to the folder.
-    for source in dedup.get("eval_sets") or []:
-        folder = source.get("path") if isinstance(source, dict) else None
-        if not isinstance(folder, str) or not os.path.isdir(folder):
-            continue
-        name = source.get("name") or os.path.basename(folder.rstrip("/"))
-        root = os.path.realpath(folder)
-        for ref in wanted:
-            if ref.startswith(f"{name}:"):
-                candidate = os.path.realpath(os.path.join(root, ref[len(name) + 1:]))
-                if candidate.startswith(root + os.sep) and os.path.isfile(candidate):
-                    paths[ref] = candidate
-    indexes = dedup.get("indexes") or []
-    for index in indexes:
-        if not isinstance(index, str):
-            continue
-        try:
-            table = _columns_of(index, ("eval_set", "item_id", "path"))
-        except (OSError, ValueError, pa.ArrowException) as err:
-            log.warning("report: cannot read eval index %s: %s", index, err)
-            continue
-        for ev, item, path in zip(*(table.column(c).to_pylist() for c in ("eval_set", "item_id", "path")),
-                                  strict=True):
-            ref = f"{ev}:{item}"
-            if ref in wanted and path and os.path.isfile(str(path)):
-                paths[ref] = str(path)
-    return paths
 
 
 def _local_image(url: str | None, base_dirs: Sequence[str]) -> str | None:
@@ -462,11 +425,15 @@ def _read_small_file(path: str, max_bytes: int = 64 << 20) -> bytes | None:
         return None
 
 
-def _rejected_cards(run_dir: str, config: dict[str, Any], limit: int, px: int
+def _rejected_cards(run_dir: str, config: dict[str, Any], limit: int, px: int, parts: Sequence[ReportParts]
                     ) -> dict[tuple[str, str], list[Card]]:
-    rows_by_reason = _rejected_rows(run_dir, limit)
-    wanted = {r["eval_match"] for rows in rows_by_reason.values() for r in rows if r.get("eval_match")}
-    eval_paths = _eval_paths(config, run_dir, wanted)
+    rows_by_reason = _rejected_rows(run_dir, limit, [c for part in parts for c in part.columns])
+    shown = [row for rows in rows_by_reason.values() for row in rows]
+    related: dict[str, tuple[str, str]] = {}
+    if storage.is_local(run_dir):
+        for part in parts:
+            if part.related_images is not None:
+                related.update(part.related_images(shown))
     input_path = _section(config, "input").get("path")
     base_dirs = [os.path.dirname(input_path)] if isinstance(input_path, str) and "://" not in input_path else []
     out: dict[tuple[str, str], list[Card]] = {}
@@ -474,16 +441,16 @@ def _rejected_cards(run_dir: str, config: dict[str, Any], limit: int, px: int
         cards = []
         for row in rows:
             card = Card(key=str(row.get(C.KEY) or ""), caption=row.get(C.CAPTION) or row.get(C.CAPTION_ORIGINAL) or "",
-                        url=row.get(C.URL), facts=_facts(row), error=row.get(C.ERROR_MESSAGE))
+                        url=row.get(C.URL), facts=_facts(row, parts), error=row.get(C.ERROR_MESSAGE))
             local = _local_image(card.url, base_dirs) if storage.is_local(run_dir) else None
             data = _read_small_file(local) if local else None
             if data:
                 card.thumbnail, card.thumbnail_note = _thumbnail(data, px), "local file"
-            match = row.get("eval_match")
-            if match and match in eval_paths:
-                data = _read_small_file(eval_paths[match])
+            if card.key in related:
+                label, path = related[card.key]
+                data = _read_small_file(path)
                 if data:
-                    card.extra_thumbnail, card.extra_label = _thumbnail(data, px), f"matched {match}"
+                    card.extra_thumbnail, card.extra_label = _thumbnail(data, px), label
             cards.append(card)
         out[group] = cards
     return out
@@ -520,9 +487,9 @@ def _stage_order(stats: dict[str, Any]) -> list[str]:
     for name in stats.get("stages", {}):
         if name not in order:
             order.append(name)
-    for name in DEFAULT_STAGE_ORDER:
-        if name in stats.get("rejected", {}) and name not in order:
-            order.append(name)
+    for stage in registry.registered():
+        if stage.cls.name in stats.get("rejected", {}) and stage.cls.name not in order:
+            order.append(stage.cls.name)
     for name in stats.get("rejected", {}):
         if name not in order:
             order.append(name)
@@ -755,13 +722,15 @@ def _timings_html(stats: dict[str, Any]) -> str:
 def render_report(run_dir: str, *, samples_per_reason: int = 12, kept_samples: int = 24, thumb_px: int = 112,
                   bins: int = 30) -> str:
     """The report page of `run_dir` as an HTML string (see module docstring)."""
+    layout = RunLayout.of(run_dir)
     stats: dict[str, Any] = {}
-    if storage.exists(f"{run_dir}/stats.json"):
-        stats = storage.read_json(f"{run_dir}/stats.json")
+    if storage.exists(layout.stats):
+        stats = storage.read_json(layout.stats)
     manifest: dict[str, Any] = {}
-    if storage.exists(f"{run_dir}/manifest.json"):
-        manifest = storage.read_json(f"{run_dir}/manifest.json")
+    if storage.exists(layout.manifest):
+        manifest = storage.read_json(layout.manifest)
     config = _read_run_config(run_dir)
+    parts = _stage_parts(config)
 
     total = int(stats.get("input_rows", 0))
     kept = int(stats.get("kept", 0))
@@ -782,11 +751,11 @@ def render_report(run_dir: str, *, samples_per_reason: int = 12, kept_samples: i
     legend = (f'<div class="legend muted"><span style="background:{KEPT_COLOR}"></span>kept'
               f'<span style="background:{REJECTED_COLOR}"></span>turned down (any stage)</div>')
 
-    kept_cards = _kept_cards(run_dir, manifest, kept_samples, thumb_px)
+    kept_cards = _kept_cards(run_dir, manifest, kept_samples, thumb_px, parts)
     kept_html = ('<div class="gallery">' + "".join(_card_html(c, "kept") for c in kept_cards) + "</div>"
                  if kept_cards else '<div class="empty">no kept samples in shards/</div>')
 
-    rejected_cards = _rejected_cards(run_dir, config, samples_per_reason, thumb_px)
+    rejected_cards = _rejected_cards(run_dir, config, samples_per_reason, thumb_px, parts)
     counts = {(s, r): n for s, reasons in stats.get("rejected", {}).items() for r, n in reasons.items()}
     order = {s: i for i, s in enumerate(_stage_order(stats))}
     groups = sorted(set(counts) | set(rejected_cards),
@@ -840,6 +809,6 @@ def write_run_report(run_dir: str, **options: Any) -> str:
     if not storage.exists(run_dir):
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     page = render_report(run_dir, **options)
-    path = f"{run_dir}/{REPORT_NAME}"
+    path = RunLayout.of(run_dir).report
     storage.write_bytes(path, page.encode("utf-8"))
     return path

@@ -1,9 +1,12 @@
 """The runner: plans partitions, runs every partition through the stages on Dask, writes, resumes, finalizes.
 
-    input ─plan─> partitions ─(Dask task per partition)─> read → download → clean_captions → phash_dedup
-          → clip_filter → write part files + marker ──(all done)──> repack shards, manifest, stats, report
+    input ─plan─> partitions ─(Dask task per partition)─> read → the registry's stages in order
+          → write part files + marker ──(all done)──> repack shards, manifest, stats, report
 
-A stage with a run-wide decision (`global_pass`, e.g. CLIP top-fraction or within-corpus dedup) splits the
+The client (`Runner`) plans and submits; the worker side (`run_steps`) executes one group of steps of one
+partition. Which stages run, in what order, with which config section, comes from pipeline/registry.py.
+
+A stage with a run-wide decision (`Stage.run_wide(config)`, e.g. CLIP top-fraction or within-corpus dedup) splits the
 partition's journey into passes: pass k ends by scoring with that stage and persisting the partition under
 `_work/pass-k/`; once every partition has a summary, the decision is made once on the client, saved, and
 broadcast to pass k+1, which applies it without recomputing anything.
@@ -15,6 +18,7 @@ atomically under names derived from the partition id, so a task Dask runs twice 
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import logging
@@ -33,32 +37,39 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from curate.pipeline import columns as C
-from curate.pipeline import inputs, shards, stats, storage
+from curate.pipeline import inputs, registry, shards, stats, storage
 from curate.pipeline.config import RunConfig, to_dict
 from curate.pipeline.configspec import ConfigError
-from curate.pipeline.registry import SINK, STAGES
+from curate.pipeline.layout import MAX_PASSES, RunLayout
+from curate.pipeline.sink import PartitionWriter, WriteConfig
 from curate.pipeline.stage import RunContext, Stage, StageError, StageSetupError, mark_rows
 
 log = logging.getLogger("curate.runner")
 
-WORK_DIR = "_work"
-# Sections whose values change what a run writes; a resumed run must use the same ones.
-SEMANTIC_SECTIONS = ("input", "download", "captions", "dedup", "clip", "write")
+# Engine sections whose values change what a run writes; with every registered stage's section, a resumed run
+# must use the same ones.
+ENGINE_SEMANTIC_SECTIONS = ("input", "write")
 
 
 class RunFailed(RuntimeError):
     """The run could not complete (some partitions failed). Finished partitions are kept for resume."""
 
 
+def _digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+
+
 @dataclass(frozen=True)
 class StageSpec:
+    """An enabled stage of this run: its class and its config section."""
+
     section: str
     cls: type[Stage]
     config: Any
 
     @property
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(to_dict(self.config), sort_keys=True, default=str).encode()).hexdigest()
+        return _digest(to_dict(self.config))
 
 
 @dataclass
@@ -68,15 +79,28 @@ class PartitionState:
     partition_id: int
     input_rows: int
     alive: pa.Table
-    done: list[pa.Table] = field(default_factory=list)
+    #: Rows a stage has turned down (failed or rejected), set aside without their image bytes.
+    turned_down: list[pa.Table] = field(default_factory=list)
     stage_info: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class StepKind(enum.Enum):
+    READ = "read"  # read the partition's input rows
+    LOAD = "load"  # load the partition as persisted by the previous pass
+    REQUIRE_IMAGES = "require_images"  # fail rows without image bytes (`no_image`)
+    PROCESS = "process"  # a stage's process()
+    SCORE = "score"  # a run-wide stage's score() + summarize(), then persist: ends a pass
+    APPLY = "apply"  # a run-wide stage's apply() with the saved decision: starts the next pass
+    WRITE = "write"  # the sink, then the partition's done marker
 
 
 @dataclass(frozen=True)
 class Step:
-    kind: str  # "read" | "load" | "stage" | "score" | "require_images" | "persist" | "write"
+    kind: StepKind
     stage: StageSpec | None = None
     pass_index: int = 0
+    #: REQUIRE_IMAGES: the name rows without image bytes are failed under (the stage that should have made them).
+    blame: str = ""
 
 
 @dataclass
@@ -130,12 +154,12 @@ def teardown_stages() -> int:
 
 
 def _split_alive(state: PartitionState) -> None:
-    """Move rows turned down by the last stage from `alive` to `done` (dropping image bytes)."""
+    """Move rows turned down by the last stage from `alive` to `turned_down` (dropping image bytes)."""
     mask = pc.equal(state.alive.column(C.STATUS), C.STATUS_SUCCESS)
     if pc.all(mask).as_py() is not False:
         return
     gone = state.alive.filter(pc.invert(mask))
-    state.done.append(gone.drop_columns([c for c in C.INTERNAL_COLUMNS if c in gone.column_names]))
+    state.turned_down.append(gone.drop_columns([c for c in C.INTERNAL_COLUMNS if c in gone.column_names]))
     state.alive = state.alive.filter(mask)
 
 
@@ -190,41 +214,39 @@ def _run_stage(state: PartitionState, stage: Stage, method_name: str, *args: Any
         counters.clear()
 
 
-def _require_images(state: PartitionState, stage_name: str) -> None:
-    """Rows that reach the image stages without image bytes fail here, with a reason, not later."""
+def _require_images(state: PartitionState, blame: str) -> None:
+    """The one "has image bytes" check: rows that would reach a consumer of image bytes without them fail here,
+    as `no_image` of the stage that should have produced them (or of `input`), never later or elsewhere."""
     t = state.alive
     if not t.num_rows:
         return
     if C.IMAGE not in t.column_names:
         reasons = ["no_image"] * t.num_rows
     else:
-        reasons = ["no_image" if v is None else None for v in t.column(C.IMAGE).to_pylist()]
+        reasons = ["no_image" if not v else None for v in t.column(C.IMAGE).to_pylist()]
     if any(reasons):
-        messages = ["row has no image bytes and no download ran" if r else None for r in reasons]
-        state.alive = mark_rows(t, stage_name, reasons, messages, C.STATUS_FAILED)
+        message = "the input row has no image bytes" if blame == "input" else f"{blame} produced no image bytes"
+        messages = [message if r else None for r in reasons]
+        state.alive = mark_rows(t, blame, reasons, messages, C.STATUS_FAILED)
         _split_alive(state)
 
 
-def _pass_path(work: str, pass_index: int, partition_id: int, suffix: str) -> str:
-    return f"{work}/pass-{pass_index}/part-{partition_id:05d}{suffix}"
-
-
-def _persist(state: PartitionState, work: str, pass_index: int, summary: Any) -> None:
-    tables = [state.alive, *state.done]
+def _persist(state: PartitionState, layout: RunLayout, pass_index: int, summary: Any) -> None:
+    tables = [state.alive, *state.turned_down]
     table = pa.concat_tables([C.conform(t, keep_internal=True) for t in tables], promote_options="default")
     meta = {b"curate.input_rows": str(state.input_rows).encode(),
             b"curate.stage_info": json.dumps(state.stage_info).encode()}
     table = table.replace_schema_metadata(meta)
-    with storage.atomic_path(_pass_path(work, pass_index, state.partition_id, ".arrow")) as tmp, \
+    with storage.atomic_path(layout.pass_file(pass_index, state.partition_id, ".arrow")) as tmp, \
             pa.OSFile(tmp, "wb") as sink, ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     # The summary is written last: its presence means the persisted partition is complete.
-    storage.write_bytes(_pass_path(work, pass_index, state.partition_id, ".summary.pkl"),
+    storage.write_bytes(layout.pass_file(pass_index, state.partition_id, ".summary.pkl"),
                         pickle.dumps(summary, protocol=pickle.HIGHEST_PROTOCOL))
 
 
-def _load(work: str, pass_index: int, partition_id: int) -> PartitionState:
-    with fsspec.open(_pass_path(work, pass_index, partition_id, ".arrow"), "rb") as source:
+def _load(layout: RunLayout, pass_index: int, partition_id: int) -> PartitionState:
+    with fsspec.open(layout.pass_file(pass_index, partition_id, ".arrow"), "rb") as source:
         table = ipc.open_file(source).read_all()
     meta = table.schema.metadata or {}
     state = PartitionState(partition_id, int(meta[b"curate.input_rows"]), table.replace_schema_metadata(None),
@@ -233,116 +255,138 @@ def _load(work: str, pass_index: int, partition_id: int) -> PartitionState:
     return state
 
 
+def _sink(config: WriteConfig, context: RunContext) -> PartitionWriter:
+    return PartitionWriter(config, RunLayout.of(context.output_path))
+
+
 def run_steps(
     payload: inputs.PartitionSpec | PartitionState,
     steps: Sequence[Step],
     context: RunContext,
     input_cfg: Any,
     decisions: dict[int, Any],
-    sink: StageSpec,
+    write_cfg: WriteConfig,
 ) -> PartitionState | dict[str, Any] | Any:
     """Execute one group of steps for one partition (a Dask task)."""
+    layout = RunLayout.of(context.output_path)
     state = payload if isinstance(payload, PartitionState) else None
     for step in steps:
-        if step.kind == "read":
+        kind = step.kind
+        if kind is StepKind.READ:
             assert isinstance(payload, inputs.PartitionSpec)
             table = inputs.read_partition(payload, input_cfg)
             state = PartitionState(payload.partition_id, table.num_rows, table)
-        elif step.kind == "load":
-            assert isinstance(payload, int | inputs.PartitionSpec)
-            pid = payload if isinstance(payload, int) else payload.partition_id
-            state = _load(context.work_path, step.pass_index, pid)
-        elif step.kind == "require_images":
-            assert state is not None
-            _require_images(state, step.stage.cls.name if step.stage else "input")
-        elif step.kind == "stage":
-            assert state is not None and step.stage is not None
+            continue
+        if kind is StepKind.LOAD:
+            assert isinstance(payload, inputs.PartitionSpec)
+            state = _load(layout, step.pass_index, payload.partition_id)
+            continue
+        assert state is not None
+        if kind is StepKind.REQUIRE_IMAGES:
+            _require_images(state, step.blame)
+        elif kind is StepKind.PROCESS:
+            assert step.stage is not None
             _run_stage(state, _stage_instance(step.stage, context), "process")
-        elif step.kind == "apply":
-            assert state is not None and step.stage is not None
+        elif kind is StepKind.APPLY:
+            assert step.stage is not None
             _run_stage(state, _stage_instance(step.stage, context), "apply", decisions[step.pass_index])
-        elif step.kind == "score":
-            assert state is not None and step.stage is not None
+        elif kind is StepKind.SCORE:
+            assert step.stage is not None
             stage = _stage_instance(step.stage, context)
             _run_stage(state, stage, "score")
             summary = stage.summarize(state.alive) if state.alive.num_rows else None
-            _persist(state, context.work_path, step.pass_index, summary)
+            _persist(state, layout, step.pass_index, summary)
             return summary
-        elif step.kind == "write":
-            assert state is not None
-            return _write(state, _stage_instance(sink, context), context)
-        else:  # pragma: no cover - programming error
-            raise StageError(f"unknown step {step.kind}")
+        elif kind is StepKind.WRITE:
+            return _write(state, _sink(write_cfg, context), layout)
     return state
 
 
-def _write(state: PartitionState, writer: Stage, context: RunContext) -> dict[str, Any]:
-    tables = [C.conform(t, keep_internal=True) for t in [state.alive, *state.done]]
+def _write(state: PartitionState, writer: PartitionWriter, layout: RunLayout) -> dict[str, Any]:
+    tables = [C.conform(t, keep_internal=True) for t in [state.alive, *state.turned_down]]
     final = pa.concat_tables(tables, promote_options="default")
     start = time.perf_counter()
-    assert hasattr(writer, "write_partition")
     written = writer.write_partition(state.partition_id, final)
-    state.stage_info["write"] = {"rows_in": final.num_rows, "rows_out": written["curated_rows"],
-                                 "seconds": round(time.perf_counter() - start, 4), "counters": written}
+    state.stage_info[writer.name] = {"rows_in": final.num_rows, "rows_out": written["curated_rows"],
+                                     "seconds": round(time.perf_counter() - start, 4), "counters": written}
     part_stats = stats.partition_stats(final, state.input_rows, state.stage_info)
     part_stats["partition"] = state.partition_id
-    storage.write_json(f"{context.work_path}/done/part-{state.partition_id:05d}.json", part_stats)
+    storage.write_json(layout.done_marker(state.partition_id), part_stats)
     return part_stats
 
 
 # -- client side -------------------------------------------------------------------------------------
 
-def _stage_specs(config: RunConfig) -> list[StageSpec]:
+def stage_specs(config: RunConfig) -> list[StageSpec]:
+    """The registry's stages that this config enables, in pipeline order."""
     specs = []
-    for section, cls in STAGES.items():
-        section_cfg = getattr(config, section)
+    for stage in registry.registered():
+        section_cfg = config.section(stage.section)
         if section_cfg.enabled:
-            specs.append(StageSpec(section, cls, section_cfg))
+            specs.append(StageSpec(stage.section, stage.cls, section_cfg))
     return specs
 
 
+def semantic_sections() -> tuple[str, ...]:
+    """Sections whose values change what a run writes: a resumed run must use the same ones."""
+    return (*ENGINE_SEMANTIC_SECTIONS, *(stage.section for stage in registry.registered()))
+
+
 def _fingerprint(config: RunConfig) -> dict[str, str]:
-    data = to_dict(config)
-    return {s: hashlib.sha256(json.dumps(data[s], sort_keys=True, default=str).encode()).hexdigest()[:16]
-            for s in SEMANTIC_SECTIONS}
+    return {s: _digest(to_dict(config.section(s)))[:16] for s in semantic_sections()}
 
 
-def _check_resume_compatible(config: RunConfig, work: str) -> None:
-    path = f"{work}/run.json"
+def _check_resume_compatible(config: RunConfig, layout: RunLayout) -> None:
     current = _fingerprint(config)
-    if storage.exists(path):
-        previous = storage.read_json(path).get("fingerprint", {})
-        changed = [s for s in SEMANTIC_SECTIONS if previous.get(s) != current[s]]
+    if storage.exists(layout.run_json):
+        previous = storage.read_json(layout.run_json).get("fingerprint", {})
+        changed = [s for s in current if previous.get(s) != current[s]]
         if changed:
             raise ConfigError(
                 "output.path",
                 f"{config.output.path} holds a run made with different {', '.join(changed)} settings; "
                 "resume needs the same config: use a new output.path or delete the old run")
         return
-    storage.write_json(path, {"fingerprint": current, "config": to_dict(config)})
+    storage.write_json(layout.run_json, {"fingerprint": current, "config": to_dict(config)})
 
 
-def _passes(config: RunConfig, specs: list[StageSpec], context: RunContext) -> list[list[Step]]:
-    """Steps of each pass. Global stages end a pass with `score`; the next pass starts with `apply`."""
-    needs_images = config.dedup.enabled or config.clip.enabled or config.write.enabled
-    passes: list[list[Step]] = [[Step("read")]]
-    if needs_images and not config.download.enabled:
-        passes[0].append(Step("require_images"))  # counted under stage "input": nothing could fetch them
-    for spec in specs:
-        is_global = bool(getattr(spec.cls(spec.config, context), "global_pass", False))
-        current = passes[-1]
-        if is_global:
-            current.append(Step("score", spec, pass_index=len(passes)))
-            passes.append([Step("load", pass_index=len(passes)), Step("apply", spec, pass_index=len(passes))])
+def plan_passes(specs: list[StageSpec], write_cfg: WriteConfig) -> list[list[Step]]:
+    """Steps of each pass. Run-wide stages end a pass with SCORE; the next pass starts with LOAD + APPLY.
+
+    The "has image bytes" check goes right after the last stage that adds image bytes (`adds` holds
+    `columns.IMAGE`), or right after reading, whenever a later stage (or the sink) requires them.
+    """
+    consumers = [i for i, spec in enumerate(specs) if C.IMAGE in spec.cls.requires]
+    if C.IMAGE in PartitionWriter(write_cfg, RunLayout("")).requires:
+        consumers.append(len(specs))
+    check_after = -1  # index of the stage after which to check; -1 = after reading
+    if consumers:
+        producers = [i for i, spec in enumerate(specs[: consumers[0]])
+                     if any(f.name == C.IMAGE for f in spec.cls.adds)]
+        check_after = producers[-1] if producers else -1
+
+    def image_check(after: int) -> list[Step]:
+        if not consumers or after != check_after:
+            return []
+        return [Step(StepKind.REQUIRE_IMAGES, blame=specs[after].cls.name if after >= 0 else "input")]
+
+    passes: list[list[Step]] = [[Step(StepKind.READ), *image_check(-1)]]
+    for i, spec in enumerate(specs):
+        if spec.cls.run_wide(spec.config):
+            pass_index = len(passes)
+            if pass_index > MAX_PASSES:
+                raise ConfigError(spec.section, f"at most {MAX_PASSES} stages with a run-wide decision per run")
+            passes[-1].append(Step(StepKind.SCORE, spec, pass_index=pass_index))
+            passes.append([Step(StepKind.LOAD, pass_index=pass_index),
+                           Step(StepKind.APPLY, spec, pass_index=pass_index)])
         else:
-            current.append(Step("stage", spec))
-        if spec.section == "download" and needs_images:
-            passes[-1].append(Step("require_images", spec))
-    passes[-1].append(Step("write"))
+            passes[-1].append(Step(StepKind.PROCESS, spec))
+        passes[-1].extend(image_check(i))
+    passes[-1].append(Step(StepKind.WRITE))
     return passes
 
 
-def _group_by_resources(steps: list[Step], context: RunContext, placement: Any) -> list[tuple[list[Step], dict]]:
+def _group_by_resources(steps: list[Step], placement: Any) -> list[tuple[list[Step], dict]]:
     """Consecutive steps with the same resource needs run as one task.
 
     On a cluster with GPU workers, GPU stages become `GPU=1` tasks and, where workers advertise `CPU`, all other
@@ -353,8 +397,8 @@ def _group_by_resources(steps: list[Step], context: RunContext, placement: Any) 
     groups: list[tuple[list[Step], dict]] = []
     for step in steps:
         res: dict[str, float] = {}
-        if step.stage is not None and step.kind in ("stage", "score", "apply"):
-            res = step.stage.cls(step.stage.config, context).resources().dask_resources
+        if step.stage is not None:
+            res = step.stage.cls.resources(step.stage.config).dask_resources
         if not res and placement.cpu_tagged:
             res = {"CPU": 1}
         if groups and groups[-1][1] == res:
@@ -372,86 +416,86 @@ class Runner:
         self.progress = sys.stderr.isatty() if progress is None else progress
         self._client = client
         self.echo = echo or (lambda msg: print(msg, file=sys.stderr, flush=True))
-        self.out = config.output.path.rstrip("/")
-        self.work = f"{self.out}/{WORK_DIR}"
+        self.layout = RunLayout.of(config.output.path)
+        self.out = self.layout.root
 
     # public ------------------------------------------------------------------------------------------
     def run(self) -> RunResult:
         started = time.time()
-        storage.makedirs(self.work)
-        _check_resume_compatible(self.config, self.work)
+        layout = self.layout
+        storage.makedirs(layout.work)
+        _check_resume_compatible(self.config, layout)
         # This run owns output.path: temporaries of a killed earlier attempt are garbage.
-        storage.remove_stale_temporaries(self.out, ("curated", "rejected", "embeddings", "shards", WORK_DIR,
-                                                    f"{WORK_DIR}/parts", f"{WORK_DIR}/done", f"{WORK_DIR}/input",
-                                                    *(f"{WORK_DIR}/pass-{k}" for k in range(1, 8))))
+        storage.remove_stale_temporaries(layout.written_dirs())
         plan = self._plan()
-        context = RunContext(self.out, self.work, plan.format)
-        specs = _stage_specs(self.config)
-        for spec in specs:  # fail fast, before a cluster starts, on what the user must fix
-            spec.cls(spec.config, context).preflight()
-        sink = StageSpec("write", SINK, self.config.write)
-        done_ids = {p.partition_id for p in plan.partitions if storage.exists(self._marker(p.partition_id))}
+        context = RunContext(layout.root, layout.work)
+        specs = stage_specs(self.config)
+        # The client's one instance of each stage: preflight now, the run-wide decisions later.
+        stages = {spec.section: spec.cls(spec.config, context) for spec in specs}
+        for stage in stages.values():  # fail fast, before a cluster starts, on what the user must fix
+            stage.preflight()
+        done_ids = {p.partition_id for p in plan.partitions if storage.exists(layout.done_marker(p.partition_id))}
         if len(done_ids) < len(plan.partitions):
             done_ids = self._drop_repacked(done_ids)
         todo = [p for p in plan.partitions if p.partition_id not in done_ids]
         self.echo(f"curate: {plan.total_rows:,} input rows in {len(plan.partitions)} partition(s) "
                   f"from {len(plan.sources)} file(s); {len(done_ids)} already done, {len(todo)} to run")
         if todo:
-            self._run_partitions(todo, plan, specs, sink, context)
+            self._run_partitions(todo, plan, specs, stages, context)
         return self._finalize(plan, specs, started, len(todo), len(done_ids))
 
     # steps -------------------------------------------------------------------------------------------
-    def _marker(self, partition_id: int) -> str:
-        return f"{self.work}/done/part-{partition_id:05d}.json"
-
     def _drop_repacked(self, done_ids: set[int]) -> set[int]:
         """After a finalize, part tars are gone; partitions that need them for a new repack must run again."""
-        finalized = f"{self.work}/finalized.json"
-        if not storage.exists(finalized) or not self.config.write.enabled:
+        layout = self.layout
+        if not storage.exists(layout.finalized) or not self.config.write.enabled:
             return done_ids
         still_done = set()
         for pid in done_ids:
-            marker = storage.read_json(self._marker(pid))
+            marker = storage.read_json(layout.done_marker(pid))
             samples = marker.get("stages", {}).get("write", {}).get("counters", {}).get("tar_samples", 0)
-            if samples == 0 or storage.exists(f"{self.work}/parts/part-{pid:05d}.tar"):
+            if samples == 0 or storage.exists(layout.part_tar(pid)):
                 still_done.add(pid)
             else:
-                storage.remove(self._marker(pid))
-        storage.remove(finalized)
+                storage.remove(layout.done_marker(pid))
+        storage.remove(layout.finalized)
         return still_done
 
     def _plan(self) -> inputs.InputPlan:
-        cached = f"{self.work}/plan.json"
+        cached = self.layout.plan
         if storage.exists(cached):
             data = storage.read_json(cached)
             parts = tuple(inputs.PartitionSpec(**p) for p in data["partitions"])
             return inputs.InputPlan(parts, data["total_rows"], tuple(data["sources"]), data["format"],
                                     data.get("malformed_lines", 0))
-        plan = inputs.plan_input(self.config.input, self.work)
+        plan = inputs.plan_input(self.config.input, self.layout.input_dir)
         storage.write_json(cached, {"partitions": [p.__dict__ for p in plan.partitions],
                                     "total_rows": plan.total_rows, "sources": list(plan.sources),
                                     "format": plan.format, "malformed_lines": plan.malformed_lines})
         return plan
 
     def _run_partitions(self, todo: list[inputs.PartitionSpec], plan: inputs.InputPlan, specs: list[StageSpec],
-                        sink: StageSpec, context: RunContext) -> None:
+                        stages: dict[str, Stage], context: RunContext) -> None:
         from curate.pipeline.cluster import open_client
 
-        with open_client(self.config.cluster, specs, client=self._client, echo=self.echo) as (client, placement):
-            passes = _passes(self.config, specs, context)
+        wants_gpu = any(spec.cls.resources(spec.config).gpus > 0 for spec in specs)
+        with open_client(self.config.cluster, wants_gpu, client=self._client, echo=self.echo) as (client, placement):
+            passes = plan_passes(specs, self.config.write)
             decisions: dict[int, Any] = {}
             failures: list[str] = []
             for pass_index, steps in enumerate(passes):
                 last = pass_index == len(passes) - 1
                 if pass_index > 0:
-                    decisions[pass_index] = self._decision(pass_index, passes[pass_index - 1][-1], plan, context)
+                    score_step = passes[pass_index - 1][-1]
+                    assert score_step.stage is not None
+                    decisions[pass_index] = self._decision(pass_index, stages[score_step.stage.section], plan)
                 # A partition whose pass output is already persisted skips that pass.
                 pending = [p for p in todo if last or not storage.exists(
-                    _pass_path(self.work, pass_index + 1, p.partition_id, ".summary.pkl"))]
+                    self.layout.pass_file(pass_index + 1, p.partition_id, ".summary.pkl"))]
                 if not pending:
                     continue
                 label = f"pass {pass_index + 1}/{len(passes)}" if len(passes) > 1 else "partitions"
-                failures += self._submit_pass(client, placement, pending, steps, context, decisions, sink, label)
+                failures += self._submit_pass(client, placement, pending, steps, context, decisions, label)
                 if failures:
                     break
             try:
@@ -463,11 +507,10 @@ class Runner:
                                 + "\n  ".join(failures[:10]))
 
     def _submit_pass(self, client: Any, placement: Any, pending: list[inputs.PartitionSpec],
-                     steps: list[Step], context: RunContext, decisions: dict[int, Any], sink: StageSpec,
-                     label: str) -> list[str]:
+                     steps: list[Step], context: RunContext, decisions: dict[int, Any], label: str) -> list[str]:
         from distributed import as_completed
 
-        groups = _group_by_resources(steps, context, placement)
+        groups = _group_by_resources(steps, placement)
         # One broadcast copy per worker instead of one per task (a dedup decision can be large).
         decisions_ref = client.scatter([decisions], broadcast=True)[0] if decisions else {}
         futures = {}
@@ -477,7 +520,7 @@ class Runner:
             for g, (group_steps, resources) in enumerate(groups):
                 future = client.submit(
                     run_steps, payload if future is None else future, group_steps, context, self.config.input,
-                    decisions_ref, sink, key=f"curate-{label.replace(' ', '').replace('/', 'of')}-"
+                    decisions_ref, self.config.write, key=f"curate-{label.replace(' ', '').replace('/', 'of')}-"
                     f"part{spec.partition_id:05d}-g{g}-{os.getpid()}-{time.time_ns()}",
                     resources=resources or None, retries=1, pure=False)
             futures[future] = spec
@@ -515,24 +558,23 @@ class Runner:
 
         return tqdm(total=total, desc=label, unit="part", file=sys.stderr, dynamic_ncols=True)
 
-    def _decision(self, pass_index: int, score_step: Step, plan: inputs.InputPlan, context: RunContext) -> Any:
-        """The run-wide decision for the global stage that ended pass `pass_index - 1` (made once, saved)."""
-        path = f"{self.work}/pass-{pass_index}/decision.pkl"
+    def _decision(self, pass_index: int, stage: Stage, plan: inputs.InputPlan) -> Any:
+        """The run-wide decision of `stage`, which ended pass `pass_index - 1` (made once, saved)."""
+        layout = self.layout
+        path = layout.decision(pass_index)
         if storage.exists(path):
             with fsspec.open(path, "rb") as f:
                 return pickle.load(f)  # noqa: S301 - our own file in our own work dir
         summaries = []
         for p in plan.partitions:
-            summary_path = _pass_path(self.work, pass_index, p.partition_id, ".summary.pkl")
+            summary_path = layout.pass_file(pass_index, p.partition_id, ".summary.pkl")
             if storage.exists(summary_path):
                 with fsspec.open(summary_path, "rb") as f:
                     summary = pickle.load(f)  # noqa: S301 - our own file
                 if summary is not None:
                     summaries.append(summary)
-            elif not storage.exists(self._marker(p.partition_id)):
+            elif not storage.exists(layout.done_marker(p.partition_id)):
                 raise RunFailed(f"partition {p.partition_id} has no pass-{pass_index} summary")
-        assert score_step.stage is not None
-        stage = score_step.stage.cls(score_step.stage.config, context)
         decision = stage.decide(summaries)
         storage.write_bytes(path, pickle.dumps(decision, protocol=pickle.HIGHEST_PROTOCOL))
         self.echo(f"curate: {stage.name} run-wide decision made from {len(summaries)} partition summaries")
@@ -540,32 +582,32 @@ class Runner:
 
     def _finalize(self, plan: inputs.InputPlan, specs: list[StageSpec], started: float, ran: int,
                   skipped: int) -> RunResult:
-        markers = [self._marker(p.partition_id) for p in plan.partitions]
-        parts = [storage.read_json(m) for m in markers]
+        layout = self.layout
+        parts = [storage.read_json(layout.done_marker(p.partition_id)) for p in plan.partitions]
         merged = stats.merge(parts)
-        finalized_path = f"{self.work}/finalized.json"
         write_cfg = self.config.write
-        if ran == 0 and storage.exists(finalized_path) and storage.exists(f"{self.out}/stats.json"):
-            previous = storage.read_json(f"{self.out}/stats.json")
-            manifest = storage.read_json(f"{self.out}/manifest.json")
-            funnel = stats.format_funnel(previous, [s.cls.name for s in specs])
+        stage_order = [s.cls.name for s in specs]
+        if ran == 0 and storage.exists(layout.finalized) and storage.exists(layout.stats):
+            previous = storage.read_json(layout.stats)
+            manifest = storage.read_json(layout.manifest)
+            funnel = stats.format_funnel(previous, stage_order)
             self.echo("curate: nothing to do, every partition is done\n" + funnel)
             return RunResult(self.out, previous, len(plan.partitions), 0, skipped, manifest["shards"], funnel)
         infos: list[shards.ShardInfo] = []
         if write_cfg.enabled:
-            part_tars = [f"{self.work}/parts/part-{p.partition_id:05d}.tar" for p in plan.partitions]
+            part_tars = [layout.part_tar(p.partition_id) for p in plan.partitions]
             part_tars = [t for t in part_tars if storage.exists(t)]
-            infos = shards.repack(part_tars, f"{self.out}/shards", write_cfg.shard_prefix,
+            infos = shards.repack(part_tars, layout.shards_dir, write_cfg.shard_prefix,
                                   write_cfg.shard_samples, write_cfg.shard_bytes)
             # Shards of an earlier, interrupted finalize beyond the final count would look complete: remove.
             keep = {i.name for i in infos}
-            for path in storage.listdir(f"{self.out}/shards", ".tar"):
+            for path in storage.listdir(layout.shards_dir, ".tar"):
                 if os.path.basename(path) not in keep:
                     storage.remove(path)
         manifest = shards.manifest(infos, write_cfg.shard_prefix)
-        storage.write_json(f"{self.out}/manifest.json", manifest)
+        storage.write_json(layout.manifest, manifest)
         merged.update({
-            "stage_order": [s.cls.name for s in specs],
+            "stage_order": stage_order,
             "input_format": plan.format,
             "input_sources": list(plan.sources)[:100],
             "input_malformed_lines_skipped": plan.malformed_lines,
@@ -576,19 +618,19 @@ class Runner:
         if write_cfg.enabled and manifest["total_samples"] != merged["kept"]:
             raise stats.AccountingError(f"shards hold {manifest['total_samples']} samples but {merged['kept']} "
                                         "rows were kept")
-        storage.write_json(f"{self.out}/stats.json", merged)
+        storage.write_json(layout.stats, merged)
         self._write_report()
-        storage.write_json(finalized_path, {"shards": len(infos), "kept": merged["kept"]})
+        storage.write_json(layout.finalized, {"shards": len(infos), "kept": merged["kept"]})
         # The big intermediates are no longer needed once the run is finalized.
         for p in plan.partitions:
-            storage.remove(f"{self.work}/parts/part-{p.partition_id:05d}.tar")
-            for k in range(1, 8):  # the saved decision.pkl stays: a later re-run reuses it, never re-decides
-                storage.remove(_pass_path(self.work, k, p.partition_id, ".arrow"))
-                storage.remove(_pass_path(self.work, k, p.partition_id, ".summary.pkl"))
-        funnel = stats.format_funnel(merged, [s.cls.name for s in specs])
+            storage.remove(layout.part_tar(p.partition_id))
+            for k in range(1, MAX_PASSES + 1):  # the saved decision.pkl stays: a re-run reuses it, never re-decides
+                storage.remove(layout.pass_file(k, p.partition_id, ".arrow"))
+                storage.remove(layout.pass_file(k, p.partition_id, ".summary.pkl"))
+        funnel = stats.format_funnel(merged, stage_order)
         self.echo(funnel)
         self.echo(f"curate: wrote {len(infos)} shard(s) with {manifest['total_samples']:,} samples to "
-                  f"{self.out}/shards in {merged['elapsed_seconds_last_run']:.1f}s")
+                  f"{layout.shards_dir} in {merged['elapsed_seconds_last_run']:.1f}s")
         return RunResult(self.out, merged, len(plan.partitions), ran, skipped, manifest["shards"], funnel)
 
     def _write_report(self) -> None:

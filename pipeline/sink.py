@@ -1,10 +1,14 @@
-"""write stage: the sink. Turns one finished partition into its output files.
+"""The sink (config section `write`): turns one finished partition into its output files.
+
+It is engine, not a stage: it filters nothing, adds no columns and runs after every stage on all of a
+partition's rows. Its `requires` is what the runner checks before it, like a stage's.
 
 Per partition (all written atomically, named by partition id, so a task that runs twice rewrites identical files):
 - `curated/part-NNNNN.parquet`: kept rows, metadata only (no image bytes, no embeddings);
 - `rejected/part-NNNNN.parquet`: failed and rejected rows with `reject_stage`/`reject_reason`, no bytes;
 - `embeddings/part-NNNNN.parquet`: `key` + every `*_embedding` column, when a stage produced them;
 - `_work/parts/part-NNNNN.tar`: kept samples, repacked later into `shards/` (see pipeline/shards.py).
+Paths come from pipeline/layout.py.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,9 +25,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.pipeline import columns as C
-from curate.pipeline import shards, storage
-from curate.pipeline.configspec import option
-from curate.pipeline.stage import Stage
+from curate.pipeline import storage, tario
+from curate.pipeline.configspec import ConfigError, option
+from curate.pipeline.layout import RunLayout
 
 EMBEDDING_SUFFIX = "_embedding"
 
@@ -37,17 +42,11 @@ class WriteConfig:
     parquet_compression: str = option("zstd", help="Parquet codec for curated/rejected metadata (zstd, snappy, gzip, none).")
 
     def validate(self, key_path: str) -> None:
-        from curate.pipeline.configspec import ConfigError
-
         if self.parquet_compression not in ("zstd", "snappy", "gzip", "none", "lz4", "brotli"):
             raise ConfigError(f"{key_path}.parquet_compression",
                               f"expected one of zstd, snappy, gzip, lz4, brotli, none, got {self.parquet_compression!r}")
         if "/" in self.shard_prefix or not self.shard_prefix:
             raise ConfigError(f"{key_path}.shard_prefix", f"expected a non-empty file name prefix, got {self.shard_prefix!r}")
-
-
-def part_name(partition_id: int, suffix: str) -> str:
-    return f"part-{partition_id:05d}{suffix}"
 
 
 def _json_value(value: Any) -> Any:
@@ -58,17 +57,23 @@ def _json_value(value: Any) -> Any:
     return value
 
 
-class WriteStage(Stage[WriteConfig]):
-    name = "write"
-    requires = (C.KEY, C.STATUS)
-    adds = ()
+class PartitionWriter:
+    """Writes a partition's outputs; one per worker thread, like a stage instance."""
 
-    def process(self, table: pa.Table) -> pa.Table:  # the sink does not transform rows
-        return table
+    #: Name of the sink in stats (`stages.write`) and in `reject_stage` of rows that reach it without image bytes.
+    name = "write"
+
+    def __init__(self, config: WriteConfig, layout: RunLayout) -> None:
+        self.config = config
+        self.layout = layout
+
+    @property
+    def requires(self) -> tuple[str, ...]:
+        """Shards need image bytes; Parquet metadata alone needs nothing."""
+        return (C.IMAGE,) if self.config.enabled else ()
 
     def write_partition(self, partition_id: int, table: pa.Table) -> dict[str, int]:
         """Write every output file of one partition. `table` holds all its rows (kept, failed, rejected)."""
-        out = self.context.output_path
         table = table.sort_by(C.KEY)
         kept_mask = pc.equal(table.column(C.STATUS), C.STATUS_SUCCESS)
         kept = table.filter(kept_mask)
@@ -83,19 +88,14 @@ class WriteStage(Stage[WriteConfig]):
                 pq.write_table(t, tmp, compression=compression)
 
         metadata = C.conform(kept.drop_columns(embedding_cols))
-        write_parquet(f"{out}/curated/{part_name(partition_id, '.parquet')}", metadata)
-        write_parquet(f"{out}/rejected/{part_name(partition_id, '.parquet')}",
-                      C.conform(rejected.drop_columns(embedding_cols)))
+        write_parquet(self.layout.curated(partition_id), metadata)
+        write_parquet(self.layout.rejected(partition_id), C.conform(rejected.drop_columns(embedding_cols)))
         if embedding_cols:
             scored = table.filter(pc.is_valid(table.column(embedding_cols[0])))
-            write_parquet(f"{out}/embeddings/{part_name(partition_id, '.parquet')}",
-                          scored.select([C.KEY, *embedding_cols]))
+            write_parquet(self.layout.embeddings(partition_id), scored.select([C.KEY, *embedding_cols]))
         samples = 0
         if self.config.enabled:
-            samples = shards.write_samples(
-                f"{self.context.work_path}/parts/{part_name(partition_id, '.tar')}",
-                self._samples(kept, metadata),
-            )
+            samples = tario.write_samples(self.layout.part_tar(partition_id), self._samples(kept, metadata))
         return {"curated_rows": metadata.num_rows, "rejected_rows": rejected.num_rows, "tar_samples": samples}
 
     @staticmethod
@@ -107,14 +107,14 @@ class WriteStage(Stage[WriteConfig]):
                   for cur, img in zip(current, images, strict=True)]
         return C.set_column(kept, "sha256", filled)
 
-    def _samples(self, kept: pa.Table, metadata: pa.Table):  # type: ignore[no-untyped-def]
-        images = kept.column(C.IMAGE).to_pylist() if C.IMAGE in kept.column_names else [None] * kept.num_rows
+    @staticmethod
+    def _samples(kept: pa.Table, metadata: pa.Table) -> Iterator[tario.Sample]:
+        # The runner has failed every row without image bytes (`requires`), so every kept row has them.
+        images = kept.column(C.IMAGE).to_pylist() if kept.num_rows else []
         exts = kept.column(C.IMAGE_EXT).to_pylist() if C.IMAGE_EXT in kept.column_names else ["jpg"] * kept.num_rows
         for row, image, ext in zip(metadata.to_pylist(), images, exts, strict=True):
-            if image is None:  # the runner fails image-less rows before they can be kept
-                raise RuntimeError(f"row {row[C.KEY]} is kept but has no image bytes")
             meta = {k: _json_value(v) for k, v in row.items() if k not in C.INTERNAL_COLUMNS}
-            yield shards.Sample(
+            yield tario.Sample(
                 key=row[C.KEY],
                 image=image,
                 image_ext=ext or "jpg",

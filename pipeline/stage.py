@@ -21,8 +21,9 @@ client never builds a stage to learn them; it builds one instance per stage, for
 
 from __future__ import annotations
 
+import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -71,9 +72,23 @@ class StageSetupError(StageError):
     """setup() failed on a worker (model or index could not load): the whole run stops at once."""
 
 
+@dataclass(frozen=True)
+class Command:
+    """A `curate` subcommand that a stage provides (the dedup stage: `hash-evalset`, `dedup-report`).
+
+    `run` returns the exit code; a ValueError or FileNotFoundError it raises is a usage error (exit 2).
+    """
+
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
 # Class-level facts of the contract: a subclass sets them as plain class attributes, never as properties, so
 # the engine can read them from the class without building (or setting up) an instance.
-_CLASS_LEVEL = ("name", "config_class", "requires", "adds", "run_wide", "resources", "report_parts")
+_CLASS_LEVEL = ("name", "config_class", "requires", "adds", "run_wide", "resources", "report_parts", "commands")
 
 
 class Stage(Generic[ConfigT]):
@@ -120,6 +135,11 @@ class Stage(Generic[ConfigT]):
         `section` is the stage's config section as the run saved it (plain data: old runs may lack keys).
         """
         return None
+
+    @classmethod
+    def commands(cls) -> Sequence[Command]:
+        """Extra `curate` subcommands this stage provides (tools around it, not pipeline steps)."""
+        return ()
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
@@ -112,13 +112,13 @@ def makedirs(path: str) -> None:
         fs.makedirs(fs_path, exist_ok=True)
 
 
-def remove_stale_temporaries(root: str, subdirs: tuple[str, ...]) -> int:
-    """Delete temporaries a killed run left in `root/<subdir>` (local paths only); return how many."""
-    if not is_local(root):
-        return 0  # object stores never expose partial uploads
+def remove_stale_temporaries(folders: Iterable[str]) -> int:
+    """Delete temporaries a killed run left in these folders (local paths only); return how many."""
     removed = 0
-    for sub in subdirs:
-        folder = os.path.join(local(root), sub)
+    for path in folders:
+        if not is_local(path):
+            continue  # object stores never expose partial uploads
+        folder = local(path)
         if not os.path.isdir(folder):
             continue
         for name in os.listdir(folder):

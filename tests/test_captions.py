@@ -17,9 +17,14 @@ import pytest
 
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError
-from curate.stages.clean_captions.langid import BACKENDS, LanguageIdentifierError, make_identifier, normalize_code
 from curate.pipeline.stage import RunContext
-from curate.stages.clean_captions import (
+from curate.stages.clean_captions.langid import (
+    BACKENDS,
+    LanguageIdentifierError,
+    make_identifier,
+    normalize_code,
+)
+from curate.stages.clean_captions.stage import (
     CAPTION_LANGUAGE,
     CaptionCleaner,
     CaptionsConfig,

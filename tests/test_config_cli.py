@@ -101,7 +101,10 @@ def test_wheel_contains_every_subpackage(tmp_path: Path) -> None:
     for package in packages:
         assert f"curate/{package}/__init__.py" in names, package
     assert not any(n.startswith(("pipeline/", "stages/")) for n in names)  # never bare top-level packages
-    for module in ("curate/pipeline/runner.py", "curate/stages/download.py", "curate/stages/clip_filter.py"):
+    for module in ("curate/pipeline/runner.py", "curate/stages/download/stage.py", "curate/stages/clip_filter/stage.py"):
         assert module in names
+    modules = {f"curate/{p.relative_to(REPO)}" for p in (*REPO.glob("pipeline/**/*.py"), *REPO.glob("stages/**/*.py"))}
+    assert modules <= set(names), sorted(modules - set(names))
+    assert not any("faultserver" in n for n in names)  # a test fixture, not part of the package
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "curate = curate.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -113,9 +113,9 @@ def test_full_pipeline_on_dask_with_resume(tmp_path: Path, corpus: Path, tiny_cl
     # Parquet: kept rows with our schema, no image bytes anywhere
     curated = pq.read_table(run / "curated")
     assert curated.num_rows == stats["kept"] > 0
-    for name in C.KNOWN_SCHEMA.names:
+    for name in C.known_schema().names:
         assert name in curated.column_names
-    assert curated.schema.field("clip_score").type == C.KNOWN_SCHEMA.field("clip_score").type
+    assert curated.schema.field("clip_score").type == C.known_schema().field("clip_score").type
     assert "similarity" in curated.column_names  # extra input columns carried through
     assert C.IMAGE not in curated.column_names and C.IMAGE not in pq.read_schema(
         next((run / "rejected").glob("*.parquet"))).names

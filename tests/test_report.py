@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.pipeline import columns as C
-from curate.pipeline import report, shards, stats
+from curate.pipeline import report, shards, stats, tario
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -40,7 +40,7 @@ def _table(rows: list[dict[str, Any]]) -> pa.Table:
     """Rows with differing keys as one conformed table (from_pylist alone takes the first row's keys)."""
     names = sorted({k for row in rows for k in row})
     columns = {n: [row.get(n) for row in rows] for n in names}
-    return C.conform(pa.table({n: pa.array(v, type=C.KNOWN_SCHEMA.field(n).type) for n, v in columns.items()}))
+    return C.conform(pa.table({n: pa.array(v, type=C.known_schema().field(n).type) for n, v in columns.items()}))
 
 
 def _write_parquet(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -53,7 +53,7 @@ def build_run_dir(root: Path, images: dict[str, bytes], demo_dir: Path) -> dict[
     run = root / "run"
     names = sorted(n for n in images if n.endswith(".jpg"))  # 12 jpgs, plus png below
     kept_rows: list[dict[str, Any]] = []
-    samples: list[shards.Sample] = []
+    samples: list[tario.Sample] = []
     for i, name in enumerate(names[:8] + ["horse.png"]):
         data = images[name]
         from PIL import Image
@@ -66,12 +66,12 @@ def build_run_dir(root: Path, images: dict[str, bytes], demo_dir: Path) -> dict[
                    clip_score=0.30 + 0.01 * i, eval_distance=20 + i)
         kept_rows.append(row)
         meta = json.dumps({k: v for k, v in row.items()}, sort_keys=True).encode()
-        samples.append(shards.Sample(key, data, name.rsplit(".", 1)[1], row[C.CAPTION], meta))
+        samples.append(tario.Sample(key, data, name.rsplit(".", 1)[1], row[C.CAPTION], meta))
     (run / "shards").mkdir(parents=True)
     infos = []
     for index, chunk in enumerate((samples[:5], samples[5:])):
         path = run / "shards" / shards.shard_name("shard", index)
-        shards.write_samples(str(path), chunk)
+        tario.write_samples(str(path), chunk)
         data = path.read_bytes()
         infos.append(shards.ShardInfo(path.name, len(chunk), len(data), hashlib.sha256(data).hexdigest()))
     (run / "manifest.json").write_text(json.dumps(shards.manifest(infos, "shard")))
@@ -332,7 +332,9 @@ def test_matched_eval_images_resolve_from_eval_set_folders_only_inside_them(demo
     config = {"dedup": {"eval_sets": [{"path": str(demo_dir / "evalset"), "name": "demo-evalset"}]}}
     wanted = {"demo-evalset:animal/chelsea_text.jpg", "demo-evalset:../images/astronaut.jpg",
               "demo-evalset:missing.jpg", "other:animal/chelsea_text.jpg"}
-    paths = report._eval_paths(config, "/unused", wanted)
+    from curate.stages.phash_dedup.run_report import _eval_image_paths
+
+    paths = _eval_image_paths(config["dedup"], wanted)
     assert paths == {"demo-evalset:animal/chelsea_text.jpg": str(demo_dir / "evalset" / "animal" / "chelsea_text.jpg")}
 
 

@@ -47,7 +47,10 @@ class KeepLongestHalf(Stage[Any]):
     """A global stage: score = caption length, keep rows at or above the run-wide median."""
 
     name = "fake_global"
-    global_pass = True
+
+    @classmethod
+    def run_wide(cls, config: Any) -> bool:
+        return True
 
     def score(self, table: pa.Table) -> pa.Table:
         return C.set_column(table, "clip_score", [float(len(c or "")) for c in table.column(C.CAPTION).to_pylist()])
@@ -98,7 +101,10 @@ def config_for(tmp_path: Path, input_path: Path, **extra: Any) -> Any:
 
 
 def run_with(monkeypatch: pytest.MonkeyPatch, stages: dict[str, type[Stage]], config: Any) -> runner_mod.RunResult:
-    monkeypatch.setattr(runner_mod, "STAGES", stages)
+    """Run `config` with these stage classes in place of the registry's (each with that section's config)."""
+    monkeypatch.setattr(runner_mod, "stage_specs", lambda cfg: [
+        runner_mod.StageSpec(section, cls, cfg.section(section)) for section, cls in stages.items()
+        if cfg.section(section).enabled])
     return runner_mod.run(config, progress=False, echo=lambda _m: None)
 
 
@@ -294,10 +300,11 @@ class RecordsWorker(Stage[Any]):
     name = "cpu_recorder"
     gpus = 0.0
 
-    def resources(self) -> Any:
+    @classmethod
+    def resources(cls, config: Any) -> Any:
         from curate.pipeline.stage import Resources
 
-        return Resources(gpus=self.gpus)
+        return Resources(gpus=cls.gpus)
 
     def process(self, table: pa.Table) -> pa.Table:
         from distributed import get_worker
