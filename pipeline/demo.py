@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from curate.pipeline.configspec import ConfigError
+from curate.pipeline.layout import RunLayout
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,14 +59,15 @@ def run_demo(output: str, config_path: str | None = None, overrides: Sequence[st
     base = load_config(config_file, [*overrides, f"output.path={output}"])
     corpus = Path(base.input.path)
     out = Path(base.output.path)
-    if (out / "_work" / "demo.json").exists():
+    work = Path(RunLayout.of(str(out)).work)
+    if (work / "demo.json").exists():
         shutil.rmtree(out)  # a previous demo run: URLs pointed at another port
     elif out.exists() and any(out.iterdir()):
         raise ConfigError("output.path", f"{out} exists and is not a demo run; choose another -o")
-    (out / "_work").mkdir(parents=True, exist_ok=True)
-    (out / "_work" / "demo.json").write_text("{}\n")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "demo.json").write_text("{}\n")
     with serve_directory(corpus.parent) as base_url:
-        table = out / "_work" / "demo" / "corpus.csv"
+        table = work / "demo" / "corpus.csv"
         table.parent.mkdir(parents=True, exist_ok=True)
         with open(corpus, newline="", encoding="utf-8") as src, open(table, "w", newline="", encoding="utf-8") as dst:
             reader = csv.DictReader(src)
@@ -77,4 +79,5 @@ def run_demo(output: str, config_path: str | None = None, overrides: Sequence[st
         print(f"curate demo: serving {corpus.parent} at {base_url}")
         config = load_config(config_file, [*overrides, f"output.path={out}", f"input.path={table}"])
         run(config)
-    print(f"curate demo: done. Shards: {out}/shards/  report: {out}/report.html  stats: {out}/stats.json")
+    layout = RunLayout.of(str(out))
+    print(f"curate demo: done. Shards: {layout.shards_dir}/  report: {layout.report}  stats: {layout.stats}")

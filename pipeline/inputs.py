@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any
 
+import braceexpand
 import fsspec
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -70,14 +71,8 @@ class InputPlan:
 
 def _expand(path: str) -> list[str]:
     """Expand braces and globs; a folder lists its files (recursively)."""
-    try:
-        import braceexpand
-
-        patterns = list(braceexpand.braceexpand(path))
-    except ImportError:  # pragma: no cover - braceexpand ships with webdataset
-        patterns = [path]
     files: list[str] = []
-    for pattern in patterns:
+    for pattern in braceexpand.braceexpand(path):
         fs, fs_path = fsspec.core.url_to_fs(pattern)
         protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
         prefix = "" if protocol in ("file", "local") else f"{protocol}://"

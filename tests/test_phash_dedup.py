@@ -11,11 +11,16 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from curate.stages.phash_dedup import evalsets
 from curate.pipeline.config import load_config
 from curate.pipeline.configspec import ConfigError
 from curate.pipeline.stage import RunContext, StageError
-from curate.stages.phash_dedup import DedupConfig, EvalSetSource, PhashDedupStage, uniform_collision_rate
+from curate.stages.phash_dedup import (
+    DedupConfig,
+    EvalSetSource,
+    PhashDedupStage,
+    evalsets,
+    uniform_collision_rate,
+)
 
 
 def _context(tmp_path: Path) -> RunContext:
@@ -52,7 +57,7 @@ def test_eval_contamination_without_verification(real_images: dict[str, bytes], 
     index = tmp_path / "index.parquet"
     evalsets.hash_evalset(str(demo_dir / "evalset"), str(index), name="demo", verify=False, workers=1)
     stage = _stage(tmp_path, indexes=(str(index),), verify=False, threshold=8)
-    assert stage.global_pass is False
+    assert PhashDedupStage.run_wide(stage.config) is False
     rows = [(f"{i:09d}", data) for i, data in enumerate(real_images.values())]
     out = stage.process(_table(rows))
     assert out.column("key").to_pylist() == [k for k, _ in rows]  # same rows, same order
@@ -89,7 +94,7 @@ def test_eval_sets_hashed_at_setup_with_verification(real_images: dict[str, byte
         assert result[name]["status"] == "success" and result[name]["eval_match"] is None
     assert stage.counters["eval_verified"] >= 2
     again = _stage(tmp_path, eval_sets=(source,), cache_dir=str(cache), verify=True)  # cache reused
-    assert again._eval is not None and len(list(cache.glob("mini-*.parquet"))) == 1
+    assert again._matcher is not None and len(list(cache.glob("mini-*.parquet"))) == 1
 
 
 def test_verification_guard_rejects_a_phash_collision(demo_dir: Path, tmp_path: Path) -> None:
@@ -138,7 +143,7 @@ def _run_global(stage: PhashDedupStage, partitions: list[pa.Table]) -> list[pa.T
 
 def test_within_corpus_exact_and_near_duplicates_across_partitions(real_images: dict[str, bytes], tmp_path: Path) -> None:
     stage = _stage(tmp_path, within_corpus=True, within_corpus_threshold=4)
-    assert stage.global_pass is True
+    assert PhashDedupStage.run_wide(stage.config) is True
     chelsea, rocket, horse = real_images["chelsea.jpg"], real_images["rocket.jpg"], real_images["horse.png"]
     rocket_q60 = _reencode(rocket, 60)  # different bytes, same picture
     part_a = _table([("000000003", chelsea), ("000000005", rocket_q60), ("000000006", horse)])

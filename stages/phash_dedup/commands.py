@@ -31,7 +31,8 @@ def _dedup_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", required=True, help="run directory, parquet file or WebDataset tars")
     p.add_argument("--index", dest="indexes", action="append", required=True, help="INDEX.parquet, repeatable")
     p.add_argument("-o", "--output", required=True, help="report directory")
-    p.add_argument("--threshold", type=int, default=None, help="max Hamming distance (default: the index's)")
+    p.add_argument("--threshold", type=int, default=None,
+                   help="max Hamming distance for a pHash match (default: dedup.threshold, 8)")
     p.add_argument("--no-verify", dest="verify", action="store_false",
                    help="plain pHash only, without the second-signal check")
 

@@ -34,7 +34,6 @@ import json
 import logging
 import os
 import re
-import tarfile
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -45,8 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.pipeline import storage
-from curate.pipeline.inputs import split_sample_name
+from curate.pipeline import storage, tario
 from curate.stages.phash_dedup.phash import HashMode, PhashParams, from_hex, to_hex
 
 log = logging.getLogger("curate.evalsets")
@@ -73,26 +71,12 @@ class EvalItem:
 
 # -- locating sources -------------------------------------------------------------------------------
 
-_BRACE = re.compile(r"\{([^{}]*)\}")
-
-
 def expand_braces(pattern: str) -> list[str]:
-    """WebDataset-style brace expansion: ``a-{000..002}.tar`` and ``{train,val}.tar``."""
-    match = _BRACE.search(pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    range_match = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if range_match:
-        lo, hi = range_match.groups()
-        width = len(lo) if lo.startswith("0") or len(lo) == len(hi) else 0
-        options = [str(i).zfill(width) for i in range(int(lo), int(hi) + 1)]
-    else:
-        options = body.split(",")
-    out: list[str] = []
-    for option_text in options:
-        out.extend(expand_braces(pattern[: match.start()] + option_text + pattern[match.end() :]))
-    return out
+    """WebDataset-style brace expansion: ``a-{000..002}.tar`` and ``{train,val}.tar`` (bash rules, as the
+    input reader's)."""
+    from braceexpand import braceexpand
+
+    return list(braceexpand(pattern))
 
 
 def _expand_files(source: str) -> list[Path]:
@@ -280,18 +264,15 @@ def _iter_parquet(files: list[Path], image_column: str | None, id_column: str | 
 def _iter_tars(files: list[Path]) -> Iterator[EvalItem]:
     for file in files:
         seen: set[str] = set()
-        with tarfile.open(file, "r|*") as tar:  # streaming: shards are read front to back once
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, ext = split_sample_name(member.name)
-                if key in seen or f".{ext.rsplit('.', 1)[-1]}" not in IMAGE_EXTENSIONS:
-                    continue
-                handle = tar.extractfile(member)
-                if handle is None:
-                    continue
-                seen.add(key)
-                yield EvalItem(key, f"{file}::{member.name}", _const(handle.read()))
+        for key, members in tario.iter_sample_members(str(file)):  # streaming: read front to back once
+            if key in seen:
+                continue
+            for name, data in members:
+                _key, ext = tario.split_sample_name(name)
+                if f".{ext.rsplit('.', 1)[-1]}" in IMAGE_EXTENSIONS:  # the first image member of the sample
+                    seen.add(key)
+                    yield EvalItem(key, f"{file}::{name}", _const(data))
+                    break
 
 
 def _hf_arrow_files(root: Path) -> list[tuple[str, Path]]:

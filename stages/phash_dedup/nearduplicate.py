@@ -117,12 +117,6 @@ def _content_crop(gray: Image.Image) -> Image.Image:
     return gray.crop((max(0, left - margin), max(0, top - margin), min(w, right + margin), min(h, bottom + margin)))
 
 
-def _phash_int(img: Image.Image, hash_size: int) -> int:
-    import imagehash
-
-    return int(str(imagehash.phash(img, hash_size=hash_size)), 16)
-
-
 def candidate_hashes(img: Image.Image, hash_size: int = 8) -> list[int]:
     """Extra pHash values of an *eval* image that a near-duplicate is likely to land near.
 
@@ -131,6 +125,8 @@ def candidate_hashes(img: Image.Image, hash_size: int = 8) -> list[int]:
     ``int(str(imagehash.phash(variant, hash_size)), 16)``; duplicates of the main hash are dropped.
     """
     from PIL import ImageOps
+
+    from curate.stages.phash_dedup.phash import phash_int
 
     base = img.convert("RGB") if img.mode not in ("RGB", "L") else img
     w, h = base.size
@@ -144,10 +140,10 @@ def candidate_hashes(img: Image.Image, hash_size: int = 8) -> list[int]:
     cw, ch = round(w * 0.9), round(h * 0.9)
     for left, top in ((0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)):
         variants.append(base.crop((left, top, left + cw, top + ch)))
-    main = _phash_int(base, hash_size)
+    main = phash_int(base, hash_size)
     out: list[int] = []
     for variant in variants:
-        value = _phash_int(variant, hash_size)
+        value = phash_int(variant, hash_size)
         if value != main and value not in out:
             out.append(value)
     return out

@@ -3,12 +3,12 @@
 For a corpus (a finished run directory, WebDataset tars, or Parquet with image bytes or a `phash`
 column) against one or more eval indexes (INDEX.parquet from `curate hash-evalset`):
 
-* every corpus image is pHashed (a run's `curated/*.parquet` hashes are reused) and searched
-  exactly against the index hashes (`curate.stages.phash_dedup.hamming`);
-* a pair within `threshold` bits is a pHash match; with `verify` (and descriptors in the index) it is
-  checked by the near-duplicate second signal (`curate.stages.phash_dedup.nearduplicate`), and pairs found only
-  through the looser candidate search (the eval images' mirror/crop hashes within
-  `candidate_threshold`) are added when they verify;
+* every corpus image is pHashed (a run's `curated/*.parquet` hashes are reused) and matched by
+  :class:`curate.stages.phash_dedup.matcher.EvalMatcher`, the matcher of the dedup stage, with the
+  stage's defaults (`DedupConfig`: threshold, candidate_threshold, max_candidates, verify);
+* a reported match (`verified` true, or null without verification) is exactly a pair the stage
+  would reject the corpus image for: at most one per corpus image. Pairs within `threshold` that the
+  second signal refused are listed too, with `verified` false;
 * output in DIR: `pairs.csv` / `pairs.json` (one row per match), `summary.json` (counts and rates
   per eval set, distance histogram), `index.html` (+ `page-N.html`): a paginated gallery of matched
   pairs side by side, thumbnails as files under `thumbs/` next to the pages, no scripts, no network.
@@ -22,10 +22,10 @@ import html
 import json
 import logging
 import os
-import tarfile
+import tarfile  # TarError only: tars are read through curate.pipeline.tario
 from collections import Counter, defaultdict
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +33,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.pipeline.inputs import IMAGE_EXTENSIONS, iter_tar_samples
+from curate.pipeline import tario
+from curate.stages.phash_dedup.matcher import Candidate, EvalMatcher, MatchSettings
+from curate.stages.phash_dedup.stage import DedupConfig
 
 log = logging.getLogger("curate.dedup_report")
 
-#: Default pHash match threshold (bits of 64), as `dedup.threshold`.
-DEFAULT_THRESHOLD = 8
-#: Default candidate threshold for verified matches (bits of 64); benchmarks/near_dup_eval.py shows
-#: 98% of near-duplicates within 16 bits of the eval image's main or variant hashes.
-DEFAULT_CANDIDATE_THRESHOLD = 16
-MAX_CANDIDATES_PER_ROW = 32
 PAIR_FIELDS = ("key", "eval_set", "item_id", "distance", "verified", "score", "candidate_distance")
 _IMAGE_BYTES_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes", "bytes")
 
@@ -54,16 +50,6 @@ class CorpusSource:
     kind: str  # "run" | "webdataset" | "parquet"
     files: tuple[str, ...]
     hash_files: tuple[str, ...] = ()  # a run's curated/*.parquet (key -> phash)
-
-
-@dataclass
-class Match:
-    corpus_row: int
-    eval_row: int
-    distance: int  # main pHash Hamming distance
-    candidate_distance: int  # min over the eval image's main and variant hashes
-    verified: bool | None = None
-    score: float | None = None
 
 
 # -- corpus ----------------------------------------------------------------------------------------
@@ -97,9 +83,9 @@ def resolve_corpus(source: str) -> CorpusSource:
 
 def _iter_tar_images(path: str) -> Iterator[tuple[str, bytes | None]]:
     """(key, image bytes or None) per sample, streaming the tar once."""
-    for key, fields in iter_tar_samples(path):
-        ext = next((e for e in fields if e in IMAGE_EXTENSIONS), None)
-        yield key, fields[ext] if ext is not None else None
+    for key, fields in tario.iter_tar_samples(path):
+        field = tario.image_field(fields)
+        yield key, fields[field] if field is not None else None
 
 
 def _parquet_columns(path: str) -> tuple[str | None, str | None, bool]:
@@ -181,9 +167,7 @@ def _read_reference(reference: str) -> bytes | None:
             return Path(reference).read_bytes()
         if "::" in reference:
             archive, member = reference.rsplit("::", 1)
-            with tarfile.open(archive) as tar:
-                handle = tar.extractfile(member)
-                return handle.read() if handle is not None else None
+            return next((data for name, data in tario.iter_members(archive) if name == member), None)
         if "#" in reference:
             file, row = reference.rsplit("#", 1)
             return _table_row_image(file, int(row))
@@ -211,42 +195,7 @@ def _table_row_image(file: str, row: int) -> bytes | None:
     return None
 
 
-# -- search ----------------------------------------------------------------------------------------
-def _search(
-    corpus_words: np.ndarray, index: pa.Table, params: Any, threshold: int, candidate_threshold: int | None
-) -> list[Match]:
-    """Pairs within `threshold` (main hash) and, if given, within `candidate_threshold` (main + variants)."""
-    from curate.stages.phash_dedup.hamming import range_search
-    from curate.stages.phash_dedup.phash import from_hex, hamming
-
-    n_bits = params.n_bits
-    eval_words = from_hex(index.column("phash").to_pylist(), n_bits)
-    widest = max(threshold, candidate_threshold or 0)
-    found: dict[tuple[int, int], int] = {}
-    main = range_search(corpus_words, eval_words, min(widest, n_bits - 1), n_bits)
-    for c, e, d in zip(main.query.tolist(), main.index.tolist(), main.distance.tolist(), strict=True):
-        found[(c, e)] = d
-    if candidate_threshold is not None and "variant_hashes" in index.column_names:
-        owners, hexes = [], []
-        for row, variants in enumerate(index.column("variant_hashes").to_pylist()):
-            for value in variants or ():
-                owners.append(row)
-                hexes.append(value)
-        if hexes:
-            variant_words = from_hex(hexes, n_bits)
-            extra = range_search(corpus_words, variant_words, min(candidate_threshold, n_bits - 1), n_bits)
-            for c, v, d in zip(extra.query.tolist(), extra.index.tolist(), extra.distance.tolist(), strict=True):
-                pair = (c, owners[v])
-                found[pair] = min(found.get(pair, d), d)
-    matches = []
-    for (c, e), best in found.items():
-        distance = int(hamming(corpus_words[c], eval_words[e]))
-        if distance <= threshold or (candidate_threshold is not None and best <= candidate_threshold):
-            matches.append(Match(c, e, distance, min(best, distance)))
-    return matches
-
-
-# -- verification and thumbnails -------------------------------------------------------------------
+# -- thumbnails --------------------------------------------------------------------------------------------
 def _thumbnail(data: bytes | None, target: Path, side: int) -> bool:
     from curate.stages.phash_dedup.phash import decode_rgb
 
@@ -263,33 +212,38 @@ def _thumbnail(data: bytes | None, target: Path, side: int) -> bool:
         return False
 
 
-def _verify_matches(
-    matches: list[Match], corpus_images: dict[int, bytes | None], descriptors: list[bytes | None], nd: Any,
-    n_bits: int,
-) -> None:
-    from curate.stages.phash_dedup.phash import decode_rgb
-
-    by_row: dict[int, list[Match]] = defaultdict(list)
-    for m in matches:
-        by_row[m.corpus_row].append(m)
-    for row, row_matches in by_row.items():
-        data = corpus_images.get(row)
-        if data is None:
-            continue
-        try:
-            corpus_desc = nd.descriptor(decode_rgb(data))
-        except Exception as err:  # noqa: BLE001 - undecodable corpus image: leave it unverified
-            log.warning("corpus row %d: no descriptor: %s", row, err)
-            continue
-        row_matches.sort(key=lambda m: m.candidate_distance)
-        for m in row_matches[:MAX_CANDIDATES_PER_ROW]:
-            eval_desc = descriptors[m.eval_row]
-            if eval_desc is None:
-                continue
-            m.verified, m.score = nd.verify(eval_desc, corpus_desc, distance=m.candidate_distance, n_bits=n_bits)
-
-
 # -- main entry ------------------------------------------------------------------------------------
+def match_settings(
+    threshold: int | None = None, verify: bool = True, candidate_threshold: int | None = None,
+    max_candidates: int | None = None, n_bits: int = 64,
+) -> MatchSettings:
+    """The stage's settings (`DedupConfig` defaults) with the report's overrides; ValueError when out of range."""
+    defaults = DedupConfig()
+    settings = MatchSettings(
+        threshold=defaults.threshold if threshold is None else int(threshold),
+        candidate_threshold=defaults.candidate_threshold if candidate_threshold is None else int(candidate_threshold),
+        max_candidates=defaults.max_candidates if max_candidates is None else int(max_candidates),
+        verify=verify,
+    )
+    if not 0 <= settings.threshold < n_bits:
+        raise ValueError(f"threshold must be in [0, {n_bits - 1}] bits, got {settings.threshold}")
+    if verify and not settings.threshold <= settings.candidate_threshold < n_bits:
+        raise ValueError(
+            f"candidate_threshold must be in [threshold, {n_bits - 1}], got {settings.candidate_threshold}"
+        )
+    if settings.max_candidates < 1:
+        raise ValueError(f"max_candidates must be >= 1, got {settings.max_candidates}")
+    return settings
+
+
+def _shown(result_candidates: Sequence[Candidate], accepted: Sequence[Candidate | None], threshold: int) -> list[Candidate]:
+    """The accepted match of each row, and the pHash matches (main distance within `threshold`) the second
+    signal refused: the first are what the stage rejects, the second what it would have without verification."""
+    chosen = {id(c) for c in accepted if c is not None}
+    return [c for c in result_candidates
+            if id(c) in chosen or (c.verified is False and c.main_distance <= threshold)]
+
+
 def dedup_report(
     corpus: str,
     indexes: list[str],
@@ -298,30 +252,23 @@ def dedup_report(
     verify: bool = True,
     *,
     candidate_threshold: int | None = None,
+    max_candidates: int | None = None,
     page_size: int = 60,
     thumb_side: int = 160,
 ) -> dict[str, Any]:
     """Write the dedup report for `corpus` against `indexes` into `output_dir`; return the summary.
 
-    `threshold`: max pHash Hamming distance of a match (default 8). With `verify` and descriptors in
-    the index, pHash matches get `verified` = the second signal's verdict, and near-duplicates found
-    through the candidate search (main and variant hashes within `candidate_threshold`, default 16)
-    are reported when they verify. Raises ValueError for a bad corpus, index or threshold.
+    Matching is the dedup stage's (:class:`EvalMatcher`) with `DedupConfig`'s defaults; `threshold`,
+    `candidate_threshold` and `max_candidates` override them. With `verify` and descriptors in the
+    index a match is a candidate the second signal confirmed; without, the nearest eval image within
+    `threshold`. Raises ValueError for a bad corpus, index or threshold.
     """
     from curate.stages.phash_dedup.phash import from_hex, phash_bytes, to_hex
 
     index, params, metas = _load_indexes(list(indexes))
     n_bits = params.n_bits
-    threshold = DEFAULT_THRESHOLD if threshold is None else int(threshold)
-    if not 0 <= threshold < n_bits:
-        raise ValueError(f"threshold must be in [0, {n_bits - 1}] bits, got {threshold}")
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
-    source = resolve_corpus(corpus)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    nd = None
     has_descriptors = "descriptor" in index.column_names and index.column("descriptor").null_count < index.num_rows
     if verify and has_descriptors:
         from curate.stages.phash_dedup import nearduplicate as nd
@@ -335,12 +282,14 @@ def dedup_report(
             )
     elif verify:
         log.warning("eval indexes carry no descriptors: pairs are reported unverified (verified = null)")
-    if nd is not None:
-        candidate_threshold = DEFAULT_CANDIDATE_THRESHOLD if candidate_threshold is None else int(candidate_threshold)
-        if not threshold <= candidate_threshold < n_bits:
-            raise ValueError(f"candidate_threshold must be in [threshold, {n_bits - 1}], got {candidate_threshold}")
-    else:
-        candidate_threshold = None
+    source = resolve_corpus(corpus)
+    with_images = source.kind != "parquet" or all(_parquet_columns(f)[1] is not None for f in source.files)
+    if verify and has_descriptors and not with_images:
+        log.warning("corpus %s has no image bytes (phash only): pairs are reported unverified", corpus)
+    verified_mode = verify and has_descriptors and with_images
+    settings = match_settings(threshold, verified_mode, candidate_threshold, max_candidates, n_bits)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
 
     # pass 1: one pHash per corpus sample (stored hashes where they are trustworthy)
     stored_hashes = _run_hashes(source) if source.kind == "run" else {}
@@ -378,40 +327,45 @@ def dedup_report(
     hashed_rows = [i for i, h in enumerate(hexes) if h is not None]
     corpus_words = from_hex([hexes[i] for i in hashed_rows], n_bits) if hashed_rows else np.zeros((0, 1), np.uint64)
 
-    matches = _search(corpus_words, index, params, threshold, candidate_threshold) if hashed_rows else []
-    for m in matches:  # search rows -> corpus rows
-        m.corpus_row = hashed_rows[m.corpus_row]
-
-    # pass 2: image bytes only for the rows with a match (verification and thumbnails)
-    needed = {m.corpus_row for m in matches}
+    # pass 2: image bytes only for the rows with a candidate (verification and thumbnails)
     corpus_images: dict[int, bytes | None] = {}
-    if needed:
-        for row, (_, image, _) in enumerate(iter_corpus(source)):
-            if row in needed:
-                corpus_images[row] = image
-    if nd is not None:
-        _verify_matches(matches, corpus_images, index.column("descriptor").to_pylist(), nd, n_bits)
-        # found only through the looser candidate search: a match only when the second signal says so
-        matches = [m for m in matches if m.distance <= threshold or m.verified]
+
+    def load_images(rows: Sequence[int]) -> Mapping[int, bytes | None]:
+        needed = {hashed_rows[q] for q in rows} - corpus_images.keys()
+        if needed:
+            for row, (_, image, _) in enumerate(iter_corpus(source)):
+                if row in needed:
+                    corpus_images[row] = image
+        return {q: corpus_images.get(hashed_rows[q]) for q in rows}
+
+    matcher = EvalMatcher(index, settings, n_bits)
+    if hashed_rows:
+        result = matcher.match(corpus_words, load_images)
+        shown = _shown(result.candidates, result.matches, settings.threshold)
+        load_images(sorted({c.row for c in shown}))  # thumbnails (verification loaded them already)
+    else:
+        shown = []
+    matches = [replace(c, row=hashed_rows[c.row]) for c in shown]  # search rows -> corpus rows
 
     eval_sets = index.column("eval_set").to_pylist()
     item_ids = index.column("item_id").to_pylist()
     refs = index.column("path").to_pylist()
-    matches.sort(key=lambda m: (eval_sets[m.eval_row], m.distance, keys[m.corpus_row], item_ids[m.eval_row]))
+    matches.sort(key=lambda m: (eval_sets[m.item], m.main_distance, keys[m.row], item_ids[m.item]))
     pairs = [
         {
-            "key": keys[m.corpus_row],
-            "eval_set": eval_sets[m.eval_row],
-            "item_id": item_ids[m.eval_row],
-            "distance": m.distance,
+            "key": keys[m.row],
+            "eval_set": eval_sets[m.item],
+            "item_id": item_ids[m.item],
+            "distance": m.main_distance,
             "verified": m.verified,
             "score": m.score,
-            "candidate_distance": m.candidate_distance,
+            "candidate_distance": m.distance,
         }
         for m in matches
     ]
     summary = _summary(
-        pairs, matches, eval_sets, keys, threshold, candidate_threshold, nd is not None, unreadable, corpus, indexes
+        pairs, eval_sets, keys, settings.threshold, settings.candidate_threshold if verified_mode else None,
+        verified_mode, unreadable, corpus, indexes,
     )
     _write_tables(out, pairs, summary)
     _write_gallery(out, pairs, matches, refs, corpus_images, summary, page_size, thumb_side)
@@ -419,7 +373,7 @@ def dedup_report(
 
 
 def _summary(
-    pairs: list[dict[str, Any]], matches: list[Match], eval_sets: list[str], keys: list[str], threshold: int,
+    pairs: list[dict[str, Any]], eval_sets: list[str], keys: list[str], threshold: int,
     candidate_threshold: int | None, verified_mode: bool, unreadable: int, corpus: str, indexes: list[str],
 ) -> dict[str, Any]:
     items_per_set = Counter(eval_sets)
@@ -526,7 +480,7 @@ def _histogram_svg(hist: dict[str, dict[str, int]]) -> str:
 
 
 def _write_gallery(
-    out: Path, pairs: list[dict[str, Any]], matches: list[Match], refs: list[str],
+    out: Path, pairs: list[dict[str, Any]], matches: list[Candidate], refs: list[str],
     corpus_images: dict[int, bytes | None], summary: dict[str, Any], page_size: int, thumb_side: int,
 ) -> None:
     esc = html.escape
@@ -558,12 +512,12 @@ def _write_gallery(
         cards = []
         for i in chunk:
             p, m = pairs[i], matches[i]
-            if m.eval_row not in eval_thumbs:
-                rel = f"thumbs/eval-{m.eval_row}.jpg"
-                eval_thumbs[m.eval_row] = rel if _thumbnail(_read_reference(refs[m.eval_row]), out / rel,
+            if m.item not in eval_thumbs:
+                rel = f"thumbs/eval-{m.item}.jpg"
+                eval_thumbs[m.item] = rel if _thumbnail(_read_reference(refs[m.item]), out / rel,
                                                             thumb_side) else None
-            corpus_rel = f"thumbs/corpus-{m.corpus_row}.jpg"
-            if not (out / corpus_rel).exists() and not _thumbnail(corpus_images.get(m.corpus_row), out / corpus_rel,
+            corpus_rel = f"thumbs/corpus-{m.row}.jpg"
+            if not (out / corpus_rel).exists() and not _thumbnail(corpus_images.get(m.row), out / corpus_rel,
                                                                    thumb_side):
                 corpus_rel = ""
             state = {True: "confirmed", False: "rejected", None: "unverified"}[p["verified"]]
@@ -579,7 +533,7 @@ def _write_gallery(
             cards.append(
                 f'<div class="pair {state}" data-key="{esc(p["key"])}" data-item="{esc(p["item_id"])}">'
                 '<div class="imgs">'
-                + figure(eval_thumbs[m.eval_row], f"eval {p['eval_set']}:{p['item_id']}", f"eval {p['item_id']}")
+                + figure(eval_thumbs[m.item], f"eval {p['eval_set']}:{p['item_id']}", f"eval {p['item_id']}")
                 + figure(corpus_rel, f"corpus {p['key']}", f"corpus {p['key']}")
                 + f'</div><div class="meta"><span class="badge">distance {p["distance"]}</span>'
                 f" (candidate {p['candidate_distance']}) &middot; {verdict}{score}<br>"

@@ -1,13 +1,15 @@
 """phash_dedup stage: drop eval-set contamination and within-corpus duplicates by perceptual hash.
 
-Eval side (every partition): each row's pHash (of the decoded, EXIF-transposed RGB image) is searched
-against every eval index loaded in :meth:`PhashDedupStage.setup` (prebuilt ``dedup.indexes`` and
-``dedup.eval_sets`` hashed once into a cache). With ``dedup.verify`` (default) the search runs at the
+Eval side (every partition): each row's pHash (of the decoded, EXIF-transposed RGB image) is matched
+against the eval indexes loaded in :meth:`PhashDedupStage.setup` (prebuilt ``dedup.indexes`` and
+``dedup.eval_sets`` hashed once into a cache) by :class:`curate.stages.phash_dedup.matcher.EvalMatcher`,
+the same matcher `curate dedup-report` uses. With ``dedup.verify`` (default) the search runs at the
 looser ``dedup.candidate_threshold`` against each eval image's hash and its variant hashes (mirror,
-crops), and every candidate is confirmed with the second signal of
+crops), and up to ``dedup.max_candidates`` candidates are confirmed with the second signal of
 :mod:`curate.stages.phash_dedup.nearduplicate`; a row is rejected (``eval_duplicate``) only when one verifies.
 Without it, a row is rejected when any eval hash is within ``dedup.threshold``. The row records
-``eval_match`` (``evalset:item_id``) and ``eval_distance``.
+``eval_match`` (``evalset:item_id``) and ``eval_distance``. Bytes that do not decode fail the row
+(``decode_error``); rows without bytes never get here (the runner fails them with ``no_image``).
 
 Within the corpus (``dedup.within_corpus``): a run-wide pass. Every partition's surviving rows are
 summarised (key, sha256, pHash, optional score); the decision, made once on the client, keeps one
@@ -26,7 +28,7 @@ import hashlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +36,10 @@ import pyarrow.compute as pc
 
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, option
-from curate.pipeline.stage import RunContext, Stage, StageError
+from curate.pipeline.stage import Command, RunContext, Stage, StageError
+
+if TYPE_CHECKING:
+    from curate.stages.phash_dedup.matcher import EvalMatcher
 
 
 def uniform_collision_rate(threshold: int, n_bits: int) -> float:
@@ -91,16 +96,6 @@ class DedupConfig:
             raise ConfigError(f"{key_path}.score_column", "is required for keep: highest_score")
 
 
-@dataclass
-class _EvalIndex:
-    """Everything searched per partition, built once per worker."""
-
-    labels: list[str]  # "evalset:item_id" per eval item
-    search: Any  # HammingIndex over main + variant hashes
-    owner: np.ndarray  # eval item of each indexed hash
-    descriptors: list[bytes | None] | None
-
-
 class PhashDedupStage(Stage[DedupConfig]):
     name = "phash_dedup"
     config_class = DedupConfig
@@ -115,13 +110,25 @@ class PhashDedupStage(Stage[DedupConfig]):
     def __init__(self, config: DedupConfig, context: RunContext) -> None:
         super().__init__(config, context)
         self.counters: collections.Counter[str] = collections.Counter()
-        self._eval: _EvalIndex | None = None
+        self._matcher: EvalMatcher | None = None
         self._params: Any = None
         self._nd: Any = None
 
     @classmethod
     def run_wide(cls, config: DedupConfig) -> bool:  # a run-wide pass only when within-corpus dedup is on
         return config.within_corpus
+
+    @classmethod
+    def report_parts(cls, section: dict[str, Any]) -> Any:
+        from curate.stages.phash_dedup.run_report import report_parts
+
+        return report_parts(section)
+
+    @classmethod
+    def commands(cls) -> Sequence[Command]:
+        from curate.stages.phash_dedup.commands import COMMANDS
+
+        return COMMANDS
 
     # -- set-up ------------------------------------------------------------------------------------
     def preflight(self) -> None:
@@ -141,8 +148,7 @@ class PhashDedupStage(Stage[DedupConfig]):
 
     def setup(self) -> None:
         from curate.stages.phash_dedup import evalsets
-        from curate.stages.phash_dedup.hamming import HammingIndex
-        from curate.stages.phash_dedup.phash import PhashParams, from_hex
+        from curate.stages.phash_dedup.phash import PhashParams
 
         cfg = self.config
         self._params = PhashParams(hash_size=cfg.hash_size, mode=cfg.hash_mode)
@@ -190,32 +196,22 @@ class PhashDedupStage(Stage[DedupConfig]):
                     )
         if not tables:
             return
+        from curate.stages.phash_dedup.matcher import EvalMatcher, MatchSettings
+
         merged = evalsets.concat_indexes([t for _p, t in tables])
-        n_bits = self._params.n_bits
-        labels = [f"{s}:{i}" for s, i in zip(merged.column("eval_set").to_pylist(), merged.column("item_id").to_pylist(), strict=True)]
-        hashes = [from_hex(merged.column("phash").to_pylist(), n_bits)]
-        owner = [np.arange(merged.num_rows, dtype=np.int64)]
-        if cfg.verify and "variant_hashes" in merged.column_names:
-            variants = merged.column("variant_hashes")
-            lengths = pc.fill_null(pc.list_value_length(variants), 0).to_numpy(zero_copy_only=False)
-            flat = pc.list_flatten(variants).to_pylist()
-            if flat:
-                hashes.append(from_hex(flat, n_bits))
-                owner.append(np.repeat(np.arange(merged.num_rows, dtype=np.int64), lengths))
-        max_t = cfg.candidate_threshold if cfg.verify else cfg.threshold
-        all_hashes = np.concatenate(hashes)
-        descriptors = merged.column("descriptor").to_pylist() if cfg.verify else None
-        self._eval = _EvalIndex(labels, HammingIndex(all_hashes, n_bits, max_t), np.concatenate(owner), descriptors)
-        self.log.info("eval search: %d items, %d hashes, threshold %d", len(labels), len(all_hashes), max_t)
+        matcher = EvalMatcher(merged, MatchSettings.from_config(cfg), self._params.n_bits)
+        self._matcher = matcher
+        max_t = matcher.settings.search_threshold
+        self.log.info("eval search: %d items, %d hashes, threshold %d", len(matcher.labels), len(matcher.hashes), max_t)
         if cfg.verify:
-            chance = len(all_hashes) * uniform_collision_rate(max_t, n_bits)
+            chance = len(matcher.hashes) * uniform_collision_rate(max_t, matcher.n_bits)
             if chance >= 1.0:
                 self.log.warning(
                     "dedup.candidate_threshold %d against %d eval hashes: even uniformly random hashes would make "
                     "%.1f candidates per row, and real pictures collide far more often (benchmarks/phash_collisions.py); "
                     "each costs a verify call up to dedup.max_candidates (%d). For large eval sets, consider a lower "
                     "candidate_threshold (docs/dedup.md, cost at scale).",
-                    max_t, len(all_hashes), chance, cfg.max_candidates,
+                    max_t, len(matcher.hashes), chance, cfg.max_candidates,
                 )
 
     # -- per partition -----------------------------------------------------------------------------
@@ -225,8 +221,11 @@ class PhashDedupStage(Stage[DedupConfig]):
         return self.score(table)
 
     def score(self, table: pa.Table) -> pa.Table:
-        """pHash every row and reject eval-set matches (they never enter the within-corpus pass)."""
-        from curate.stages.phash_dedup.phash import decode_rgb, phash_bytes, to_hex
+        """pHash every row and reject eval-set matches (they never enter the within-corpus pass).
+
+        Every row has image bytes: the runner fails rows without them (`no_image`) before this stage.
+        """
+        from curate.stages.phash_dedup.phash import phash_bytes, to_hex
 
         params = self._params
         images = table.column(C.IMAGE).to_pylist()
@@ -234,68 +233,33 @@ class PhashDedupStage(Stage[DedupConfig]):
         reasons: list[str | None] = [None] * n
         messages: list[str | None] = [None] * n
         statuses: list[str] = [C.STATUS_REJECTED] * n
-        present = [i for i, data in enumerate(images) if data]
-        for i in set(range(n)) - set(present):
-            reasons[i], messages[i], statuses[i] = "missing_image", "no image bytes", C.STATUS_FAILED
-        words, errors = phash_bytes([images[i] for i in present], params)
-        hashed = np.zeros((n, params.n_words), dtype=np.uint64)
-        ok = np.zeros(n, dtype=bool)
-        for j, i in enumerate(present):
-            if errors[j]:
-                reasons[i], messages[i], statuses[i] = "decode_error", errors[j], C.STATUS_FAILED
-            else:
-                hashed[i] = words[j]
-                ok[i] = True
+        hashed, errors = phash_bytes(images, params)
+        for i, error in enumerate(errors):
+            if error:
+                reasons[i], messages[i], statuses[i] = "decode_error", error, C.STATUS_FAILED
+        ok = np.array([error is None for error in errors], dtype=bool)
         hex_values = to_hex(hashed, params.n_bits)
         phash_col = [hex_values[i] if ok[i] else None for i in range(n)]
         match: list[str | None] = [None] * n
         distance: list[int | None] = [None] * n
-        if self._eval is not None and ok.any():
+        if self._matcher is not None and ok.any():
             rows = np.flatnonzero(ok)
-            cfg = self.config
-            search_t = cfg.candidate_threshold if cfg.verify else cfg.threshold
-            found = self._eval.search.search(hashed[rows], search_t)
-            # nearest hash per (row, eval item): main and variants of one item count once
-            best: dict[int, dict[int, int]] = collections.defaultdict(dict)
-            for q, h, d in zip(found.query.tolist(), found.index.tolist(), found.distance.tolist(), strict=True):
-                item = int(self._eval.owner[h])
-                row = int(rows[q])
-                if d < best[row].get(item, 1 << 30):
-                    best[row][item] = d
-            for row, items in best.items():
-                ranked = sorted(items.items(), key=lambda kv: (kv[1], self._eval.labels[kv[0]]))
-                self.counters["eval_candidate_rows"] += 1
-                hit = self._verify(images[row], ranked, decode_rgb) if cfg.verify else (*ranked[0], "")
+            found = self._matcher.match(hashed[rows], lambda wanted: {q: images[rows[q]] for q in wanted})
+            self.counters.update(found.counters)
+            for q, hit in enumerate(found.matches):
                 if hit is None:
                     continue
-                item, d, note = hit
-                match[row], distance[row] = self._eval.labels[item], d
+                row = int(rows[q])
+                label = self._matcher.labels[hit.item]
+                note = "" if hit.score is None else f", verified (probability {hit.score:.2f})"
+                match[row], distance[row] = label, hit.distance
                 reasons[row] = "eval_duplicate"
-                messages[row] = f"matches eval image {self._eval.labels[item]} at pHash distance {d}{note}"
+                messages[row] = f"matches eval image {label} at pHash distance {hit.distance}{note}"
         table = C.set_column(table, "phash", phash_col)
         table = C.set_column(table, "eval_match", match)
         table = C.set_column(table, "eval_distance", distance)
         table = C.set_column(table, "dup_of", [None] * n)
         return self.reject(table, reasons, messages, statuses)
-
-    def _verify(self, data: bytes, ranked: Sequence[tuple[int, int]], decode_rgb: Any) -> tuple[int, int, str] | None:
-        """The nearest candidate the second signal confirms, or None. Descriptor made once per row."""
-        assert self._eval is not None and self._eval.descriptors is not None
-        corpus_desc = self._nd.descriptor(decode_rgb(data))
-        for item, d in ranked[: self.config.max_candidates]:
-            eval_desc = self._eval.descriptors[item]
-            if eval_desc is None:
-                continue
-            self.counters["eval_verify_calls"] += 1
-            same, score = self._nd.verify(eval_desc, corpus_desc, distance=d, n_bits=self._params.n_bits)
-            if same:
-                self.counters["eval_verified"] += 1
-                if d > self.config.threshold:
-                    self.counters["eval_verified_beyond_threshold"] += 1
-                return item, d, f", verified (probability {score:.2f})"
-            if d <= self.config.threshold:
-                self.counters["eval_pHash_match_overruled"] += 1  # pHash alone would have rejected it
-        return None
 
     # -- within-corpus pass --------------------------------------------------------------------------
     def summarize(self, table: pa.Table) -> dict[str, Any]:
