@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from curate.pipeline import __version__, registry
 from curate.pipeline.configspec import ConfigError
+from curate.pipeline.runlock import RunLocked
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -132,6 +133,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return handler(args)
     except ConfigError as err:
         print(f"curate: config error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except RunLocked as err:  # nothing ran: the user picks another output.path or waits
+        print(f"curate: {err}", file=sys.stderr)
         return EXIT_USAGE
     except (ValueError, FileNotFoundError) as err:
         if args.command not in PIPELINE_COMMANDS:

@@ -58,6 +58,16 @@ class ClusterConfig:
     dashboard: bool = option(True, help="Print the link of the Dask dashboard (served on a free 127.0.0.1 port).")
     gpu_workers: int = option(0, help="LocalCluster workers that advertise `GPU=1` (0 = one per visible CUDA device).", range=(0, None))
 
+    def validate(self, key_path: str) -> None:
+        if self.memory_limit != "auto":
+            from dask.utils import parse_bytes
+
+            try:
+                parse_bytes(self.memory_limit)
+            except (ValueError, TypeError) as err:
+                raise ConfigError(f"{key_path}.memory_limit", "expected 'auto' or a size such as '4GiB' or "
+                                  f"'500MB', got {self.memory_limit!r}") from err
+
 
 class RunConfig:
     """A run's config: the engine's sections, then one per registered stage (built by `run_config_class`).
@@ -96,6 +106,52 @@ def _run_config_class(entries: tuple[registry.StageEntry, ...]) -> type[RunConfi
     return cls
 
 
+#: A config is a few hundred values; YAML aliases that expand it beyond this are an alias bomb, not a config.
+MAX_EXPANDED_VALUES = 100_000
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """safe_load that refuses duplicate keys (YAML would silently keep the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _value_node in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (YAML would silently keep the last value)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(value: Any, budget: int) -> int:
+    """How many values `value` holds with YAML aliases expanded, counting no further than `budget`."""
+    count = 0
+    stack = [value]
+    while stack and count <= budget:
+        node = stack.pop()
+        count += 1
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list | tuple):
+            stack.extend(node)
+    return count
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """safe_load with duplicate keys refused and alias expansion bounded; errors name `source`."""
+    try:
+        loaded = yaml.load(text, Loader=_ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as err:
+        raise ConfigError("", f"{source}: not valid YAML: {err}") from err
+    if _expanded_size(loaded, MAX_EXPANDED_VALUES) > MAX_EXPANDED_VALUES:
+        raise ConfigError("", f"{source}: YAML aliases expand to more than {MAX_EXPANDED_VALUES:,} values "
+                              "(an alias bomb?); write the values out")
+    return loaded
+
+
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = data
@@ -120,9 +176,9 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
         if not key or any(not p for p in key.split(".")):
             raise ConfigError(key or item, "expected --set section.key=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError as err:
-            raise ConfigError(key, f"could not parse value {raw!r}: {err}") from err
+            value = load_yaml(raw, f"--set {key}") if raw.strip() else ""
+        except ConfigError as err:
+            raise ConfigError(key, err.message) from err
         out.append((key, value))
     return out
 
@@ -158,10 +214,9 @@ def load_config(
             text = p.read_text(encoding="utf-8")
         except OSError as err:
             raise ConfigError("", f"cannot read config {str(p)!r}: {err.strerror or err}") from err
-        try:
-            loaded = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError("", f"{p}: not valid YAML: {err}") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError("", f"{p}: not a text file (invalid UTF-8 at byte {err.start})") from err
+        loaded = load_yaml(text, str(p))
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

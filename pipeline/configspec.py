@@ -8,17 +8,27 @@ generate docs/config.md. Stages declare their own sections; `pipeline.config` as
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+#: Longest message a ConfigError shows: a huge offending value is cut, not printed whole.
+MAX_MESSAGE_CHARS = 400
+#: Integers must fit the 64-bit columns and counters they end up in.
+MAX_INT = 2**63 - 1
+
 
 class ConfigError(ValueError):
     """A bad config value. `str(err)` is `key.path: what was expected, got what`."""
 
     def __init__(self, key_path: str, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = f"{message[:MAX_MESSAGE_CHARS]}… ({len(message):,} characters)"
+        if len(key_path) > MAX_MESSAGE_CHARS:
+            key_path = f"{key_path[:MAX_MESSAGE_CHARS]}…"
         self.key_path = key_path
         self.message = message
         super().__init__(f"{key_path}: {message}" if key_path else message)
@@ -148,12 +158,16 @@ def _convert(value: Any, tp: Any, key_path: str, meta: Mapping[str, Any], base_d
         if isinstance(value, bool) or not isinstance(value, int):
             kind = f"an integer {_range_text(meta)}" if meta.get("range") else "an integer"
             raise ConfigError(key_path, f"expected {kind}, got {value!r}")
+        if abs(value) > MAX_INT:
+            raise ConfigError(key_path, f"expected an integer of at most {MAX_INT:,} in size, got {value!r}")
         _check_range(value, meta, key_path, "an integer")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             kind = f"a number {_range_text(meta)}" if meta.get("range") else "a number"
             raise ConfigError(key_path, f"expected {kind}, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf: every comparison with NaN is false
+            raise ConfigError(key_path, f"expected a finite number, got {value!r}")
         _check_range(float(value), meta, key_path, "a number")
         return float(value)
     if tp is str:

@@ -1,6 +1,6 @@
 """The run directory (`output.path`): every path the engine, the report and the dedup report use, in one place.
 
-    stats.json  manifest.json  report.html
+    stats.json  manifest.json  report.html  .curate-run.lock (while a run works here)
     curated/part-NNNNN.parquet   rejected/part-NNNNN.parquet   embeddings/part-NNNNN.parquet
     shards/{prefix}-NNNNN.tar
     _work/            run.json (config + fingerprints), plan.json, finalized.json
@@ -71,6 +71,11 @@ class RunLayout:
 
     def shard(self, name: str) -> str:
         return f"{self.shards_dir}/{name}"
+
+    @property
+    def lock(self) -> str:
+        """Held while a run works on this folder (pipeline/runlock.py); hidden, so readers skip it."""
+        return f"{self.root}/.curate-run.lock"
 
     # -- work files ------------------------------------------------------------------------------
     @property

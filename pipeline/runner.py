@@ -37,10 +37,10 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from curate.pipeline import columns as C
-from curate.pipeline import inputs, registry, shards, stats, storage
+from curate.pipeline import inputs, registry, runlock, shards, stats, storage
 from curate.pipeline.config import RunConfig, to_dict
 from curate.pipeline.configspec import ConfigError
-from curate.pipeline.layout import MAX_PASSES, RunLayout
+from curate.pipeline.layout import MAX_PASSES, RunLayout, part_name
 from curate.pipeline.sink import PartitionWriter, WriteConfig
 from curate.pipeline.stage import RunContext, Stage, StageError, StageSetupError, mark_rows
 
@@ -275,7 +275,11 @@ def run_steps(
         if kind is StepKind.READ:
             assert isinstance(payload, inputs.PartitionSpec)
             table = inputs.read_partition(payload, input_cfg)
-            state = PartitionState(payload.partition_id, table.num_rows, table)
+            # Input rows as the plan counted them from the input itself: a row the reader loses breaks the
+            # partition's accounting instead of vanishing.
+            state = PartitionState(payload.partition_id, payload.num_rows, table)
+            if C.STATUS in table.column_names:  # rows the reader already turned down (stage `input`)
+                _split_alive(state)
             continue
         if kind is StepKind.LOAD:
             assert isinstance(payload, inputs.PartitionSpec)
@@ -339,7 +343,12 @@ def _fingerprint(config: RunConfig) -> dict[str, str]:
 def _check_resume_compatible(config: RunConfig, layout: RunLayout) -> None:
     current = _fingerprint(config)
     if storage.exists(layout.run_json):
-        previous = storage.read_json(layout.run_json).get("fingerprint", {})
+        try:
+            previous = storage.read_json(layout.run_json).get("fingerprint", {})
+        except storage.CorruptFile as err:
+            raise RunFailed(f"{err}: it records which config made this run; delete it only if you are sure the "
+                            "config is unchanged (the run then resumes with the current one), or use a new "
+                            "output.path") from err
         changed = [s for s in current if previous.get(s) != current[s]]
         if changed:
             raise ConfigError(
@@ -421,6 +430,11 @@ class Runner:
 
     # public ------------------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        storage.makedirs(self.layout.root)
+        with runlock.hold(self.layout.lock, self.out):
+            return self._run()
+
+    def _run(self) -> RunResult:
         started = time.time()
         layout = self.layout
         storage.makedirs(layout.work)
@@ -434,7 +448,7 @@ class Runner:
         stages = {spec.section: spec.cls(spec.config, context) for spec in specs}
         for stage in stages.values():  # fail fast, before a cluster starts, on what the user must fix
             stage.preflight()
-        done_ids = {p.partition_id for p in plan.partitions if storage.exists(layout.done_marker(p.partition_id))}
+        done_ids = {p.partition_id for p in plan.partitions if self._is_done(p.partition_id)}
         if len(done_ids) < len(plan.partitions):
             done_ids = self._drop_repacked(done_ids)
         todo = [p for p in plan.partitions if p.partition_id not in done_ids]
@@ -445,6 +459,19 @@ class Runner:
         return self._finalize(plan, specs, started, len(todo), len(done_ids))
 
     # steps -------------------------------------------------------------------------------------------
+    def _is_done(self, partition_id: int) -> bool:
+        """A partition is done when its marker exists and reads; a corrupt marker means: redo that partition."""
+        marker = self.layout.done_marker(partition_id)
+        if not storage.exists(marker):
+            return False
+        try:
+            storage.read_json(marker)
+        except storage.CorruptFile as err:
+            log.warning("%s; partition %d will run again", err, partition_id)
+            storage.remove(marker)
+            return False
+        return True
+
     def _drop_repacked(self, done_ids: set[int]) -> set[int]:
         """After a finalize, part tars are gone; partitions that need them for a new repack must run again."""
         layout = self.layout
@@ -464,7 +491,11 @@ class Runner:
     def _plan(self) -> inputs.InputPlan:
         cached = self.layout.plan
         if storage.exists(cached):
-            data = storage.read_json(cached)
+            try:
+                data = storage.read_json(cached)
+            except storage.CorruptFile as err:
+                raise RunFailed(f"{err}: delete it to plan again from the input (only if the input is unchanged: "
+                                "finished partitions are matched to it by number), or use a new output.path") from err
             parts = tuple(inputs.PartitionSpec(**p) for p in data["partitions"])
             return inputs.InputPlan(parts, data["total_rows"], tuple(data["sources"]), data["format"],
                                     data.get("malformed_lines", 0))
@@ -585,14 +616,21 @@ class Runner:
         layout = self.layout
         parts = [storage.read_json(layout.done_marker(p.partition_id)) for p in plan.partitions]
         merged = stats.merge(parts)
+        if merged["input_rows"] != plan.total_rows:
+            raise stats.AccountingError(f"the input holds {plan.total_rows} rows but the partitions account for "
+                                        f"{merged['input_rows']}")
         write_cfg = self.config.write
         stage_order = [s.cls.name for s in specs]
         if ran == 0 and storage.exists(layout.finalized) and storage.exists(layout.stats):
-            previous = storage.read_json(layout.stats)
-            manifest = storage.read_json(layout.manifest)
-            funnel = stats.format_funnel(previous, stage_order)
-            self.echo("curate: nothing to do, every partition is done\n" + funnel)
-            return RunResult(self.out, previous, len(plan.partitions), 0, skipped, manifest["shards"], funnel)
+            try:
+                previous = storage.read_json(layout.stats)
+                manifest = storage.read_json(layout.manifest)
+            except (storage.CorruptFile, FileNotFoundError) as err:
+                log.warning("%s; finalizing again", err)
+            else:
+                funnel = stats.format_funnel(previous, stage_order)
+                self.echo("curate: nothing to do, every partition is done\n" + funnel)
+                return RunResult(self.out, previous, len(plan.partitions), 0, skipped, manifest["shards"], funnel)
         infos: list[shards.ShardInfo] = []
         if write_cfg.enabled:
             part_tars = [layout.part_tar(p.partition_id) for p in plan.partitions]
@@ -605,6 +643,10 @@ class Runner:
                 if os.path.basename(path) not in keep:
                     storage.remove(path)
         manifest = shards.manifest(infos, write_cfg.shard_prefix)
+        if write_cfg.enabled and manifest["total_samples"] != merged["kept"]:
+            raise stats.AccountingError(f"shards hold {manifest['total_samples']} samples but {merged['kept']} "
+                                        "rows were kept")
+        self._remove_outputs_not_in(plan)
         storage.write_json(layout.manifest, manifest)
         merged.update({
             "stage_order": stage_order,
@@ -615,9 +657,6 @@ class Runner:
             "samples_in_shards": manifest["total_samples"],
             "elapsed_seconds_last_run": round(time.time() - started, 2),
         })
-        if write_cfg.enabled and manifest["total_samples"] != merged["kept"]:
-            raise stats.AccountingError(f"shards hold {manifest['total_samples']} samples but {merged['kept']} "
-                                        "rows were kept")
         storage.write_json(layout.stats, merged)
         self._write_report()
         storage.write_json(layout.finalized, {"shards": len(infos), "kept": merged["kept"]})
@@ -632,6 +671,17 @@ class Runner:
         self.echo(f"curate: wrote {len(infos)} shard(s) with {manifest['total_samples']:,} samples to "
                   f"{layout.shards_dir} in {merged['elapsed_seconds_last_run']:.1f}s")
         return RunResult(self.out, merged, len(plan.partitions), ran, skipped, manifest["shards"], funnel)
+
+    def _remove_outputs_not_in(self, plan: inputs.InputPlan) -> None:
+        """curated/, rejected/ and embeddings/ keep exactly the current plan's partitions (an earlier run in this
+        folder with other input or limits may have left more)."""
+        layout = self.layout
+        keep = {part_name(p.partition_id, ".parquet") for p in plan.partitions}
+        for folder in (layout.curated_dir, layout.rejected_dir, layout.embeddings_dir):
+            for path in storage.listdir(folder, ".parquet"):
+                if os.path.basename(path) not in keep:
+                    log.info("removing %s: not part of this run's plan", path)
+                    storage.remove(path)
 
     def _write_report(self) -> None:
         if not storage.is_local(self.out):

@@ -65,9 +65,21 @@ def write_json(path: str, obj: Any) -> None:
     write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
 
 
+class CorruptFile(ValueError):
+    """A work file that exists but cannot be parsed (a crash or a full disk cut it short)."""
+
+    def __init__(self, path: str, err: Exception) -> None:
+        super().__init__(f"{path} is corrupt ({err})")
+        self.path = path
+
+
 def read_json(path: str) -> Any:
     with fsspec.open(path, "rb") as f:
-        return json.loads(f.read())
+        raw = f.read()
+    try:
+        return json.loads(raw)
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        raise CorruptFile(path, err) from err
 
 
 def exists(path: str) -> bool:

@@ -1,0 +1,219 @@
+"""What must hold when runs are started carelessly or configs and work files are hostile or broken: one run per
+output folder, outputs that match the current plan, config values refused with their key path (from `validate`
+as from `run`), and damaged work files named with a way out."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from curate.pipeline.cli import main
+from curate.pipeline.runlock import _process_start
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGES = sorted(p.name for p in (REPO / "configs" / "demo" / "images").iterdir())
+
+
+def _corpus(path: Path, base_url: str, rows: int) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["url", "caption"])
+        for i in range(rows):
+            name = IMAGES[i % len(IMAGES)]
+            writer.writerow([f"{base_url}/images/{name}?v={i}", f"A photograph of the {name.split('.')[0]}, view {i}"])
+
+
+def _config(tmp_path: Path, base_url: str, rows: int = 12, name: str = "c.yaml") -> Path:
+    _corpus(tmp_path / "corpus.csv", base_url, rows)
+    config = {
+        "input": {"path": str(tmp_path / "corpus.csv"), "format": "csv", "shard_size": 3},
+        "output": {"path": str(tmp_path / "run")},
+        "cluster": {"n_workers": 1, "processes": False, "dashboard": False},
+        "download": {"allowed_networks": ["127.0.0.1/32"], "retries": 0, "threads": 2},
+        "captions": {"languages": []},
+        "dedup": {"enabled": False},
+        "clip": {"enabled": False},
+        "write": {"shard_samples": 4},
+    }
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _stats(run: Path) -> dict[str, Any]:
+    return json.loads((run / "stats.json").read_text())
+
+
+def _consistent(run: Path) -> dict[str, Any]:
+    """stats, manifest, shards and curated/ agree (what a reader of the folder relies on)."""
+    stats = _stats(run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    rejected = sum(n for reasons in stats["rejected"].values() for n in reasons.values())
+    assert stats["input_rows"] == stats["kept"] + rejected
+    assert manifest["total_samples"] == stats["kept"] == pq.read_table(run / "curated").num_rows
+    assert sorted(s["name"] for s in manifest["shards"]) == sorted(p.name for p in (run / "shards").glob("*.tar"))
+    return stats
+
+
+# -- one run per output folder ------------------------------------------------------------------------
+
+def test_second_run_on_a_busy_folder_refuses_at_once_and_the_first_finishes_whole(
+        tmp_path: Path, demo_image_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path, demo_image_server.base_url)
+    demo_image_server.delay = 0.25
+    try:
+        first = subprocess.Popen([sys.executable, "-m", "curate.pipeline.cli", "run", str(config), "--no-progress"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        lock = tmp_path / "run" / ".curate-run.lock"
+        deadline = time.monotonic() + 60
+        while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lock.exists(), "the first run never took the lock"
+        started = time.monotonic()
+        assert main(["run", str(config), "--no-progress"]) == 2
+        assert time.monotonic() - started < 5  # refused at once, not after waiting or working
+        err = capsys.readouterr().err
+        assert "in use by another curate run" in err and f"pid {first.pid}" in err
+        _, first_err = first.communicate(timeout=120)
+        assert first.returncode == 0, first_err.decode(errors="replace")[-2000:]
+    finally:
+        demo_image_server.delay = 0.0
+    stats = _consistent(tmp_path / "run")
+    assert stats["input_rows"] == 12 and not lock.exists()
+    assert main(["run", str(config), "--no-progress"]) == 0  # and a third run: nothing to do, same answer
+    assert _consistent(tmp_path / "run") == {**stats, "elapsed_seconds_last_run": _stats(tmp_path / "run")[
+        "elapsed_seconds_last_run"]}
+
+
+def test_stale_lock_of_a_killed_run_is_taken_over_but_a_live_or_foreign_one_is_not(
+        tmp_path: Path, demo_image_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path, demo_image_server.base_url, rows=3)
+    (tmp_path / "run").mkdir()
+    lock = tmp_path / "run" / ".curate-run.lock"
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        holder = {"host": socket.gethostname(), "pid": sleeper.pid, "process_start": _process_start(sleeper.pid),
+                  "started": "2026-01-01T00:00:00+00:00", "command": "curate run other.yaml"}
+        lock.write_text(json.dumps(holder))
+        assert main(["run", str(config), "--no-progress"]) == 2
+        assert f"pid {sleeper.pid}" in capsys.readouterr().err
+        lock.write_text(json.dumps({**holder, "host": "another-machine"}))
+        assert main(["run", str(config), "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert "another-machine" in err and f"delete {lock}" in err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock.write_text(json.dumps(holder))  # its process is gone now: a killed run's lock
+    assert main(["run", str(config), "--no-progress"]) == 0
+    assert _consistent(tmp_path / "run")["input_rows"] == 3 and not lock.exists()
+
+
+# -- outputs match the current plan -------------------------------------------------------------------
+
+def test_rerun_after_deleting_work_with_a_smaller_limit_leaves_only_the_new_plans_files(
+        tmp_path: Path, demo_image_server: Any) -> None:
+    config = _config(tmp_path, demo_image_server.base_url, rows=12)
+    assert main(["run", str(config), "--no-progress"]) == 0
+    stray = tmp_path / "run" / "curated" / "part-00099.parquet"
+    shutil.copy(tmp_path / "run" / "curated" / "part-00000.parquet", stray)
+    shutil.rmtree(tmp_path / "run" / "_work")
+    assert main(["run", str(config), "--no-progress", "--set", "input.limit=5"]) == 0
+    stats = _consistent(tmp_path / "run")
+    assert stats["input_rows"] == 5
+    assert sorted(p.name for p in (tmp_path / "run" / "curated").iterdir()) == ["part-00000.parquet",
+                                                                                "part-00001.parquet"]
+    assert sorted(p.name for p in (tmp_path / "run" / "rejected").iterdir()) == ["part-00000.parquet",
+                                                                                 "part-00001.parquet"]
+
+
+# -- hostile and broken configs -----------------------------------------------------------------------
+
+BASE = "input: {path: in.parquet}\noutput: {path: out}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("download: {timeout: .nan}\n", "download.timeout: expected a finite number"),
+        ("clip: {threshold: .nan}\n", "clip.threshold: expected a finite number"),
+        ("download: {timeout: .inf}\n", "download.timeout: expected a finite number"),
+        ("input: {path: in.parquet, shard_size: 1000000000000000000000000000000}\noutput: {path: out}\n",
+         "input.shard_size: expected an integer of at most"),
+        ("cluster: {memory_limit: lots}\n", "cluster.memory_limit: expected 'auto' or a size"),
+        ("clip: {threshold: 0.2}\nclip: {threshold: 0.9}\n", "duplicate key 'clip'"),
+        ("input: {path: a, path: b}\noutput: {path: out}\n", "duplicate key 'path'"),
+    ],
+)
+def test_bad_config_values_exit_2_naming_the_key_from_validate_and_run(
+        tmp_path: Path, text: str, expected: str, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text if text.startswith("input") else BASE + text)
+    for command in ("validate", "run"):
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+
+
+def test_yaml_alias_bomb_is_refused_quickly_with_a_short_message(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    levels = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    bomb = "x:\n" + "\n".join("  " + line for line in levels) + "\ninput: {path: *a8}\noutput: {path: out}\n"
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    started = time.monotonic()
+    assert main(["validate", str(tmp_path / "bomb.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - started < 5
+    assert "alias" in err and len(err) < 1000
+
+
+def test_huge_values_are_cut_in_messages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "c.yaml").write_text(BASE + "clip: {threshold: '" + "x" * 100_000 + "'}\n")
+    assert main(["validate", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("curate: config error: clip.threshold: expected a number") and len(err) < 1000
+
+
+def test_binary_config_names_the_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe\x00binary")
+    for command in ("validate", "run"):
+        assert main([command, str(path)]) == 2
+        err = capsys.readouterr().err
+        assert str(path) in err and "not a text file" in err
+
+
+# -- damaged work files -------------------------------------------------------------------------------
+
+def test_truncated_work_files_name_the_file_and_a_corrupt_marker_redoes_its_partition(
+        tmp_path: Path, demo_image_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _config(tmp_path, demo_image_server.base_url, rows=6)
+    assert main(["run", str(config), "--no-progress"]) == 0
+    before = _consistent(tmp_path / "run")
+    work = tmp_path / "run" / "_work"
+    (work / "done" / "part-00001.json").write_text('{"input_rows": 3, "ke')  # a crash mid-write
+    assert main(["run", str(config), "--no-progress"]) == 0
+    after = _consistent(tmp_path / "run")
+    assert {k: after[k] for k in ("input_rows", "kept", "rejected")} == {
+        k: before[k] for k in ("input_rows", "kept", "rejected")}
+    for name, hint in (("plan.json", "plan again"), ("run.json", "config")):
+        original = (work / name).read_bytes()
+        (work / name).write_bytes(original[: len(original) // 2])
+        capsys.readouterr()
+        assert main(["run", str(config), "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert str(work / name) in err and "corrupt" in err and hint in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) <= 3
+        (work / name).write_bytes(original)
