@@ -85,7 +85,7 @@ def bench_model(
 ) -> dict[str, Any]:
     import torch
 
-    from curate.stages.clip_filter import model as clip_model as cm
+    from curate.stages.clip_filter import model as cm
 
     model_config = str(TINY_CONFIG) if name == "curate-tiny-clip" else ""
     spec = cm.ModelSpec(model=name, pretrained="", model_config=model_config, device=device,
@@ -134,7 +134,7 @@ def bench_model(
         model = scorer.model
         for start in range(0, baseline_n, batch_size):
             blobs, caps = images[start : start + batch_size], captions[start : start + batch_size]
-            px = torch.stack([scorer.reference_transform(cm.open_image(b)) for b in blobs]).to(device)
+            px = torch.stack([scorer.reference_pixels(b) for b in blobs]).to(device)
             tok = scorer.reference_tokenizer(caps).to(device)
             with torch.no_grad():
                 img_f = model.encode_image(px)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(REPO))
     logging.basicConfig(level=logging.ERROR)
     warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-    from curate.stages.clip_filter import model as clip_model as cm
+    from curate.stages.clip_filter import model as cm
 
     device = cm.resolve_device(args.device)
     on_gpu = device.startswith("cuda")

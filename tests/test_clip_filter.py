@@ -18,11 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from curate.stages.clip_filter import model as clip_model as cm
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, build
+from curate.pipeline.images import decode_rgb
 from curate.pipeline.stage import RunContext, StageError
-from curate.stages.clip_filter import ClipConfig, ClipDecision, ClipFilterStage
+from curate.stages.clip_filter import ClipConfig, ClipFilterStage
+from curate.stages.clip_filter import model as cm
+from curate.stages.clip_filter.stage import ClipDecision
 
 CUDA = torch.cuda.is_available()
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -231,9 +233,9 @@ def test_tensor_preprocess_matches_pil_reference(case, real_images, odd_images) 
                 warnings.simplefilter("ignore", DeprecationWarning)
                 decoded.append(decode_jpeg(torch.frombuffer(bytearray(blob), dtype=torch.uint8), mode=ImageReadMode.RGB))
         else:
-            decoded.append(cm.pil_to_uint8_chw(cm.open_image(blob)))
+            decoded.append(cm.pil_to_uint8_chw(decode_rgb(blob)))
     got = tensor_pp(decoded, "cpu")  # one call: images of many sizes grouped internally
-    want = torch.stack([reference(cm.open_image(b)) for b in blobs.values()])
+    want = torch.stack([reference(decode_rgb(b)) for b in blobs.values()])
     levels = (got - want).abs() * torch.tensor(tensor_pp.std).view(1, 3, 1, 1) * 255
     assert got.shape == want.shape
     assert levels.max().item() <= 2.5, case
@@ -323,6 +325,29 @@ def test_undecodable_rows_fail_without_touching_the_batch(make_stage, demo_pairs
     np.testing.assert_allclose([scores[2 * j] for j in range(len(bad))], alone.column("clip_score").to_numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("pipeline", ["reference", "tensor"])
+def test_exif_orientation_is_applied_in_both_pipelines(make_stage, real_images, pipeline) -> None:
+    """Every stage sees EXIF-transposed pixels: a sideways-stored photo tagged 6 scores as the upright one."""
+    upright = Image.open(io.BytesIO(real_images["chelsea.jpg"])).convert("RGB")  # 320x213
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what a phone writes; tag 6 turns it back
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    tagged = encode_image(stored, exif=exif.tobytes())
+    shown = decode_rgb(tagged)
+    assert shown.size == (320, 213)
+    exif[0x0112] = 1  # an APP1 segment that does not rotate: stays on the torchvision path
+    plain_app1 = encode_image(stored, exif=exif.tobytes())
+    images = [tagged, encode_image(shown, "PNG"), encode_image(stored), plain_app1]
+    stage = make_stage(preprocess=pipeline, threshold=-1.0)
+    scores = stage.score(make_table(images, ["a cat"] * 4)).column("clip_score").to_numpy()
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)  # the same pixels as the upright image
+    assert abs(scores[0] - scores[2]) > 1e-4  # ... and not those of the sideways one
+    assert scores[3] == pytest.approx(scores[2], abs=1e-6)
+    if pipeline == "tensor":
+        assert stage.counters["decode_exif_oriented"] == 1
+        assert stage.counters["decode_jpeg_libjpeg"] == 2  # the untagged and the orientation-1 JPEG
+
+
 def test_empty_captions_rejected_as_no_caption(make_stage, demo_pairs) -> None:
     images = demo_pairs[0][:4]
     out = make_stage(threshold=-1.0).process(make_table(images, ["", "   ", None, "a photo"]))
@@ -339,7 +364,7 @@ def test_threshold_rejects_below_with_low_clip_score(make_stage, demo_pairs) -> 
     scores = make_stage(threshold=-1.0).process(make_table(images, captions)).column("clip_score").to_numpy()
     threshold = float(np.median(scores))
     stage = make_stage(threshold=threshold)
-    assert not stage.global_pass
+    assert not stage.run_wide(stage.config)
     out = stage.process(make_table(images, captions))
     low = out.column("clip_score").to_numpy() < threshold
     assert low.sum() == (scores < threshold).sum() > 0
@@ -367,7 +392,7 @@ def test_top_fraction_two_pass_keeps_exact_fraction_with_ties(make_stage, demo_p
     all_captions = [captions[0]] * 5 + captions + ["junk"]
     keys = [f"k{i:03d}" for i in range(len(all_images))]
     stage = make_stage(top_fraction=0.3)
-    assert stage.global_pass
+    assert stage.run_wide(stage.config)
     with pytest.raises(StageError, match="two-pass"):
         stage.process(make_table(all_images, all_captions, keys))
 
@@ -576,11 +601,11 @@ def test_config_errors_name_the_key(data, key, match) -> None:
 
 def test_resources_and_defaults(make_stage, context) -> None:
     stage = make_stage()
-    assert stage.resources().gpus == 0 and stage.resources().dask_resources == {}
+    assert stage.resources(stage.config).gpus == 0 and stage.resources(stage.config).dask_resources == {}
     assert stage.batch_size == 4
     gpu = ClipFilterStage(build(ClipConfig, {"device": "cuda"}, "clip"), context)
     gpu._device = "cuda:0"  # what resolve_device gives on a GPU worker
-    assert gpu.resources().dask_resources == {"GPU": 1}
+    assert gpu.resources(gpu.config).dask_resources == {"GPU": 1}
     assert gpu.batch_size == 1024 and gpu.image_pipeline == "tensor"
     assert cm.resolve_precision("auto", "cuda:0") == "bf16" and cm.resolve_precision("auto", "cpu") == "fp32"
     assert cm.resolve_device("cpu") == "cpu"

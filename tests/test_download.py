@@ -3,6 +3,7 @@ rows that arrive with image bytes, and the stage contract (same rows, same order
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import pickle
@@ -11,14 +12,17 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 import pytest
+from faultserver import HTML_PAGE, FaultServer, Respond
 from PIL import Image
 
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, build
-from faultserver import HTML_PAGE, FaultServer, Respond
-from curate.pipeline.images import ImageError, ImageSpec, decode_image, process_image, sniff_format
+from curate.pipeline.images import ImageError, decode_image, decode_rgb, sniff_format
 from curate.pipeline.stage import RunContext
 from curate.stages.download import DownloadConfig, DownloadStage
+from curate.stages.download.fetch import FetchOptions
+from curate.stages.download.resize import ImageSpec, process_image
+from curate.stages.download.stage import options_from
 
 LOOPBACK = {"allowed_networks": ("127.0.0.1/32",), "timeout": 2.0, "connect_timeout": 1.0, "retries": 0}
 
@@ -88,8 +92,6 @@ def test_config_defaults_and_validation() -> None:
 
 
 def test_every_option_has_a_help_text_with_its_meaning() -> None:
-    import dataclasses
-
     for f in dataclasses.fields(DownloadConfig):
         assert len(f.metadata["help"]) > 20, f.name
 
@@ -235,6 +237,37 @@ def test_decode_image_api(real_images: dict[str, bytes]) -> None:
         with pytest.raises(ImageError) as info:
             decode_image(data)
         assert info.value.reason == reason
+
+
+def test_decode_rgb_guard_and_draft(real_images: dict[str, bytes], big_photo: bytes) -> None:
+    gray = decode_rgb(encode(Image.open(io.BytesIO(real_images["camera.jpg"])).convert("L")))
+    assert gray.mode == "RGB"
+    small = decode_rgb(big_photo, draft_size=(300, 200))  # 1280 → 1/4 scale keeps both sides >= the hint
+    assert small.size == (320, 320) and decode_rgb(big_photo).size == (1280, 1280)
+    with pytest.raises(ImageError) as info:
+        decode_rgb(real_images["astronaut.jpg"], max_pixels=320 * 320 - 1)
+    assert info.value.reason == "decompression_bomb" and "decompression-bomb limit" in info.value.message
+    with pytest.raises(ImageError) as info:
+        decode_rgb(real_images["horse.png"], input_formats=("JPEG",))
+    assert info.value.reason == "unsupported_format"
+    clone = pickle.loads(pickle.dumps(info.value))  # crosses process boundaries intact
+    assert (clone.reason, clone.message) == (info.value.reason, info.value.message)
+
+
+def test_fetch_options_and_image_spec_come_from_the_config() -> None:
+    cfg = DownloadConfig(timeout=3.0, connect_timeout=2.0, max_per_host=3, ca_bundle="ca.pem", robots_tokens=("x",),
+                         max_image_pixels=1000, fast_jpeg_decode=False, quality=80, resize_mode="border")
+    options, spec = cfg.fetch_options(), cfg.image_spec()
+    names = {f.name for f in dataclasses.fields(DownloadConfig)}
+    for f in dataclasses.fields(FetchOptions):
+        expected = getattr(cfg, f.name) if f.name in names else f.default
+        assert getattr(options, f.name) == expected, f.name
+    for f in dataclasses.fields(ImageSpec):
+        source = {"max_pixels": "max_image_pixels", "use_draft": "fast_jpeg_decode"}.get(f.name, f.name)
+        assert getattr(spec, f.name) == getattr(cfg, source), f.name
+    assert (options.ca_bundle, spec.max_pixels, spec.use_draft, spec.quality) == ("ca.pem", 1000, False, 80)
+    with pytest.raises(TypeError, match="has no field"):  # a config option renamed away fails loudly
+        options_from(FetchOptions, cfg)
 
 
 # -- the stage contract ----------------------------------------------------------------------------

@@ -11,8 +11,6 @@ from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 import pytest
-
-from curate.pipeline import columns as C
 from faultserver import (
     HTML_PAGE,
     CloseWithoutResponse,
@@ -30,9 +28,11 @@ from faultserver import (
     retry_after,
     truncated,
 )
-from curate.stages.download.fetch import Fetcher, FetchError, FetchOptions
+
+from curate.pipeline import columns as C
 from curate.pipeline.stage import RunContext
 from curate.stages.download import DownloadConfig, DownloadStage
+from curate.stages.download.fetch import Fetcher, FetchError, FetchOptions
 
 FAST = {
     "timeout": 1.0,

@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from faultserver import (
     Drip,
     Fault,
@@ -21,6 +20,7 @@ from faultserver import (
     Request,
     Respond,
 )
+
 from curate.stages.download.fetch import (
     AddressPolicy,
     Fetcher,

@@ -7,14 +7,19 @@ stream when on a GPU) while the calling thread runs the model on batch *i*.
 
 Two image pipelines, same scoring code:
 
-* ``reference`` — Pillow decode + the model's own open_clip preprocessing transform. Exactly what
-  ``model.encode_image(preprocess(Image.open(f)))`` computes; the default on CPU.
-* ``tensor`` — ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA, batched) with a per-image Pillow
-  fallback for what it refuses (PNG/WebP/GIF, CMYK/YCCK, Adobe RGB, 12-bit, lossless/arithmetic),
+* ``reference`` — the shared Pillow decode (:func:`curate.pipeline.images.decode_rgb`) + the model's
+  own open_clip preprocessing transform. Exactly what ``model.encode_image(preprocess(img))``
+  computes for the EXIF-transposed image; the default on CPU.
+* ``tensor`` — ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA, batched) with a per-image fallback to
+  the shared Pillow decode for what it refuses (PNG/WebP/GIF, CMYK/YCCK, Adobe RGB, 12-bit,
+  lossless/arithmetic) and for JPEGs with a non-identity EXIF orientation (torchvision ignores it),
   then resize / crop / normalise as batched tensor ops on the device, mirroring the model's
   preprocessing configuration. The default on CUDA. Differences to ``reference`` come from the
   resampler arithmetic (Pillow rounds to 8 bits between its two passes) and, on GPU, from nvJPEG's
   IDCT; see docs/clip.md for measured tolerances.
+
+Both pipelines apply the same decompression-bomb guard and see the same EXIF-transposed pixels as
+every other stage (docs/clip.md, "Image decoding").
 
 Heavy modules (torch, torchvision, open_clip, PIL) are imported inside functions so that importing
 this module (for config validation) stays cheap.
@@ -24,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import logging
 import os
 import re
@@ -41,6 +45,8 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from PIL import Image as PILImage
+
+    from curate.pipeline.images import ImageError
 
 log = logging.getLogger("curate.clip")
 
@@ -238,6 +244,7 @@ class JpegHeader:
     precision: int
     sof_marker: int  # 0xC0 baseline, 0xC1 extended, 0xC2 progressive, others lossless/arithmetic
     adobe_transform: int | None  # APP14 "Adobe" colour transform flag, None if absent
+    app1: bool = False  # an APP1 segment (EXIF or XMP): may carry an orientation tag
 
     @property
     def gpu_decodable(self) -> bool:
@@ -254,15 +261,20 @@ _SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 
 
 
 def probe_jpeg(data: bytes) -> JpegHeader | None:
-    """Parse JPEG markers up to the frame header; None if `data` is not a parseable JPEG."""
+    """Parse JPEG markers up to the scan; None if `data` is not a JPEG with a parseable frame header.
+
+    APP1/APP14 segments count wherever they stand before the scan (decoders read them there too).
+    """
     n = len(data)
     if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
         return None
     i = 2
     adobe: int | None = None
+    app1 = False
+    frame: tuple[int, int, int, int, int] | None = None  # width, height, components, precision, marker
     while i + 4 <= n:
         if data[i] != 0xFF:
-            return None
+            break
         marker = data[i + 1]
         if marker == 0xFF:  # fill byte
             i += 1
@@ -270,68 +282,60 @@ def probe_jpeg(data: bytes) -> JpegHeader | None:
         if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # stand-alone markers
             i += 2
             continue
-        if marker in (0xD9, 0xDA):  # EOI / SOS before any frame header
-            return None
+        if marker in (0xD9, 0xDA):  # EOI / start of scan: no more headers
+            break
         length = (data[i + 2] << 8) | data[i + 3]
         if length < 2 or i + 2 + length > n:
-            return None
-        if marker == 0xEE and length >= 14 and data[i + 4 : i + 9] == b"Adobe":
+            break
+        if marker == 0xE1:
+            app1 = True
+        elif marker == 0xEE and length >= 14 and data[i + 4 : i + 9] == b"Adobe":
             adobe = data[i + 15]
-        if marker in _SOF_MARKERS:
+        elif marker in _SOF_MARKERS and frame is None:
             if length < 8:
                 return None
-            precision = data[i + 4]
             height = (data[i + 5] << 8) | data[i + 6]
             width = (data[i + 7] << 8) | data[i + 8]
-            return JpegHeader(width, height, data[i + 9], precision, marker, adobe)
+            frame = (width, height, data[i + 9], data[i + 4], marker)
         i += 2 + length
-    return None
+    if frame is None:
+        return None
+    width, height, components, precision, sof_marker = frame
+    return JpegHeader(width, height, components, precision, sof_marker, adobe, app1)
 
 
-class UndecodableImage(ValueError):
-    """The bytes are not an image we can decode (corrupt, truncated, unsupported or too large)."""
-
-
-def check_pixel_limit(width: int, height: int) -> None:
-    """Pillow's decompression-bomb limit, enforced as an error (Pillow only warns below 2x)."""
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and width * height > limit:
-        raise UndecodableImage(f"image of {width}x{height} pixels exceeds the decompression-bomb limit of {limit}")
-
-
-def open_image(data: bytes) -> PILImage.Image:
-    """Open and fully decode `data` with Pillow, with the decompression-bomb guard as an error."""
-    from PIL import Image
-
-    if not data:
-        raise UndecodableImage("empty image bytes")
-    try:
-        img = Image.open(io.BytesIO(data))
-        check_pixel_limit(*img.size)
-        img.load()
-    except UndecodableImage:
-        raise
-    except Image.UnidentifiedImageError as err:
-        raise UndecodableImage("cannot decode image: not a recognised image format") from err
-    except Exception as err:  # Pillow raises many types (OSError, SyntaxError, ValueError, struct.error...)
-        raise UndecodableImage(f"cannot decode image: {type(err).__name__}: {err}") from err
-    return img
+def undecodable_message(err: ImageError) -> str:
+    """The row's error message for bytes that do not decode (reason `undecodable` in the stage)."""
+    return f"{err.reason}: {err.message}"
 
 
 def pil_to_uint8_chw(img: PILImage.Image) -> torch.Tensor:
     import torch
 
-    arr = np.array(img.convert("RGB"), dtype=np.uint8)
+    arr = np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def _pil_decode_one(blob: bytes) -> torch.Tensor | str:
+    """The shared Pillow decode (bomb guard, EXIF orientation) as a uint8 CHW tensor, or why not."""
+    from curate.pipeline.images import ImageError, decode_rgb
+
     try:
-        return pil_to_uint8_chw(open_image(blob))
-    except UndecodableImage as err:
-        return str(err)
+        return pil_to_uint8_chw(decode_rgb(blob))
+    except ImageError as err:
+        return undecodable_message(err)
+
+
+def _needs_shared_decode(blob: bytes, header: JpegHeader) -> bool:
+    """Whether a GPU-decodable JPEG must still go through Pillow: torchvision ignores EXIF orientation.
+
+    Raises ImageError when the header fails the shared bomb guard (nvJPEG would allocate it).
+    """
+    from curate.pipeline.images import check_pixels, open_image
+
+    check_pixels(header.width, header.height, fmt="JPEG")
+    # Without an APP1 segment there is no EXIF/XMP orientation: skip the (10x dearer) Pillow header parse.
+    return header.app1 and open_image(blob).orientation != 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,15 +586,19 @@ class ClipScorer:
 
     # -- image pipelines ---------------------------------------------------------------------
     def reference_pixels(self, blob: bytes) -> torch.Tensor:
-        """`preprocess(Image.open(blob))`: the model's own transform (CPU tensor)."""
-        return self.reference_transform(open_image(blob))
+        """`preprocess(decode_rgb(blob))`: the model's own transform (CPU tensor) of the shared decode."""
+        from curate.pipeline.images import decode_rgb
+
+        return self.reference_transform(decode_rgb(blob))
 
     def _reference_batch(self, blobs: Sequence[bytes]) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+        from curate.pipeline.images import ImageError
+
         def one(blob: bytes) -> torch.Tensor | str:
             try:
                 return self.reference_pixels(blob)
-            except UndecodableImage as err:
-                return str(err)
+            except ImageError as err:
+                return undecodable_message(err)
 
         results = list(self.decode_pool.map(one, blobs))
         errors = {i: r for i, r in enumerate(results) if isinstance(r, str)}
@@ -599,9 +607,14 @@ class ClipScorer:
     def decode_tensors(
         self, blobs: Sequence[bytes], counters: Counter[str]
     ) -> tuple[list[torch.Tensor | None], dict[int, str]]:
-        """uint8 CHW RGB tensors on the device: nvJPEG/libjpeg for plain JPEGs, Pillow for the rest."""
+        """uint8 CHW RGB tensors on the device: nvJPEG/libjpeg for plain JPEGs, Pillow for the rest.
+
+        EXIF-oriented JPEGs take the Pillow path too, so both paths see the same (transposed) pixels.
+        """
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
+
+        from curate.pipeline.images import ImageError
 
         images: list[torch.Tensor | None] = [None] * len(blobs)
         errors: dict[int, str] = {}
@@ -613,9 +626,12 @@ class ClipScorer:
                 pil_idx.append(i)
                 continue
             try:
-                check_pixel_limit(header.width, header.height)
-            except UndecodableImage as err:
-                errors[i] = str(err)
+                if _needs_shared_decode(blob, header):
+                    counters["decode_exif_oriented"] += 1
+                    pil_idx.append(i)
+                    continue
+            except ImageError as err:
+                errors[i] = undecodable_message(err)
                 continue
             jpeg_idx.append(i)
         # Pillow work for the non-JPEG images overlaps with the JPEG decode below
@@ -635,11 +651,12 @@ class ClipScorer:
                     counters["decode_jpeg_" + ("nvjpeg" if self.is_cuda else "libjpeg")] += 1
                     continue
                 counters["decode_jpeg_refused"] += 1  # e.g. a corrupt scan the header probe cannot see
-                try:
-                    images[i] = pil_to_uint8_chw(open_image(blobs[i])).to(self.device)
+                fallback = _pil_decode_one(blobs[i])
+                if isinstance(fallback, str):
+                    errors[i] = fallback
+                else:
+                    images[i] = fallback.to(self.device)
                     counters["decode_pillow"] += 1
-                except UndecodableImage as err:
-                    errors[i] = str(err)
 
         for i, pil_future in zip(pil_idx, pil_futures, strict=True):
             pil_result = pil_future.result()

@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 
 from curate.pipeline import columns as C
+from curate.pipeline.configspec import ConfigError, option
+from curate.pipeline.stage import Resources, Stage, StageError
 from curate.stages.clip_filter.model import (
     ClipScorer,
     ModelSpec,
@@ -38,8 +40,6 @@ from curate.stages.clip_filter.model import (
     resolve_precision,
     score_sort_keys,
 )
-from curate.pipeline.configspec import ConfigError, option
-from curate.pipeline.stage import Resources, Stage, StageError
 
 CLIP_SCORE = "clip_score"
 IMAGE_EMBEDDING = "image_embedding"
@@ -177,6 +177,17 @@ class ClipFilterStage(Stage[ClipConfig]):
         """A GPU wherever the cluster offers one, unless `clip.device` pins the CPU."""
         return Resources(cpu_threads=max(1, config.cpu_threads), gpus=0 if config.device == "cpu" else 1)
 
+    @classmethod
+    def report_parts(cls, section: dict[str, Any]) -> Any:
+        from curate.pipeline.report import ColumnMetric, ReportParts, value_facts
+
+        metric = ColumnMetric("CLIP score", "cosine similarity", (CLIP_SCORE,), integer=False,
+                              clip_upper_quantile=None, note="image-caption cosine similarity of the run's CLIP model")
+        if section.get("enabled", True) and section.get("top_fraction") is None and "threshold" in section:
+            metric.markers.append((float(section["threshold"]), f"threshold {float(section['threshold']):g}"))
+        labels = ((CLIP_SCORE, "CLIP"),)
+        return ReportParts(metrics=(metric,), columns=(CLIP_SCORE,), facts=lambda row: value_facts(row, labels))
+
     @property
     def device(self) -> str:
         if self._device is None:
@@ -246,22 +257,21 @@ class ClipFilterStage(Stage[ClipConfig]):
         """Add clip_score (and embeddings); mark rows that cannot be scored. Decides nothing else."""
         n = table.num_rows
         captions: list[str | None] = table.column(C.CAPTION).to_pylist()
-        images: list[bytes | None] = table.column(C.IMAGE).to_pylist()
+        images: list[bytes] = table.column(C.IMAGE).to_pylist()
         reasons: list[str | None] = [None] * n
         messages: list[str | None] = [None] * n
         statuses: list[str | None] = [None] * n
         todo: list[int] = []
         for i in range(n):
             caption = captions[i]
+            # rows without image bytes never get here: the runner fails them (`no_image`) first
             if caption is None or not caption.strip():
                 reasons[i], messages[i], statuses[i] = REASON_NO_CAPTION, "empty caption", C.STATUS_REJECTED
-            elif not images[i]:
-                reasons[i], messages[i], statuses[i] = REASON_UNDECODABLE, "no image bytes", C.STATUS_FAILED
             else:
                 todo.append(i)
 
         result = self.scorer.score_pairs(
-            [images[i] for i in todo],  # type: ignore[misc]
+            [images[i] for i in todo],
             [captions[i] for i in todo],  # type: ignore[misc]
             batch_size=self.batch_size,
             pipeline=self.image_pipeline,

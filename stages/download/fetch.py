@@ -116,7 +116,7 @@ class FetchOptions:
     max_idle_connections: int = 256
     user_agent: str = DEFAULT_USER_AGENT
     verify_tls: bool = True
-    ca_bundle: str | None = None  # PEM file of CAs to trust instead of the system store
+    ca_bundle: str = ""  # PEM file of CAs to trust instead of the system store ("" = system store)
     allow_private: bool = False
     allowed_networks: tuple[str, ...] = ()
     allow_file: bool = False

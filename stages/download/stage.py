@@ -1,4 +1,4 @@
-"""download stage: fetch, verify, resize and encode the image of every row (issue 4).
+"""download stage: fetch, verify, resize and encode the image of every row.
 
 Rows that already carry image bytes (webdataset input, e.g. an img2dataset download) are not
 fetched: they are decode-verified and measured (width/height/sha256) and kept byte for byte unless
@@ -12,17 +12,20 @@ unsupported_scheme, too_small, aspect_ratio).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import ipaddress
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pyarrow as pa
 
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, option
+from curate.pipeline.images import DEFAULT_INPUT_FORMATS, DEFAULT_MAX_PIXELS, SNIFFED_FORMATS, ImageError
+from curate.pipeline.stage import RunContext, Stage
 from curate.stages.download.fetch import (
     DEFAULT_DISALLOWED_DIRECTIVES,
     DEFAULT_ROBOTS_TOKENS,
@@ -32,10 +35,7 @@ from curate.stages.download.fetch import (
     FetchOptions,
     Resolver,
 )
-from curate.pipeline.images import (
-    DEFAULT_INPUT_FORMATS,
-    DEFAULT_MAX_PIXELS,
-    ImageError,
+from curate.stages.download.resize import (
     ImageFiltered,
     ImageSpec,
     Interpolation,
@@ -46,10 +46,9 @@ from curate.pipeline.images import (
     process_image,
     verify_image,
 )
-from curate.pipeline.stage import RunContext, Stage
 
-_INPUT_FORMAT_NAMES = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-
+if TYPE_CHECKING:  # pragma: no cover - typing only
+    from _typeshed import DataclassInstance
 
 @dataclass(frozen=True)
 class DownloadConfig:
@@ -178,9 +177,9 @@ class DownloadConfig:
             except ValueError as err:
                 raise ConfigError(f"{key_path}.allowed_networks[{i}]", f"not a CIDR network: {err}") from err
         for i, name in enumerate(self.input_formats):
-            if name not in _INPUT_FORMAT_NAMES:
+            if name not in SNIFFED_FORMATS:
                 raise ConfigError(
-                    f"{key_path}.input_formats[{i}]", f"expected one of {', '.join(_INPUT_FORMAT_NAMES)}, got {name!r}"
+                    f"{key_path}.input_formats[{i}]", f"expected one of {', '.join(SNIFFED_FORMATS)}, got {name!r}"
                 )
         if self.max_image_pixels > 2 * DEFAULT_MAX_PIXELS:  # beyond this Pillow's own guard refuses anyway
             raise ConfigError(
@@ -192,45 +191,33 @@ class DownloadConfig:
             raise ConfigError(f"{key_path}.user_agent", "must be a non-empty single line")
 
     def fetch_options(self) -> FetchOptions:
-        return FetchOptions(
-            timeout=self.timeout,
-            connect_timeout=self.connect_timeout,
-            retries=self.retries,
-            backoff_base=self.backoff_base,
-            backoff_max=self.backoff_max,
-            retry_after_max=self.retry_after_max,
-            max_total_time=self.max_total_time,
-            max_bytes=self.max_bytes,
-            max_redirects=self.max_redirects,
-            max_per_host=self.max_per_host,
-            user_agent=self.user_agent,
-            verify_tls=self.verify_tls,
-            ca_bundle=self.ca_bundle or None,
-            allow_private=self.allow_private,
-            allowed_networks=self.allowed_networks,
-            allow_file=self.allow_file,
-            disallowed_directives=self.disallowed_directives,
-            robots_tokens=self.robots_tokens,
-        )
+        return options_from(FetchOptions, self, keep_defaults=("max_idle_connections", "dns_cache_ttl"))
 
     def image_spec(self) -> ImageSpec:
-        return ImageSpec(
-            resize_mode=self.resize_mode,
-            image_size=self.image_size,
-            resize_only_if_bigger=self.resize_only_if_bigger,
-            downscale_interpolation=self.downscale_interpolation,
-            upscale_interpolation=self.upscale_interpolation,
-            min_width=self.min_width,
-            min_height=self.min_height,
-            max_aspect_ratio=self.max_aspect_ratio,
-            output_format=self.output_format,
-            quality=self.quality,
-            png_compression=self.png_compression,
-            reencode=self.reencode,
-            max_pixels=self.max_image_pixels,
-            input_formats=self.input_formats,
-            use_draft=self.fast_jpeg_decode,
-        )
+        return options_from(ImageSpec, self, max_pixels="max_image_pixels", use_draft="fast_jpeg_decode")
+
+
+_Options = TypeVar("_Options", bound="DataclassInstance")
+
+
+def options_from(
+    cls: type[_Options], config: DataclassInstance, *, keep_defaults: tuple[str, ...] = (), **renamed: str
+) -> _Options:
+    """Build the options dataclass `cls` from the config's fields of the same name.
+
+    `renamed` maps a field of `cls` to the config field it comes from. Every other field of `cls`
+    must exist in the config or be named in `keep_defaults`, so that renaming a config option fails
+    here instead of silently leaving the default in force.
+    """
+    available = {f.name for f in dataclasses.fields(config)}
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        source = renamed.get(f.name, f.name)
+        if source in available:
+            values[f.name] = getattr(config, source)
+        elif f.name not in keep_defaults:
+            raise TypeError(f"{type(config).__name__} has no field {source!r} for {cls.__name__}.{f.name}")
+    return cls(**values)
 
 
 @dataclass
@@ -259,6 +246,12 @@ class DownloadStage(Stage[DownloadConfig]):
         pa.field("original_height", _INT),
         pa.field("sha256", pa.string()),
     )
+
+    @classmethod
+    def report_parts(cls, section: dict[str, Any]) -> Any:
+        from curate.stages.download.run_report import report_parts
+
+        return report_parts(section)
 
     def __init__(self, config: DownloadConfig, context: RunContext, *, resolver: Resolver | None = None) -> None:
         super().__init__(config, context)

@@ -140,13 +140,12 @@ def from_ints(values: Sequence[int], n_bits: int = 64) -> np.ndarray:
 def decode_rgb(data: bytes) -> Image.Image:
     """Decode image bytes as the pipeline hashes them: EXIF orientation applied, RGB.
 
-    Goes through ``curate.pipeline.images.decode_image`` so that every stage sees the same pixels, with
-    Pillow's decompression-bomb guard on.
+    The engine's decode (``curate.pipeline.images.decode_rgb``), so that every stage sees the same
+    pixels, with the decompression-bomb guard on.
     """
-    from curate.pipeline.images import decode_image
+    from curate.pipeline.images import decode_rgb as engine_decode_rgb
 
-    img = decode_image(data)
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return engine_decode_rgb(data)
 
 
 _ORIENTATION_TAG = 0x0112
