@@ -7,7 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from curate.pipeline import __version__, registry
+from curate.pipeline import __version__, console, registry
 from curate.pipeline.configspec import ConfigError
 from curate.pipeline.runlock import RunLocked
 
@@ -43,29 +43,32 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"curate {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # `curate run -v` works like `curate -v run` (SUPPRESS: an absent sub-command flag keeps the global one).
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p = sub.add_parser("run", help="run the pipeline described by a config",
+    p = sub.add_parser("run", parents=[verbose], help="run the pipeline described by a config",
                        description="Run the pipeline. Re-running the same config resumes: finished partitions "
                                    "are skipped.")
     _add_config_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = sub.add_parser("validate", help="check a config without running it",
+    p = sub.add_parser("validate", parents=[verbose], help="check a config without running it",
                        description="Parse and validate a config; same messages and exit codes as `run`.")
     _add_config_args(p)
 
     for stage in registry.registered():  # tools a stage provides (e.g. dedup: hash-evalset, dedup-report)
         for command in stage.cls.commands():
-            p = sub.add_parser(command.name, help=command.help, description=command.description)
+            p = sub.add_parser(command.name, parents=[verbose], help=command.help, description=command.description)
             command.add_arguments(p)
             p.set_defaults(handler=command.run)
 
-    p = sub.add_parser("report", help="(re)write RUN_DIR/report.html",
+    p = sub.add_parser("report", parents=[verbose], help="(re)write RUN_DIR/report.html",
                        description="Write the HTML run report of a finished run directory.")
     p.add_argument("run_dir")
 
-    p = sub.add_parser("demo", help="run the bundled offline demo (starts its own loopback image server)",
+    p = sub.add_parser("demo", parents=[verbose], help="run the bundled offline demo (starts its own loopback image server)",
                        description="Serve the bundled demo images on 127.0.0.1 and run configs/demo.yaml on them.")
     p.add_argument("-o", "--output", default="demo-run", help="run directory (default: ./demo-run)")
     p.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml of this checkout)")
@@ -80,7 +83,10 @@ def _load(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from curate.pipeline.runner import Runner
+
     config = _load(args)
+    Runner(config, echo=lambda _msg: None).check()  # the same checks `run` makes before any work
     print(f"{args.config}: ok (input {config.input.path}, output {config.output.path})")
     return EXIT_OK
 
@@ -107,6 +113,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _close_clusters_quietly() -> None:
+    """After Ctrl-C, close what Dask still has open now, silently, instead of at exit with a traceback of a
+    half-started cluster."""
+    spec = sys.modules.get("distributed.deploy.spec")
+    if spec is None:
+        return
+    import atexit
+    import contextlib
+    import io
+
+    with contextlib.suppress(Exception, KeyboardInterrupt), contextlib.redirect_stderr(io.StringIO()):
+        spec.close_clusters()
+    atexit.unregister(spec.close_clusters)
+
+
 COMMANDS = {
     "run": _cmd_run,
     "validate": _cmd_validate,
@@ -120,11 +141,7 @@ PIPELINE_COMMANDS = ("run", "demo")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:  # Dask logs every worker start/stop at INFO: keep the console for the funnel
-        for name in ("distributed", "distributed.nanny", "distributed.scheduler", "distributed.core"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    console.configure(args.verbose)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE
@@ -144,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"curate: run failed: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
+        _close_clusters_quietly()
         print("curate: interrupted; re-run the same command to resume", file=sys.stderr)
         return EXIT_FAILED
     except Exception as err:

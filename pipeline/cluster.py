@@ -85,6 +85,20 @@ def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
     return cluster
 
 
+def _prepare_local_worker(verbose: bool) -> None:
+    """In each LocalCluster worker process: the console's log format, and Ctrl-C left to the client.
+
+    A terminal's Ctrl-C reaches every process of the foreground group; the client stops the run and closes the
+    cluster, so a worker that died of it on its own would only print a traceback.
+    """
+    import signal
+
+    from curate.pipeline import console
+
+    console.configure(verbose)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def open_client(cfg: Any, wants_gpu: bool, *, client: Any = None,
                 echo: Callable[[str], None] = print) -> Iterator[tuple[Any, Placement]]:
@@ -98,11 +112,9 @@ def open_client(cfg: Any, wants_gpu: bool, *, client: Any = None,
         return
     from distributed import Client
 
-    if logging.getLogger().getEffectiveLevel() > logging.INFO:
-        # Dask configures its own loggers at INFO (worker starts, proxy hints): keep the console for results.
-        for name in list(logging.root.manager.loggerDict):
-            if name == "distributed" or name.startswith("distributed."):
-                logging.getLogger(name).setLevel(logging.WARNING)
+    from curate.pipeline import console
+
+    console.quiet_dask()  # importing distributed just installed its own log handlers and levels
     if cfg.scheduler_address:
         try:
             c = Client(cfg.scheduler_address, timeout="30s")
@@ -118,6 +130,8 @@ def open_client(cfg: Any, wants_gpu: bool, *, client: Any = None,
     gpu_workers = cfg.gpu_workers or (_cuda_devices() if wants_gpu else 0)
     cluster = _local_cluster(cfg, gpu_workers)
     c = Client(cluster)
+    if cfg.processes:  # our own worker processes print like the client (a shared cluster's workers are left alone)
+        c.run(_prepare_local_worker, logging.getLogger().getEffectiveLevel() <= logging.DEBUG)
     if cfg.dashboard:
         echo(f"curate: Dask dashboard {c.dashboard_link}")
     try:

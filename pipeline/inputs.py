@@ -9,6 +9,11 @@ re-parsing a whole text file. WebDataset tars are indexed by sample; a partition
 Input columns are renamed: `input.url_column` -> `url`, `input.caption_column` -> `caption`. Extra columns are
 carried through unchanged, except those whose names collide with curate's own columns (e.g. an img2dataset
 parquet's `status` or `width`), which are kept as `input_<name>`.
+
+Nothing in the input is dropped silently: what cannot become a normal row (a malformed CSV/TSV/JSONL line, a
+duplicate tar member, an oversized tar member, a URL or caption value of an unusable type) becomes a row turned
+down at stage `input` with a reason, counted in the run's invariant like every other row. See "Input rules" in
+docs/operations.md.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import io
 import json
 import logging
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -37,6 +43,19 @@ TABLE_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl
                     ".ndjson": "jsonl"}
 TAR_EXTENSIONS = (".tar",)
 KEY_WIDTH = 9
+
+#: Tar members above these sizes (from the header; never read) fail their sample as `member_too_large`.
+MAX_IMAGE_MEMBER_BYTES = 64 << 20
+MAX_TEXT_MEMBER_BYTES = 1 << 20  # `.txt` and `.json`
+#: Raw text of a malformed line kept in its row's error_message.
+MAX_LINE_TEXT = 500
+
+# Columns a CSV/TSV/JSONL conversion adds for rows it turned down (reason, message); the reader consumes them.
+_REJECT_REASON_COLUMN = "__curate_input_reject_reason"
+_REJECT_MESSAGE_COLUMN = "__curate_input_reject_message"
+
+# (status, reason, error message) of a row the reader turns down.
+Verdict = tuple[str, str, str]
 
 
 def format_key(position: int) -> str:
@@ -113,8 +132,8 @@ def _select_files(files: list[str], fmt: str) -> list[str]:
     return [f for f in files if PurePosixPath(f).suffix.lower() in wanted]
 
 
-def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0) -> InputPlan:
-    """Resolve, (convert) and partition the input. Raises ConfigError for unusable input."""
+def resolve_input(input_cfg: Any) -> tuple[list[str], str]:
+    """The input's files and format, without reading them. Raises ConfigError for a path that finds nothing."""
     files = _expand(input_cfg.path)
     if not files:
         raise ConfigError("input.path", f"no files match {input_cfg.path!r}")
@@ -122,6 +141,12 @@ def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0) -> InputPlan:
     files = _select_files(files, fmt)
     if not files:
         raise ConfigError("input.path", f"no {fmt} files under {input_cfg.path!r}")
+    return files, fmt
+
+
+def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0) -> InputPlan:
+    """Resolve, (convert) and partition the input. Raises ConfigError for unusable input."""
+    files, fmt = resolve_input(input_cfg)
     limit = limit or input_cfg.limit
     partitions: list[PartitionSpec] = []
     position = 0
@@ -130,7 +155,7 @@ def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0) -> InputPlan:
         if limit and position >= limit:
             break
         if fmt == "webdataset":
-            readable, n_rows = source, len(tario.index_tar(source))
+            readable, n_rows = source, len(tario.index_rows(source))
             part_format = "webdataset"
         else:
             if fmt == "parquet":
@@ -171,54 +196,174 @@ def _check_columns(names: list[str], input_cfg: Any, source: str) -> None:
 def _convert_text_table(
     source: str, fmt: str, target: str, row_group: int, text_columns: tuple[str, ...]
 ) -> tuple[int, list[str], int]:
-    """CSV/TSV/JSONL -> Parquet (atomic), returning (rows, column names, malformed lines skipped)."""
+    """CSV/TSV/JSONL -> Parquet (atomic), returning (rows, column names, malformed lines).
+
+    A malformed line stays a row at its place in the file (null values, reason in the reject columns)."""
     from curate.pipeline.storage import atomic_path
-
-    bad_lines: list[int] = []
-
-    def skip_bad(row: Any) -> str:
-        bad_lines.append(row.number or -1)
-        return "skip"
 
     try:
         with fsspec.open(source, "rb", compression="infer") as f:
             data = f.read()
         if fmt == "jsonl":
-            table = pajson.read_json(io.BytesIO(data))
+            table, malformed = _read_jsonl(data, text_columns)
         else:
-            table = pacsv.read_csv(
-                io.BytesIO(data),
-                parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
-                                                 newlines_in_values=fmt == "csv",
-                                                 invalid_row_handler=skip_bad),
-                # Keep every value as text: a caption "1984" must stay a caption.
-                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns},
-                                                     strings_can_be_null=True),
-                read_options=pacsv.ReadOptions(block_size=1 << 22),
-            )
+            table, malformed = _read_delimited(data, fmt, text_columns)
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
         raise ConfigError("input.path", f"cannot read {fmt} file {source!r}: {err}") from err
-    if bad_lines:
-        log.warning("%s: skipped %d malformed line(s) (first: %s)", source, len(bad_lines), bad_lines[:5])
+    if malformed:
+        log.warning("%s: %d malformed line(s) become rejected rows (reason malformed_line)", source, malformed)
+    names = [n for n in table.column_names if n not in (_REJECT_REASON_COLUMN, _REJECT_MESSAGE_COLUMN)]
     with atomic_path(target) as tmp:
         pq.write_table(table, tmp, row_group_size=row_group)
-    return table.num_rows, table.column_names, len(bad_lines)
+    return table.num_rows, names, malformed
+
+
+def _read_delimited(data: bytes, fmt: str, text_columns: tuple[str, ...]) -> tuple[pa.Table, int]:
+    bad: list[tuple[int | None, str, int, int]] = []
+
+    def keep_bad(row: Any) -> str:
+        bad.append((row.number, row.text, row.expected_columns, row.actual_columns))
+        return "skip"
+
+    def parse(threads: bool) -> pa.Table:
+        return pacsv.read_csv(
+            io.BytesIO(data),
+            parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
+                                             newlines_in_values=fmt == "csv", invalid_row_handler=keep_bad),
+            # Keep every value as text: a caption "1984" must stay a caption.
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns},
+                                                 strings_can_be_null=True),
+            read_options=pacsv.ReadOptions(block_size=1 << 22, use_threads=threads),
+        )
+
+    table = parse(True)
+    if not bad:
+        return table, 0
+    # Only a single-threaded parse numbers the bad rows (record number, header = 1): parse again to place them.
+    bad.clear()
+    table = parse(False)
+    lines = _line_numbers(data, [text for _n, text, _e, _a in bad])
+    positions, messages = [], []
+    for (number, text, expected, actual), line in zip(bad, lines, strict=True):
+        where = f"line {line}" if line else f"record {number}"
+        positions.append(number - 2 if number else None)
+        messages.append(f"{where}: expected {expected} fields, found {actual}: {text[:MAX_LINE_TEXT]}")
+    return _insert_rejected(table, positions, "malformed_line", messages), len(bad)
+
+
+def _line_numbers(data: bytes, texts: list[str]) -> list[int | None]:
+    """1-based physical line of each malformed row's text, each searched at a line start after the previous."""
+    found: list[int | None] = []
+    cursor, line = 0, 1
+    for text in texts:
+        needle = text.encode("utf-8", "replace")
+        hit = data.find(b"\n" + needle, cursor)
+        if hit < 0:
+            found.append(None)
+            continue
+        line += data.count(b"\n", cursor, hit + 1)
+        cursor = hit + 1
+        found.append(line)
+    return found
+
+
+def _insert_rejected(table: pa.Table, positions: list[int | None], reason: str, messages: list[str]) -> pa.Table:
+    """`table` with one all-null row per message at its position (None: at the end), carrying the reason."""
+    n_good, n_bad = table.num_rows, len(messages)
+    total = n_good + n_bad
+    slots: dict[int, int] = {}
+    for i, position in enumerate(positions):
+        slot = position if position is not None and 0 <= position < total and position not in slots else None
+        if slot is None:  # unknown place: the first free one from the end
+            slot = next(p for p in range(total - 1, -1, -1) if p not in slots)
+        slots[slot] = i
+    order, next_good = [], 0
+    for p in range(total):
+        if p in slots:
+            order.append(n_good + slots[p])
+        else:
+            order.append(next_good)
+            next_good += 1
+    bad = pa.table({name: pa.nulls(n_bad, table.schema.field(name).type) for name in table.column_names})
+    both = pa.concat_tables([table, bad])
+    both = both.append_column(_REJECT_REASON_COLUMN, pa.array([None] * n_good + [reason] * n_bad, pa.string()))
+    both = both.append_column(_REJECT_MESSAGE_COLUMN, pa.array([None] * n_good + messages, pa.string()))
+    return both.take(pa.array(order, pa.int64()))
+
+
+def _read_jsonl(data: bytes, text_columns: tuple[str, ...]) -> tuple[pa.Table, int]:
+    try:
+        return pajson.read_json(io.BytesIO(data)), 0
+    except pa.ArrowInvalid as err:
+        log.info("JSONL needs the line-by-line reader: %s", err)
+    # Line by line: a line that is not a JSON object becomes a rejected row; URL/caption values that are not
+    # strings follow the column type rule here (pyarrow cannot hold a column whose type changes between lines).
+    out: list[bytes] = []
+    reasons: list[str | None] = []
+    messages: list[str | None] = []
+    malformed = 0
+    for number, line in enumerate(data.split(b"\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            problem = None if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object"
+        except ValueError as err:
+            obj, problem = None, f"invalid JSON ({err})"
+        if problem is not None or not isinstance(obj, dict):
+            malformed += 1
+            text = line.decode("utf-8", "replace")[:MAX_LINE_TEXT]
+            out.append(b"{}")
+            reasons.append("malformed_line")
+            messages.append(f"line {number}: {problem}: {text}")
+            continue
+        reason = message = None
+        for column in text_columns:
+            value = obj.get(column)
+            if value is None or isinstance(value, str):
+                continue
+            kind = C.URL if column == text_columns[0] else C.CAPTION
+            obj[column], error = _value_text(value, kind)
+            if error is not None and reason is None:
+                reason, message = f"bad_{kind}_type", f"line {number}: {kind} value: {error}"
+        out.append(json.dumps(obj).encode())
+        reasons.append(reason)
+        messages.append(message)
+    table = pajson.read_json(io.BytesIO(b"\n".join(out))) if out else pa.table({})
+    if any(r is not None for r in reasons):
+        table = table.append_column(_REJECT_REASON_COLUMN, pa.array(reasons, pa.string()))
+        table = table.append_column(_REJECT_MESSAGE_COLUMN, pa.array(messages, pa.string()))
+    return table, malformed
 
 
 # -- reading one partition -----------------------------------------------------------------------
 
 def read_partition(spec: PartitionSpec, input_cfg: Any) -> pa.Table:
-    """The partition's rows with `key`, `url`, `caption`, `status`, extras (and `image` for tars)."""
+    """The partition's rows with `key`, `url`, `caption`, `status`, extras (and `image` for tars).
+
+    Rows the input itself rules out come back already turned down (status rejected/failed, reject_stage
+    `input`): exactly `spec.num_rows` rows, never fewer."""
     if spec.format == "webdataset":
-        table = _read_tar_samples(spec)
+        table, verdicts = _read_tar_samples(spec)
     else:
         table = _read_parquet_rows(spec.path, spec.start, spec.stop)
-        table = _rename_input_columns(table, input_cfg.url_column, input_cfg.caption_column)
+        table, verdicts = _rename_input_columns(table, input_cfg.url_column, input_cfg.caption_column)
     keys = pa.array([format_key(spec.key_offset + i) for i in range(table.num_rows)], pa.string())
     table = C.set_column(table, C.KEY, keys)
-    table = C.set_column(table, C.STATUS, pa.array([C.STATUS_SUCCESS] * table.num_rows, pa.string()))
+    table = _set_status(table, verdicts)
     front = [c for c in (C.KEY, C.URL, C.CAPTION, C.STATUS) if c in table.column_names]
     return table.select(front + [c for c in table.column_names if c not in front])
+
+
+def _set_status(table: pa.Table, verdicts: list[Verdict | None]) -> pa.Table:
+    table = C.set_column(table, C.STATUS, pa.array([v[0] if v else C.STATUS_SUCCESS for v in verdicts]
+                                                   if verdicts else [C.STATUS_SUCCESS] * table.num_rows,
+                                                   pa.string()))
+    if any(verdicts):
+        table = C.set_column(table, C.REJECT_STAGE, pa.array(["input" if v else None for v in verdicts], pa.string()))
+        table = C.set_column(table, C.REJECT_REASON, pa.array([v[1] if v else None for v in verdicts], pa.string()))
+        table = C.set_column(table, C.ERROR_MESSAGE, pa.array([v[2] if v else None for v in verdicts], pa.string()))
+    return table
 
 
 def _read_parquet_rows(path: str, start: int, stop: int) -> pa.Table:
@@ -238,7 +383,14 @@ def _read_parquet_rows(path: str, start: int, stop: int) -> pa.Table:
     return table.slice(start - (first_row or 0), stop - start)
 
 
-def _rename_input_columns(table: pa.Table, url_column: str, caption_column: str) -> pa.Table:
+def _rename_input_columns(table: pa.Table, url_column: str, caption_column: str
+                          ) -> tuple[pa.Table, list[Verdict | None]]:
+    verdicts: list[Verdict | None] = [None] * table.num_rows
+    if _REJECT_REASON_COLUMN in table.column_names:
+        reasons = table.column(_REJECT_REASON_COLUMN).to_pylist()
+        messages = table.column(_REJECT_MESSAGE_COLUMN).to_pylist()
+        verdicts = [(C.STATUS_REJECTED, r, m or "") if r else None for r, m in zip(reasons, messages, strict=True)]
+        table = table.drop_columns([_REJECT_REASON_COLUMN, _REJECT_MESSAGE_COLUMN])
     names = []
     for name in table.column_names:
         if name == url_column:
@@ -251,40 +403,137 @@ def _rename_input_columns(table: pa.Table, url_column: str, caption_column: str)
             names.append(name)
     table = table.rename_columns(names)
     for name in (C.URL, C.CAPTION):
-        if table.schema.field(name).type != pa.string():
-            table = C.set_column(table, name, table.column(name).cast(pa.string()))
-    return table
+        column, errors = _text_column(table.column(name), name)
+        table = C.set_column(table, name, column)
+        for i, error in enumerate(errors):
+            if error is not None and verdicts[i] is None:
+                verdicts[i] = (C.STATUS_REJECTED, f"bad_{name}_type", error)
+    return table, verdicts
+
+
+# -- URL and caption values that are not strings ---------------------------------------------------
+
+def _text_column(column: pa.ChunkedArray, name: str) -> tuple[pa.ChunkedArray | pa.Array, list[str | None]]:
+    """The column as strings, and per row an error for a value that has no text (see "Input rules")."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = column.cast(kind.value_type), kind.value_type
+    if (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+            or pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+            or pa.types.is_decimal(kind) or pa.types.is_null(kind)):
+        return column.cast(pa.string()), [None] * len(column)
+    texts: list[str | None] = []
+    errors: list[str | None] = []
+    for value in column.to_pylist():
+        text, error = _value_text(value, name)
+        texts.append(text)
+        errors.append(None if error is None else f"{name} column of type {kind}: {error}")
+    return pa.array(texts, pa.string()), errors
+
+
+def _value_text(value: Any, name: str) -> tuple[str | None, str | None]:
+    """(text, None) or (None, why not). A list of strings: its non-null elements joined with a space for a
+    caption, its only element for a URL."""
+    if value is None:
+        return None, None
+    if isinstance(value, list | tuple):
+        parts = []
+        for item in value:
+            if item is None:
+                continue
+            text, error = _scalar_text(item)
+            if error is not None:
+                return None, f"list with a {error}"
+            parts.append(text)
+        if name == C.URL and len(parts) > 1:
+            return None, f"a list of {len(parts)} URLs (a row has one image)"
+        return (" ".join(p for p in parts if p is not None) if parts else None), None
+    return _scalar_text(value)
+
+
+def _scalar_text(value: Any) -> tuple[str | None, str | None]:
+    if isinstance(value, str):
+        return value, None
+    if isinstance(value, bool):
+        return ("true" if value else "false"), None
+    if isinstance(value, int | float | Decimal):
+        return str(value), None
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8"), None
+        except UnicodeDecodeError:
+            return None, "binary value that is not valid UTF-8"
+    return None, f"{type(value).__name__} value"
 
 
 # -- WebDataset tars -------------------------------------------------------------------------------
 
-def _read_tar_samples(spec: PartitionSpec) -> pa.Table:
-    rows: list[dict[str, Any]] = []
-    for index, (key, fields) in enumerate(tario.iter_tar_samples(spec.path)):
-        if index < spec.start:
+def _member_cap(field: str) -> int:
+    return MAX_IMAGE_MEMBER_BYTES if field in tario.IMAGE_EXTENSIONS else MAX_TEXT_MEMBER_BYTES
+
+
+def _read_tar_samples(spec: PartitionSpec) -> tuple[pa.Table, list[Verdict | None]]:
+    # The header index gives every row (a sample's members wherever they are); only this partition's rows'
+    # image, txt and json members are read, and none above its cap.
+    rows = tario.index_rows(spec.path)[spec.start:spec.stop]
+    wanted: list[list[tario.TarMember]] = []
+    verdicts: list[Verdict | None] = []
+    for sample in rows:
+        if sample.duplicate:
+            member = sample.members[0]
+            wanted.append([])
+            verdicts.append((C.STATUS_REJECTED, "duplicate_key",
+                             f"duplicate member {member.name!r}: sample {sample.key!r} already has a "
+                             f"{member.field!r} member"))
             continue
-        if index >= spec.stop:
-            break
-        row: dict[str, Any] = {"source_key": key, "source_shard": spec.source}
-        meta: dict[str, Any] = {}
-        if "json" in fields:
-            try:
-                loaded = json.loads(fields["json"])
-                meta = loaded if isinstance(loaded, dict) else {}
-            except (ValueError, UnicodeDecodeError):
-                meta = {}
-        image = tario.image_field(fields)
-        row[C.IMAGE] = fields[image] if image else None
-        row[C.IMAGE_EXT] = tario.IMAGE_EXTENSIONS[image] if image else None
-        caption = fields.get("txt")
-        row[C.CAPTION] = caption.decode("utf-8", "replace") if caption is not None else meta.get("caption")
-        row[C.URL] = meta.get("url")
-        for name, value in meta.items():
-            if name in ("url", "caption") or not isinstance(value, str | int | float | bool) or value is None:
-                continue
-            target = f"input_{name}" if name in C.known_schema().names or name in row else name
-            row[target] = value
-        rows.append(row)
+        image = tario.image_field(sample.fields())
+        used = [m for m in sample.members if m.field in (image, "txt", "json")]
+        too_large = [m for m in used if m.size > _member_cap(m.field)]
+        wanted.append([m for m in used if m.size <= _member_cap(m.field)])
+        verdicts.append((C.STATUS_FAILED, "member_too_large", "; ".join(
+            f"member {m.name!r} is {m.size:,} bytes, over the {_member_cap(m.field):,}-byte cap" for m in too_large
+        )) if too_large else None)
+    records: list[dict[str, Any]] = []
+    for i, (sample, fields) in enumerate(zip(rows, tario.read_members(spec.path, wanted), strict=True)):
+        record, error = _tar_record(sample, fields, spec.source)
+        records.append(record)
+        if error is not None and verdicts[i] is None:
+            verdicts[i] = (C.STATUS_REJECTED, error[0], error[1])
+    return _tar_table(records), verdicts
+
+
+def _tar_record(sample: tario.TarRow, fields: dict[str, bytes], source: str
+                ) -> tuple[dict[str, Any], tuple[str, str] | None]:
+    """The row of one sample, and (reason, message) when its json holds a URL/caption with no text."""
+    row: dict[str, Any] = {"source_key": sample.key, "source_shard": source}
+    meta: dict[str, Any] = {}
+    if "json" in fields:
+        try:
+            loaded = json.loads(fields["json"])
+            meta = loaded if isinstance(loaded, dict) else {}
+        except (ValueError, UnicodeDecodeError):
+            meta = {}
+    image = tario.image_field(fields)
+    row[C.IMAGE] = fields[image] if image else None
+    row[C.IMAGE_EXT] = tario.IMAGE_EXTENSIONS[image] if image else None
+    caption = fields.get("txt")
+    row[C.CAPTION] = caption.decode("utf-8", "replace") if caption is not None else meta.get("caption")
+    row[C.URL] = meta.get("url")
+    problem = None
+    for name in (C.URL, C.CAPTION):  # json values of other types follow the column type rule
+        if row[name] is not None and not isinstance(row[name], str):
+            row[name], error = _value_text(row[name], name)
+            if error is not None and problem is None:
+                problem = (f"bad_{name}_type", f"{name} in {sample.key}.json: {error}")
+    for name, value in meta.items():
+        if name in ("url", "caption") or not isinstance(value, str | int | float | bool) or value is None:
+            continue
+        target = f"input_{name}" if name in C.known_schema().names or name in row else name
+        row[target] = value
+    return row, problem
+
+
+def _tar_table(rows: list[dict[str, Any]]) -> pa.Table:
     names: dict[str, None] = {}  # every field any sample has, in first-seen order
     for row in rows:
         names.update(dict.fromkeys(row))

@@ -2,7 +2,7 @@
 
     stats.json  manifest.json  report.html  .curate-run.lock (while a run works here)
     curated/part-NNNNN.parquet   rejected/part-NNNNN.parquet   embeddings/part-NNNNN.parquet
-    shards/{prefix}-NNNNN.tar
+    shards/{prefix}-NNNNN.tar  shards/sizes.json
     _work/            run.json (config + fingerprints), plan.json, finalized.json
       input/          CSV/TSV/JSONL inputs converted to Parquet
       done/           part-NNNNN.json: the partition's stats; its presence means the partition is finished
@@ -59,6 +59,11 @@ class RunLayout:
     @property
     def embeddings_dir(self) -> str:
         return f"{self.root}/embeddings"
+
+    @property
+    def shard_sizes(self) -> str:
+        """{shard file name: samples}, as open_clip_train and webdataset tools read it."""
+        return f"{self.shards_dir}/sizes.json"
 
     def curated(self, partition_id: int) -> str:
         return f"{self.curated_dir}/{part_name(partition_id, '.parquet')}"

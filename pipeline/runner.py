@@ -19,6 +19,7 @@ atomically under names derived from the partition id, so a task Dask runs twice 
 from __future__ import annotations
 
 import enum
+import errno
 import hashlib
 import json
 import logging
@@ -269,6 +270,11 @@ def run_steps(
 ) -> PartitionState | dict[str, Any] | Any:
     """Execute one group of steps for one partition (a Dask task)."""
     layout = RunLayout.of(context.output_path)
+    # Set up every stage of this task before its first step: a model that cannot load fails the run before any
+    # row is downloaded, and a retried task never repeats downloads for a set-up that cannot succeed.
+    for step in steps:
+        if step.stage is not None:
+            _stage_instance(step.stage, context)
     state = payload if isinstance(payload, PartitionState) else None
     for step in steps:
         kind = step.kind
@@ -321,6 +327,20 @@ def _write(state: PartitionState, writer: PartitionWriter, layout: RunLayout) ->
 
 # -- client side -------------------------------------------------------------------------------------
 
+#: Fixes for reasons the engine itself gives (stage `input`), like the stages' `reason_hints`.
+INPUT_HINTS = {
+    "no_image": "the rows carry no image bytes and no stage fetched any: enable `download` for URL tables, or "
+                "check that the tars have .jpg/.png/.webp members",
+}
+
+
+def _reason_hints() -> dict[tuple[str, str], str]:
+    hints = {("input", reason): hint for reason, hint in INPUT_HINTS.items()}
+    for stage in registry.registered():
+        hints.update({(stage.cls.name, reason): hint for reason, hint in stage.cls.reason_hints.items()})
+    return hints
+
+
 def stage_specs(config: RunConfig) -> list[StageSpec]:
     """The registry's stages that this config enables, in pipeline order."""
     specs = []
@@ -340,7 +360,8 @@ def _fingerprint(config: RunConfig) -> dict[str, str]:
     return {s: _digest(to_dict(config.section(s)))[:16] for s in semantic_sections()}
 
 
-def _check_resume_compatible(config: RunConfig, layout: RunLayout) -> None:
+def _check_resume_compatible(config: RunConfig, layout: RunLayout, *, record: bool) -> None:
+    """An existing run folder must have been made with the same semantic settings; `record` saves them if new."""
     current = _fingerprint(config)
     if storage.exists(layout.run_json):
         try:
@@ -356,7 +377,8 @@ def _check_resume_compatible(config: RunConfig, layout: RunLayout) -> None:
                 f"{config.output.path} holds a run made with different {', '.join(changed)} settings; "
                 "resume needs the same config: use a new output.path or delete the old run")
         return
-    storage.write_json(layout.run_json, {"fingerprint": current, "config": to_dict(config)})
+    if record:
+        storage.write_json(layout.run_json, {"fingerprint": current, "config": to_dict(config)})
 
 
 def plan_passes(specs: list[StageSpec], write_cfg: WriteConfig) -> list[list[Step]]:
@@ -417,6 +439,17 @@ def _group_by_resources(steps: list[Step], placement: Any) -> list[tuple[list[St
     return groups
 
 
+def _stops_the_run(err: BaseException) -> str | None:
+    """The message to stop the whole run with, for failures no other partition can escape; else None."""
+    if isinstance(err, StageSetupError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {err.filename}" if err.filename else ""
+        return (f"no space left on the device{where} ({err.strerror}); free space (or point output.path at a "
+                "bigger disk) and re-run the same command: finished partitions are kept")
+    return None
+
+
 class Runner:
     def __init__(self, config: RunConfig, *, progress: bool | None = None, client: Any = None,
                  echo: Callable[[str], None] | None = None) -> None:
@@ -434,20 +467,31 @@ class Runner:
         with runlock.hold(self.layout.lock, self.out):
             return self._run()
 
+    def check(self) -> dict[str, Stage]:
+        """Everything a run checks before any work, and all that `curate validate` runs: the input finds files,
+        every enabled stage's preflight passes, and an existing run folder was made with this config.
+
+        Returns the client's one instance of each enabled stage (preflight now, run-wide decisions later).
+        """
+        inputs.resolve_input(self.config.input)
+        _check_resume_compatible(self.config, self.layout, record=False)
+        context = RunContext(self.layout.root, self.layout.work)
+        stages = {spec.section: spec.cls(spec.config, context) for spec in stage_specs(self.config)}
+        for stage in stages.values():  # fail fast, before a cluster starts, on what the user must fix
+            stage.preflight()
+        return stages
+
     def _run(self) -> RunResult:
         started = time.time()
         layout = self.layout
+        stages = self.check()
         storage.makedirs(layout.work)
-        _check_resume_compatible(self.config, layout)
+        _check_resume_compatible(self.config, layout, record=True)
         # This run owns output.path: temporaries of a killed earlier attempt are garbage.
         storage.remove_stale_temporaries(layout.written_dirs())
         plan = self._plan()
         context = RunContext(layout.root, layout.work)
         specs = stage_specs(self.config)
-        # The client's one instance of each stage: preflight now, the run-wide decisions later.
-        stages = {spec.section: spec.cls(spec.config, context) for spec in specs}
-        for stage in stages.values():  # fail fast, before a cluster starts, on what the user must fix
-            stage.preflight()
         done_ids = {p.partition_id for p in plan.partitions if self._is_done(p.partition_id)}
         if len(done_ids) < len(plan.partitions):
             done_ids = self._drop_repacked(done_ids)
@@ -563,16 +607,18 @@ class Runner:
             try:
                 result = future.result()
                 rows += spec.num_rows
-            except StageSetupError as err:  # every partition would fail the same way: stop now
-                for other in futures:
-                    other.cancel()
-                if bar is not None:
-                    bar.close()
-                raise RunFailed(str(err)) from err
-            except Exception as err:  # a bug or an infrastructure failure: report, keep going
+            except Exception as err:
+                stop = _stops_the_run(err)
+                if stop:  # every other partition would fail the same way: stop now, say it once
+                    for other in futures:
+                        other.cancel()
+                    if bar is not None:
+                        bar.close()
+                    raise RunFailed(stop) from err
+                # A bug or an infrastructure failure of this partition: keep going, report them all at the end.
                 failures.append(f"partition {spec.partition_id} ({spec.source} rows {spec.start}-{spec.stop}): "
                                 f"{type(err).__name__}: {err}")
-                log.error("partition %d failed: %r", spec.partition_id, err)
+                log.debug("partition %d failed", spec.partition_id, exc_info=err)
                 result = None
             if bar is not None:
                 bar.update(1)
@@ -647,12 +693,14 @@ class Runner:
             raise stats.AccountingError(f"shards hold {manifest['total_samples']} samples but {merged['kept']} "
                                         "rows were kept")
         self._remove_outputs_not_in(plan)
+        if write_cfg.enabled:  # open_clip_train reads the sample count from here (no --train-num-samples)
+            storage.write_json(layout.shard_sizes, {i.name: i.samples for i in infos})
         storage.write_json(layout.manifest, manifest)
         merged.update({
             "stage_order": stage_order,
             "input_format": plan.format,
             "input_sources": list(plan.sources)[:100],
-            "input_malformed_lines_skipped": plan.malformed_lines,
+            "input_malformed_lines": plan.malformed_lines,  # each also a rejected row (input/malformed_line)
             "shards": len(infos),
             "samples_in_shards": manifest["total_samples"],
             "elapsed_seconds_last_run": round(time.time() - started, 2),
@@ -670,6 +718,8 @@ class Runner:
         self.echo(funnel)
         self.echo(f"curate: wrote {len(infos)} shard(s) with {manifest['total_samples']:,} samples to "
                   f"{layout.shards_dir} in {merged['elapsed_seconds_last_run']:.1f}s")
+        for warning in stats.outcome_warnings(merged, _reason_hints()):
+            self.echo(f"curate: warning: {warning}")
         return RunResult(self.out, merged, len(plan.partitions), ran, skipped, manifest["shards"], funnel)
 
     def _remove_outputs_not_in(self, plan: inputs.InputPlan) -> None:

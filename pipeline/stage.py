@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -88,7 +88,7 @@ class Command:
 
 # Class-level facts of the contract: a subclass sets them as plain class attributes, never as properties, so
 # the engine can read them from the class without building (or setting up) an instance.
-_CLASS_LEVEL = ("name", "config_class", "requires", "adds", "run_wide", "resources", "report_parts", "commands")
+_CLASS_LEVEL = ("name", "config_class", "requires", "adds", "reason_hints", "run_wide", "resources", "report_parts", "commands")
 
 
 class Stage(Generic[ConfigT]):
@@ -104,6 +104,8 @@ class Stage(Generic[ConfigT]):
     #: Columns the stage adds or rewrites, with their Arrow types: every output Parquet carries the added
     #: columns of every registered stage (null where a stage did not run), in registry order.
     adds: ClassVar[tuple[pa.Field, ...]] = ()
+    #: reason -> what to change when that reason turns down (nearly) every row, printed at the end of such a run.
+    reason_hints: ClassVar[Mapping[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

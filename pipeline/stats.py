@@ -7,7 +7,7 @@ Download failures count under `rejected.download.<reason>` too (their status is 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -97,3 +97,26 @@ def format_funnel(stats: dict[str, Any], stage_order: Sequence[str]) -> str:
     lines.append(f"invariant: {stats['input_rows']:,} input = {stats['kept']:,} kept + "
                  f"{total_rejected(stats):,} rejected")
     return "\n".join(lines)
+
+
+#: A run where one (stage, reason) turned down at least this share of the input gets a warning.
+DOMINANT_REASON_SHARE = 0.9
+
+
+def outcome_warnings(stats: dict[str, Any], hints: Mapping[tuple[str, str], str]) -> list[str]:
+    """Warnings for a run that completed but kept nothing, or lost nearly everything to one reason, each with the
+    fix where one is known (`hints`: (stage, reason) -> what to change). Empty for an unremarkable run."""
+    total = int(stats.get("input_rows", 0))
+    if not total:
+        return ["the input has no rows"]
+    counts = [((stage, reason), n) for stage, reasons in stats["rejected"].items() for reason, n in reasons.items()]
+    if not counts:
+        return []
+    (stage, reason), top = max(counts, key=lambda item: (item[1], item[0]))
+    hint = hints.get((stage, reason))
+    fix = f"; {hint}" if hint else ""
+    if stats["kept"] == 0:
+        return [f"nothing was kept: {top:,} of {total:,} rows were turned down as {stage}/{reason}{fix}"]
+    if top >= DOMINANT_REASON_SHARE * total:
+        return [f"{top / total:.0%} of the rows were turned down as {stage}/{reason}{fix}"]
+    return []

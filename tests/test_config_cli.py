@@ -59,9 +59,29 @@ def test_yaml_paths_relative_to_the_file_and_safe_load(tmp_path: Path) -> None:
         load_config(tmp_path / "evil.yaml")
 
 
-def test_shipped_configs_validate() -> None:
-    for name in ("demo.yaml", "laion_subset.yaml"):
-        assert main(["validate", str(REPO / "configs" / name)]) == 0
+def test_shipped_configs_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.stages.phash_dedup.evalsets import hash_evalset
+
+    assert main(["validate", str(REPO / "configs" / "demo.yaml")]) == 0
+    # laion_subset.yaml names files that exist on a real machine: validate checks them as run does.
+    laion = str(REPO / "configs" / "laion_subset.yaml")
+    assert main(["validate", laion]) == 2
+    assert "input.path: no files match '/data/laion400m/part-00000.parquet'" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)
+    pq.write_table(pa.table({"URL": ["http://x/a.jpg"], "TEXT": ["a"]}), "part.parquet")
+    assert main(["validate", laion, "--set", "input.path=part.parquet"]) == 2
+    assert "dedup.indexes[0]" in capsys.readouterr().err
+    (tmp_path / "idx").mkdir()
+    hash_evalset(str(REPO / "configs" / "demo" / "evalset"), "idx/a.parquet", name="a")
+    # --set paths are relative to the current directory, in lists too. Offline, the CLIP weights must be a file.
+    (tmp_path / "vit-b-32.pt").write_bytes(b"")
+    assert main(["validate", laion, "--set", "input.path=part.parquet", "--set", "dedup.indexes=[idx/a.parquet]",
+                 "--set", "output.path=out", "--set", "clip.pretrained=vit-b-32.pt"]) == 0
+    assert f"output {tmp_path / 'out'}" in capsys.readouterr().out
 
 
 def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -70,7 +90,11 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "clip.threshold: expected a number in [-1, 1], got 'high'" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
-    assert main(["validate", str(tmp_path / "bad.yaml"), "--set", "clip.threshold=0.3"]) == 0
+    # validate checks what run checks: the input exists, and offline the CLIP weights are a local file
+    (tmp_path / "x.parquet").write_bytes(b"")
+    (tmp_path / "weights.pt").write_bytes(b"")
+    assert main(["validate", str(tmp_path / "bad.yaml"), "--set", "clip.threshold=0.3",
+                 "--set", f"clip.pretrained={tmp_path / 'weights.pt'}"]) == 0
     assert main([]) == 2
     with pytest.raises(SystemExit) as err:
         main(["run"])  # usage error from argparse

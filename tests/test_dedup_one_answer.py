@@ -123,3 +123,17 @@ def test_tar_eval_items_read_back_from_their_reference(tmp_path: Path, real_imag
     assert [item.item_id for item in items] == ["d/000", "d/001"]
     for item, name in zip(items, names, strict=True):
         assert item.read() == real_images[name] == _read_reference(item.path)
+
+
+def test_dedup_report_prints_a_table_not_a_dict() -> None:
+    from curate.stages.phash_dedup.commands import summary_table
+
+    summary = {"corpus_samples": 1000, "threshold": 8, "verify": True, "corpus_samples_matched": 3,
+               "corpus_match_rate": 0.003,
+               "eval_sets": {"imagenet-val": {"eval_items": 50000, "corpus_samples_matched": 3,
+                                              "corpus_match_rate": 0.003, "eval_items_matched": 2}}}
+    lines = summary_table(summary).splitlines()
+    assert lines[0].split() == ["eval", "set", "eval", "items", "corpus", "matched", "corpus", "rate", "eval",
+                                "items", "matched"]
+    assert lines[1].split() == ["imagenet-val", "50,000", "3", "0.30%", "2"]
+    assert "{" not in "\n".join(lines) and lines[-1].startswith("1,000 corpus samples")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -217,3 +218,51 @@ def test_truncated_work_files_name_the_file_and_a_corrupt_marker_redoes_its_part
         assert str(work / name) in err and "corrupt" in err and hint in err and "Traceback" not in err
         assert len(err.strip().splitlines()) <= 3
         (work / name).write_bytes(original)
+
+
+# -- failures end with one clear message --------------------------------------------------------------
+
+def test_disk_full_stops_the_run_with_one_message(
+        tmp_path: Path, demo_image_server: Any, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    from curate.pipeline.sink import PartitionWriter
+
+    def full(self: Any, partition_id: int, table: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device", f"/full/part-{partition_id:05d}.parquet")
+
+    monkeypatch.setattr(PartitionWriter, "write_partition", full)
+    config = _config(tmp_path, demo_image_server.base_url, rows=9)
+    assert main(["run", str(config), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert "no space left on the device writing /full/part-0000" in err and "re-run" in err
+    assert "Traceback" not in err and len(lines) <= 3, err
+
+
+def test_ctrl_c_prints_one_line(tmp_path: Path, demo_image_server: Any) -> None:
+    """Ctrl-C reaches the whole foreground process group (client and Dask workers), as from a terminal."""
+    import signal
+
+    config = _config(tmp_path, demo_image_server.base_url, rows=30)
+    text = yaml.safe_load(config.read_text())
+    text["cluster"] = {"n_workers": 2, "processes": True, "dashboard": False}
+    config.write_text(yaml.safe_dump(text))
+    demo_image_server.delay = 0.2
+    hits_before = demo_image_server.hits
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "curate.pipeline.cli", "run", str(config), "--no-progress"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while demo_image_server.hits == hits_before and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)  # downloads under way on the workers
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err_bytes = proc.communicate(timeout=60)
+    finally:
+        demo_image_server.delay = 0.0
+    err = err_bytes.decode(errors="replace")
+    assert proc.returncode == 1
+    assert "interrupted; re-run the same command to resume" in err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.strip()]) <= 3, err

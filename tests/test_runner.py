@@ -254,7 +254,7 @@ def test_malformed_csv_lines_are_counted_not_fatal(tmp_path: Path) -> None:
     (tmp_path / "x.csv").write_text('url,caption\nhttp://a/1,"one"\nhttp://a/2,two,extra,fields\nhttp://a/3,three\n')
     cfg = load_config(None, [f"input.path={tmp_path / 'x.csv'}", "output.path=o"], data={})
     plan = plan_input(cfg.input, str(tmp_path / "w"))
-    assert plan.total_rows == 2 and plan.malformed_lines == 1
+    assert plan.total_rows == 3 and plan.malformed_lines == 1  # a malformed line is a (rejected) input row
 
 
 def test_limit_and_brace_patterns(tmp_path: Path, real_images: dict[str, bytes]) -> None:

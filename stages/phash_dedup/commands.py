@@ -42,9 +42,25 @@ def _dedup_report(args: argparse.Namespace) -> int:
 
     summary = dedup_report(args.corpus, args.indexes, args.output, threshold=args.threshold, verify=args.verify)
     print(f"curate: dedup report -> {args.output}/index.html")
-    for name, info in (summary.get("eval_sets") or {}).items():
-        print(f"  {name}: {info}")
+    print(summary_table(summary))
     return 0
+
+
+def summary_table(summary: dict) -> str:
+    """Matches per eval set as a small aligned table (the full numbers are in summary.json)."""
+    header = ("eval set", "eval items", "corpus matched", "corpus rate", "eval items matched")
+    rows = [header]
+    for name, info in (summary.get("eval_sets") or {}).items():
+        rows.append((name, f"{info['eval_items']:,}", f"{info['corpus_samples_matched']:,}",
+                     f"{info['corpus_match_rate']:.2%}", f"{info['eval_items_matched']:,}"))
+    rows.append(("all", "", f"{summary.get('corpus_samples_matched', 0):,}",
+                 f"{summary.get('corpus_match_rate', 0.0):.2%}", ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                       for i, (cell, w) in enumerate(zip(row, widths, strict=True))) for row in rows]
+    lines.append(f"{summary.get('corpus_samples', 0):,} corpus samples; pHash threshold {summary.get('threshold')}"
+                 f", verification {'on' if summary.get('verify') else 'off'}")
+    return "\n".join(lines)
 
 
 COMMANDS = (

@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.pipeline import storage, tario
+from curate.pipeline import console, storage, tario
 from curate.stages.phash_dedup.phash import HashMode, PhashParams, from_hex, to_hex
 
 log = logging.getLogger("curate.evalsets")
@@ -432,6 +432,7 @@ def build_index_table(
             yield batch, [it.read() for it in batch]
 
     pool = ProcessPoolExecutor(workers) if workers > 1 else None
+    bar = console.progress_bar(f"hashing {name}", "image")
     try:
         if pool is None:
             results = ((b, _hash_batch(d, params, verify)) for b, d in batches())
@@ -439,6 +440,7 @@ def build_index_table(
             pending = [(b, pool.submit(_hash_batch, d, params, verify)) for b, d in batches()]
             results = ((b, f.result()) for b, f in pending)
         for batch, hashed in results:
+            bar.update(len(batch))
             for item, (main, extra, desc, error) in zip(batch, hashed, strict=True):
                 if main is None:
                     skipped += 1
@@ -450,6 +452,7 @@ def build_index_table(
                 variants.append(extra)
                 descriptors.append(desc)
     finally:
+        bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     if not ids:

@@ -33,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from curate.pipeline import tario
+from curate.pipeline import console, tario
 from curate.stages.phash_dedup.matcher import Candidate, EvalMatcher, MatchSettings
 from curate.stages.phash_dedup.stage import DedupConfig
 
@@ -306,7 +306,9 @@ def dedup_report(
             unreadable += bool(error)
         pending.clear()
 
+    bar = console.progress_bar("hashing corpus", "image")
     for key, image, stored in iter_corpus(source):
+        bar.update()
         row = len(keys)
         keys.append(key)
         known = stored or stored_hashes.get(key)
@@ -322,6 +324,7 @@ def dedup_report(
             unreadable += 1
     if pending:
         flush()
+    bar.close()
     if not keys:
         raise ValueError(f"corpus {corpus!r} has no samples")
     hashed_rows = [i for i, h in enumerate(hexes) if h is not None]

@@ -1,0 +1,234 @@
+"""Hostile inputs through a real run: every input row is counted (kept or turned down at stage `input` with a
+reason), none is lost, and no partition crashes or exhausts memory."""
+
+from __future__ import annotations
+
+import io
+import json
+import resource
+import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from curate.pipeline import inputs, tario
+from curate.pipeline.config import load_config
+from curate.pipeline.runner import run
+
+
+def run_stats(tmp_path: Path, input_path: Path, *extra: str) -> dict[str, Any]:
+    overrides = [f"input.path={input_path}", f"output.path={tmp_path / 'run'}", "input.shard_size=2",
+                 "download.enabled=false", "captions.enabled=false", "dedup.enabled=false", "clip.enabled=false",
+                 "cluster.processes=false", "cluster.n_workers=1", "cluster.dashboard=false", *extra]
+    run(load_config(None, overrides, data={}), progress=False, echo=lambda _m: None)
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    rejected = sum(sum(r.values()) for r in stats["rejected"].values())
+    assert stats["input_rows"] == stats["kept"] + rejected
+    return stats
+
+
+def output_rows(tmp_path: Path) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for folder in ("curated", "rejected"):
+        if (tmp_path / "run" / folder).exists() and list((tmp_path / "run" / folder).glob("*.parquet")):
+            rows += pq.read_table(tmp_path / "run" / folder).to_pylist()
+    return sorted(rows, key=lambda r: r["key"])
+
+
+def add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+# -- WebDataset grouping -----------------------------------------------------------------------------
+
+@contextmanager
+def streamed_tars(monkeypatch: pytest.MonkeyPatch, stream: bool) -> Iterator[None]:
+    """Force the non-seekable (one pass, front to back) reader when `stream`."""
+    if stream:
+        @contextmanager
+        def open_stream(path: str) -> Iterator[tuple[tarfile.TarFile, bool]]:
+            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+                yield tar, False
+
+        monkeypatch.setattr(tario, "_open_tar", open_stream)
+    yield
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["seekable", "stream"])
+def test_tar_members_are_grouped_by_key_in_any_order(tmp_path: Path, real_images: dict[str, bytes],
+                                                      monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    jpg = next(data for name, data in real_images.items() if name.endswith(".jpg"))
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w") as tar:
+        for name in ("a.jpg", "b.jpg", "b.txt", "a.txt", "c.jpg", "c.txt", "d.txt", "a.jpg", "d.jpg"):
+            add(tar, name, jpg if name.endswith(".jpg") else f"caption {name[0]}".encode())
+    with streamed_tars(monkeypatch, stream):
+        samples = list(tario.iter_tar_samples(str(path)))
+        assert [(k, sorted(f)) for k, f in samples] == [
+            ("a", ["jpg", "txt"]), ("b", ["jpg", "txt"]), ("c", ["jpg", "txt"]), ("d", ["jpg", "txt"]), ("a", ["jpg"])]
+        stats = run_stats(tmp_path, path)
+    # a, b, c, d, then the second a.jpg as a row of its own: 5 input rows, none lost
+    assert stats["input_rows"] == 5 and stats["kept"] == 4
+    assert stats["rejected"] == {"input": {"duplicate_key": 1}}
+    rows = output_rows(tmp_path)
+    assert [(r["source_key"], r["caption"], r["status"]) for r in rows] == [
+        ("a", "caption a", "success"), ("b", "caption b", "success"), ("c", "caption c", "success"),
+        ("d", "caption d", "success"), ("a", None, "rejected")]
+    assert rows[4]["reject_stage"] == "input" and "'a.jpg'" in rows[4]["error_message"]
+    with tarfile.open(tmp_path / "run" / "shards" / "shard-00000.tar") as tar:
+        assert len([n for n in tar.getnames() if n.endswith(".jpg")]) == 4
+
+
+def test_partition_reads_only_its_own_members(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "x.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(6):
+            add(tar, f"s{i}.jpg", b"img")
+        for i in range(6):
+            add(tar, f"s{i}.txt", f"cap {i}".encode())
+    read: list[str] = []
+    real_read = tario._read
+
+    def spy(tar: tarfile.TarFile, info: tarfile.TarInfo) -> bytes:
+        read.append(info.name)
+        return real_read(tar, info)
+
+    monkeypatch.setattr(tario, "_read", spy)
+    cfg = load_config(None, [f"input.path={path}", "output.path=o", "input.shard_size=2"], data={})
+    plan = inputs.plan_input(cfg.input, str(tmp_path / "w"))
+    assert plan.total_rows == 6 and not read  # planning reads headers only
+    table = inputs.read_partition(plan.partitions[1], cfg.input)
+    assert table.column("caption").to_pylist() == ["cap 2", "cap 3"]
+    assert table.column("key").to_pylist() == ["000000002", "000000003"]
+    assert sorted(read) == ["s2.jpg", "s2.txt", "s3.jpg", "s3.txt"]
+
+
+# -- oversized members ---------------------------------------------------------------------------------
+
+def write_sparse_tar(path: Path, members: list[tuple[str, bytes | int]]) -> None:
+    """A tar whose int-sized members are holes: the header claims the size, the disk holds nothing."""
+    with open(path, "wb") as f:
+        for name, content in members:
+            info = tarfile.TarInfo(name)
+            info.size = content if isinstance(content, int) else len(content)
+            f.write(info.tobuf(format=tarfile.GNU_FORMAT))
+            padded = -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+            if isinstance(content, int):
+                f.seek(padded, io.SEEK_CUR)
+            else:
+                f.write(content + b"\0" * (padded - len(content)))
+        f.write(b"\0" * tarfile.RECORDSIZE)
+
+
+def test_huge_members_fail_their_sample_without_being_read(tmp_path: Path, real_images: dict[str, bytes]) -> None:
+    jpg = next(data for name, data in real_images.items() if name.endswith(".jpg"))
+    path = tmp_path / "huge.tar"
+    write_sparse_tar(path, [
+        ("good.jpg", jpg), ("good.txt", b"a good sample"),
+        ("big.jpg", 3 << 30), ("big.txt", b"caption of the huge one"),
+        ("wordy.jpg", jpg), ("wordy.txt", inputs.MAX_TEXT_MEMBER_BYTES + 1),
+        ("after.jpg", jpg), ("after.json", json.dumps({"caption": "after the hole", "url": "u"}).encode()),
+    ])
+    assert path.stat().st_size > 3 << 30 and path.stat().st_blocks * 512 < 10 << 20  # sparse on disk
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    stats = run_stats(tmp_path, path)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 500
+    assert stats["input_rows"] == 4 and stats["kept"] == 2
+    assert stats["rejected"] == {"input": {"member_too_large": 2}}
+    rows = {r["source_key"]: r for r in output_rows(tmp_path)}
+    assert rows["good"]["status"] == "success" and rows["after"]["caption"] == "after the hole"
+    big = rows["big"]
+    assert big["status"] == "failed" and big["reject_stage"] == "input"
+    assert "'big.jpg'" in big["error_message"] and "3,221,225,472" in big["error_message"]
+    assert big["caption"] == "caption of the huge one"  # the small members of the sample are still read
+    assert "'wordy.txt'" in rows["wordy"]["error_message"]
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["total_samples"] == 2
+
+
+# -- column types ---------------------------------------------------------------------------------------
+
+def test_non_string_caption_and_url_columns(tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    urls = ["http://x/1.jpg", "http://x/2.jpg", "http://x/3.jpg"]
+    tables = {
+        "a_list": pa.table({"url": urls, "caption": pa.array([["a", "dog"], [], None], pa.list_(pa.string()))}),
+        "b_struct": pa.table({"url": urls, "caption": pa.array([{"t": "x"}, None, {"t": "y"}],
+                                                                pa.struct([("t", pa.string())]))}),
+        "c_binary": pa.table({"url": urls, "caption": pa.array([b"caf\xc3\xa9", b"\xff\xfe", None], pa.binary())}),
+        "d_int": pa.table({"url": urls, "caption": pa.array([1984, None, 7], pa.int64())}),
+        "e_url_list": pa.table({"url": pa.array([["http://x/4.jpg"], ["http://x/5.jpg", "http://x/6.jpg"], None],
+                                                pa.list_(pa.string())), "caption": ["one", "two", "three"]}),
+    }
+    for name, table in tables.items():
+        pq.write_table(table, folder / f"{name}.parquet")
+    stats = run_stats(tmp_path, folder)
+    # Without downloads, every row that survives the input rules fails later as no_image; none is lost.
+    assert stats["input_rows"] == 15 and stats["kept"] == 0
+    assert stats["rejected"] == {"input": {"bad_caption_type": 3, "bad_url_type": 1, "no_image": 11}}
+    rows = output_rows(tmp_path)
+    captions = [r["caption"] for r in rows]
+    assert captions[0:3] == ["a dog", None, None]  # list of strings: joined with a space
+    assert captions[3:6] == [None, None, None]  # struct: rejected
+    assert captions[6:9] == ["café", None, None]  # binary: UTF-8, or rejected
+    assert captions[9:12] == ["1984", None, "7"]  # numbers: as text
+    assert [r["url"] for r in rows[12:15]] == ["http://x/4.jpg", None, None]  # a one-element list is its URL
+    reasons = [r["reject_reason"] for r in rows]
+    assert reasons[3:6] == ["bad_caption_type", "no_image", "bad_caption_type"]
+    assert reasons[6:9] == ["no_image", "bad_caption_type", "no_image"]
+    assert reasons[12:15] == ["no_image", "bad_url_type", "no_image"]
+    assert "struct" in rows[3]["error_message"] and "not valid UTF-8" in rows[7]["error_message"]
+
+
+# -- malformed text lines ------------------------------------------------------------------------------
+
+def test_malformed_csv_lines_become_rejected_rows_in_place(tmp_path: Path) -> None:
+    path = tmp_path / "x.csv"
+    long_tail = "z" * 2000
+    path.write_text('url,caption\nhttp://a/1,"one"\nhttp://a/2,two,extra,fields\nhttp://a/3,"multi\nline"\n'
+                    f'http://a/4\n\nhttp://a/5,five\nhttp://a/6,six,{long_tail}\n')
+    stats = run_stats(tmp_path, path)
+    assert stats["input_rows"] == 6 and stats["kept"] == 0
+    assert stats["rejected"] == {"input": {"malformed_line": 3, "no_image": 3}}
+    assert stats["input_malformed_lines"] == 3
+    rows = output_rows(tmp_path)
+    assert [r["key"] for r in rows] == [f"{i:09d}" for i in range(6)]
+    assert [r["reject_reason"] for r in rows] == ["no_image", "malformed_line", "no_image", "malformed_line",
+                                                  "no_image", "malformed_line"]
+    assert [r["url"] for r in rows] == ["http://a/1", None, "http://a/3", None, "http://a/5", None]
+    messages = [r["error_message"] for r in rows]
+    assert messages[1].startswith("line 3: expected 2 fields, found 4: http://a/2,two,extra,fields")
+    assert messages[3].startswith("line 6: expected 2 fields, found 1: http://a/4")
+    assert messages[5].startswith("line 9: ") and len(messages[5]) < 600
+
+
+def test_malformed_tsv_and_jsonl_lines(tmp_path: Path) -> None:
+    tsv = tmp_path / "x.tsv"
+    tsv.write_text("url\tcaption\nhttp://a/1\tone\nbroken line\nhttp://a/2\ttwo\n")
+    stats = run_stats(tmp_path, tsv)
+    assert stats["input_rows"] == 3 and stats["rejected"]["input"]["malformed_line"] == 1
+    assert output_rows(tmp_path)[1]["error_message"].startswith("line 3: expected 2 fields, found 1")
+
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text('{"url": "http://a/1", "caption": "one"}\n{"url": "http://a/2", "capt\n'
+                     '[1, 2]\n{"url": "http://a/3", "caption": 3}\n{"url": "http://a/4", "caption": {"x": 1}}\n')
+    tmp2 = tmp_path / "second"
+    tmp2.mkdir()
+    stats = run_stats(tmp2, jsonl)
+    assert stats["input_rows"] == 5
+    assert stats["rejected"] == {"input": {"bad_caption_type": 1, "malformed_line": 2, "no_image": 2}}
+    rows = output_rows(tmp2)
+    assert [r["reject_reason"] for r in rows] == ["no_image", "malformed_line", "malformed_line", "no_image",
+                                                  "bad_caption_type"]
+    assert rows[1]["error_message"].startswith("line 2: invalid JSON")
+    assert rows[2]["error_message"].startswith("line 3: a JSON list")
+    assert rows[3]["caption"] == "3"
