@@ -362,3 +362,107 @@ def test_missing_backend_package_is_a_config_error(monkeypatch: pytest.MonkeyPat
     assert err.value.key_path == "captions.language_backend"
     # Without language filtering the backend is never loaded, so it need not be installed.
     build(CaptionsConfig, {"language_backend": "lingua", "languages": []}, "captions")
+
+
+# -- short-caption lexicon policy, new junk and spam rules, bidi controls -------------------------
+
+
+def test_short_english_kept_and_short_foreign_rejected_by_lexicon_policy(context: RunContext) -> None:
+    english = ["yellow tulips", "a blurred wall clock", "fresh plum jam 🍑", "black silhouette of a horse"]
+    foreign = ["gelbe Tulpen im Garten", "une horloge murale floue"]
+    out = run_stage(CaptionsConfig(), context, english + foreign)
+    reasons = out.column(C.REJECT_REASON).to_pylist()
+    assert reasons[: len(english)] == [None] * len(english)
+    assert all(reason in LANGUAGE_REASONS for reason in reasons[len(english) :])
+    # Kept by the word list, not the detector: the language is recorded without a score.
+    assert out.column(CAPTION_LANGUAGE).to_pylist()[1] == "en"
+
+
+def test_lexicon_policy_falls_back_to_the_detector_for_unknown_words() -> None:
+    config = CaptionsConfig()
+    lf = LanguageFilter(config)
+    assert lf.is_english("a blurred wall clock") and lf.is_english("blueberry muffins 🫐")
+    assert not lf.is_english("gelbe Tulpen") and not lf.is_english("une horloge murale floue")
+    assert not lf.is_english("mon petit chat")  # all known words, but French wins
+    assert not LanguageFilter(replace(config, short_caption_policy="lenient")).is_english("yellow tulips")
+
+
+@pytest.mark.parametrize(
+    ("caption", "reason"),
+    [
+        ("Quick View", "boilerplate"),
+        ("Add to Cart", "boilerplate"),
+        ("Featured image", "boilerplate"),
+        ("Stock Illustration", "boilerplate"),
+        ("#travel #wanderlust #travelgram", "hashtags"),
+        ("@anna #sunset ✨", "hashtags"),
+        ("beach, sea, sand, summer, holiday, travel", "keyword_list"),
+        ("necklace | pendant | silver | gift for her | minimalist", "keyword_list"),
+        ("cheap bags cheap bags online cheap bags sale", "repeated_phrase"),
+        ("Buy Shoes Online - Shoes Sale - Shoes Outlet - Shoes Store", "repeated_phrase"),
+        (" ".join(["The minister said the plan would cut costs for families across the country."] * 6), "too_many_tokens"),
+    ],
+)
+def test_new_junk_and_spam_rules_name_their_reason(caption: str, reason: str) -> None:
+    assert CaptionCleaner(CaptionsConfig()).clean(caption).reason == reason
+
+
+@pytest.mark.parametrize(
+    ("caption", "clean"),
+    [
+        ("Quick View Linen Midi Dress in Sage", "Linen Midi Dress in Sage"),
+        ("Organic honey 500g jar - Add to Cart", "Organic honey 500g jar"),
+        ("Mountain lake at sunrise stock photos and images", "Mountain lake at sunrise"),
+        ("Tropical beach with palm trees Stock Photo &amp; Royalty-Free Images", "Tropical beach with palm trees"),
+        ("Hand drawn floral wreath Vector Image", "Hand drawn floral wreath"),
+        ("Smoke over the harbour. Credit: Mike Smith/Reuters", "Smoke over the harbour."),
+    ],
+)
+def test_ui_strings_and_stock_suffixes_are_stripped(caption: str, clean: str) -> None:
+    result = CaptionCleaner(CaptionsConfig()).clean(caption)
+    assert (result.reason, result.text) == (None, clean)
+
+
+def test_new_rules_keep_ordinary_captions_and_can_be_switched_off() -> None:
+    cleaner = CaptionCleaner(CaptionsConfig())
+    for caption in [
+        "Floral Midi Dress, Short Sleeve, V-Neck, Blue",  # product title with a few attributes
+        "Morning run along the river #running #fitness",  # description plus hashtags
+        "A man and a woman and a dog on a beach",  # repeated function words
+        "Top view of salad with avocado, quinoa, chickpeas and feta",
+    ]:
+        assert cleaner.clean(caption).reason is None, caption
+    off = CaptionCleaner(
+        replace(
+            CaptionsConfig(),
+            reject_keyword_lists=False,
+            reject_hashtag_only=False,
+            reject_repeated_phrases=False,
+            max_tokens=0,
+        )
+    )
+    assert off.clean("beach, sea, sand, summer, holiday, travel").reason is None
+    assert off.clean("#travel #wanderlust #travelgram").reason is None
+    assert off.clean("cheap bags cheap bags online cheap bags sale").reason is None
+    long_text = (
+        "Council workers spent Thursday clearing fallen branches from the park after overnight gales, while "
+        "volunteers repaired fences around the allotments and a local bakery handed out free coffee to anyone "
+        "who helped. Organisers hope the summer fair can still open next weekend, although the bandstand roof "
+        "needs new panels and the pond must be drained before inspectors visit on Monday. Residents were "
+        "asked to keep dogs on leads near the damaged paths until the work is finished."
+    )
+    assert cleaner.clean(long_text).reason == "too_many_tokens"
+    assert off.clean(long_text).reason is None
+
+
+def test_estimated_tokens_track_clip_context() -> None:
+    text = "Firefighters battle a blaze at a warehouse in east Oakland on Sunday morning."
+    assert CaptionCleaner.estimate_tokens(text) == 15  # 13 words, 1 full stop; "Firefighters" counts 2
+
+
+@pytest.mark.parametrize("fix_unicode", ["auto", "always", "off"])
+def test_bidi_controls_are_removed(fix_unicode: str) -> None:
+    cleaner = CaptionCleaner(replace(CaptionsConfig(), fix_unicode=fix_unicode))
+    for ch in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069":
+        assert cleaner.clean(f"{ch}A red fox in the snow{ch}").text == "A red fox in the snow"
+    assert cleaner.clean("Wild\u202eflowers in the meadow").text == "Wildflowers in the meadow"

@@ -9,10 +9,12 @@ Per caption, in this order (the first rule that turns a row down names its `reje
    the length limits), `reject` turns down any caption containing it, `keep` leaves it alone.
 3. Leading/trailing separator punctuation is trimmed (`trim_punctuation`).
 4. `too_short` / `too_long` (characters), `mostly_symbols`, `too_few_words` / `too_many_words`,
-   `repetitive` (repeated-token spam).
+   `too_many_tokens` (past the CLIP context, estimated), `hashtags` (hashtags only), `keyword_list`,
+   `repetitive` (repeated-token spam), `repeated_phrase`.
 5. `language` (confidently another language) / `language_uncertain` (no language reaches
    `min_language_confidence`), with captions shorter than `short_caption_words` words handled by
-   `short_caption_policy`. Language id runs last, in one batch, only on rows still alive.
+   `short_caption_policy` (default `lexicon`: an English word-frequency list, lexicon.py, decides
+   when it knows every word). Language id runs last, in one batch, only on rows still alive.
 
 The cleaned caption replaces `caption`; the input value is kept in `caption_original`. The detected
 language and its score go to `caption_language` / `caption_language_score` (null where language id
@@ -36,7 +38,7 @@ from curate.pipeline.configspec import ConfigError, option
 from curate.pipeline.stage import Stage
 
 JunkAction = Literal["strip", "reject", "keep"]
-ShortCaptionPolicy = Literal["lenient", "accept", "reject", "detect"]
+ShortCaptionPolicy = Literal["lexicon", "lenient", "accept", "reject", "detect"]
 LanguageBackend = Literal["fasttext", "langdetect", "lingua", "langid", "cld2", "cld3"]
 UnicodeFix = Literal["auto", "always", "off"]
 
@@ -65,7 +67,38 @@ DEFAULT_BOILERPLATE: tuple[str, ...] = (
     r"(?:©|\(c\))(?:\s*\d{4}(?:\s*[-–]\s*\d{4})?)?|\bcopyright\s*(?:©\s*)?\d{4}(?:\s*[-–]\s*\d{4})?",
     r"^\W*(?:untitled(?:[\s_-]*\d+)?|no\s+title|image|photo|picture|img|pic|thumbnail|placeholder|default"
     r"|null|none|n/a|undefined|test|unknown|loading)\W*$",
+    # Shop and gallery UI strings, anywhere in a caption ("Quick View Linen Dress", "Vase - Add to Cart").
+    r"\b(?:quick\s*(?:view|look|shop)|add\s+to\s+(?:cart|basket|bag|wish\s?list|favou?rites|collection|lightbox)"
+    r"|buy\s+(?:it\s+)?now|shop\s+now|sold\s+out|(?:in|out\s+of)\s+stock(?:\s*[-,:]?\s*ships\s+\w+)?"
+    r"|(?:click|tap|hover|scroll|pinch)\s+(?:here\s+)?to\s+zoom(?:\s+in)?"
+    r"|view\s+all\s+(?:photos|images|pictures)|(?:see|view|show)\s+more\s+(?:photos|images|pictures)"
+    r"|similar\s+(?:images|photos|pictures)|save\s+to\s+(?:collection|board|lightbox|favou?rites)"
+    r"|(?:jump\s+to|print|rate|save|pin)\s+(?:this\s+)?recipe|share\s+on\s+(?:facebook|twitter|pinterest|whatsapp|linkedin)"
+    r"|(?:show|hide|toggle)\s+caption|enlarge\s+this\s+image|open\s+(?:image\s+)?in\s+(?:gallery|new\s+tab)"
+    r"|customer\s+reviews|continue\s+shopping|write\s+a\s+review)\b",
+    # Stock-site suffixes and credits ("... Stock Illustration", "Free Vector", "Premium Photo", "| Shutterstock").
+    r"\b(?:download\s+)?(?:free|premium)\s+(?:vectors?|photos?|psd|png)(?:\s*,\s*clip\s?art\s+graphics)?"
+    r"(?:\s*(?:&|and)\s+vector\s+art)?\b|\bstock\s+(?:illustration|vector|video)s?\b"
+    r"|\bvector\s+(?:image|art|graphics?)\b|\bclip\s?art\s+graphics\b|\bwatermarked\b",
+    r"\b(?:unsplash|pexels|pixabay|stocksy|pngtree|vectorstock|canstock(?:photo)?|wikimedia\s+commons)\b",
+    # News and blog credits: "(AP Photo/Evan Vucci)", "Image copyright Reuters", "Credit: Mike Blake/Reuters".
+    r"\((?:ap|afp|epa|pa|reuters|getty)\s+(?:photo|images?)\b[^()]*\)"
+    r"|\b(?:image|photo|picture)\s+(?:copyright|credit|courtesy(?:\s+of)?)\b(?:\s*:)?(?:\s+\w+){0,3}\s*$",
+    r"\b(?:photo(?:graph)?|picture|image|credit)s?\s*(?:by|via)?\s*:\s*[\w.&/' -]{0,40}$",
+    # Whole-caption UI labels and CMS placeholders ("Featured image", "Company logo", "Scroll down").
+    r"^\W*(?:zoom|close|menu|search|next(?:\s+slide)?|prev(?:ious)?(?:\s+slide)?|back(?:\s+to\s+top)?|read\s+more"
+    r"|share|print|play(?:\s+video)?|pause|expand|advertisement|sponsored|preview|compare|sale|new|hot|best\s*seller"
+    r"|(?:company|site|brand|footer|header)\s+logo|logo|banner|spacer|(?:\w+\s+)?icon|(?:author|user)\s+avatar|avatar"
+    r"|profile\s+(?:picture|photo|pic|image)|featured\s+(?:image|photo)|(?:post|blog|article|video|product)\s+thumbnail"
+    r"|(?:header|hero|cover|background|banner)\s+(?:image|photo)|alt(?:ernative)?\s+text|image\s+description"
+    r"|insert\s+image\s+here|media\s+caption|free\s+(?:shipping|delivery)|size\s+(?:guide|chart)|secure\s+checkout"
+    r"|payment\s+(?:methods|options)|select\s+options|(?:go\s+to\s+)?slide\s+\d+|subscribe(?:\s+to\s+(?:our|the)\s+newsletter)?"
+    r"|scroll\s+(?:down|up)|click\s+here|tweet\s+this|pin\s+it|untitled\s+design|\w+\s+rating|(?:image|photo)\s+\d+\s*/\s*\d+)\W*$",
 )
+
+#: Gate of whole-caption patterns whose matches are short: skipped for captions over 48 characters.
+_SHORT_CAPTION_GATE: tuple[str, ...] = ("<short caption>",)
+_SHORT_CAPTION_CHARS = 48
 
 # Cheap substring tests (on the lower-cased caption) that must pass before a default pattern's regex
 # runs: most captions contain none of them, and Python's `re` has no multi-pattern matcher.
@@ -90,6 +123,13 @@ _BOILERPLATE_GATES: dict[str, tuple[str, ...]] = dict(
             ("reserved",),
             ("©", "(c)", "copyright"),
             None,  # whole-caption pattern: anchored, fails fast
+            ("quick", "add to", "buy", "shop", "sold", "stock", "zoom", "view", "more", "similar", "save", "recipe",
+             "share on", "caption", "enlarge", "open", "review"),
+            ("free", "premium", "stock", "vector", "clip", "watermark"),
+            ("unsplash", "pexels", "pixabay", "stocksy", "pngtree", "vectorstock", "canstock", "wikimedia"),
+            ("(ap ", "(afp", "(epa", "(pa ", "(reuters", "(getty", "copyright", "credit", "courtesy"),
+            (":",),
+            _SHORT_CAPTION_GATE,
         ),
         strict=True,
     )
@@ -156,10 +196,15 @@ _NON_LETTERS_RE = re.compile(r"[\W\d_]+")
 _WORD_RE = re.compile(r"\w+")
 _DIGIT_RE = re.compile(r"\d")
 _NOT_WORD_RE = re.compile(r"[^\w\s]+|[\d_]+")
+_LETTERS_RE = re.compile(r"[^\W\d_]+")
+_TOKEN_RE = re.compile(r"[^\W\d_]+|\d|[^\w\s]")
+_HASHTAG_RE = re.compile(r"[#@][\w.]+")
+_KEYWORD_SPLIT_RE = re.compile(r"\s*[,;|/]\s*")
+_BIDI_RE = re.compile("[\u202a-\u202e\u2066-\u2069]")
 _EMPTY_BRACKETS_RE = re.compile(r"\(\s*\)|\[\s*\]|\{\s*\}")
 # Separators and bullets that frame captions ("*** Lamp ***", "| Vase |", ">> Blanket <<").
 _LEADING_NOISE = " -–—_|•·*~=:;,/\\>»›→.…"
-_TRAILING_NOISE = " -–—_|•·*~=:;,/\\<«‹←"
+_TRAILING_NOISE = " -–—_|•·*~=:;,/\\<«‹←&+"
 
 
 def _fast_unicode_table() -> dict[int, Any]:
@@ -179,6 +224,8 @@ def _fast_unicode_table() -> dict[int, Any]:
         table[code] = " "
     for ch in "\u200b\u2060\u00ad\ufeff\u200e\u200f":  # invisible: zero-width space, soft hyphen, BOM, LRM/RLM
         table[ord(ch)] = None
+    for code in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]:  # bidi embeddings, overrides, isolates
+        table[code] = None
     return table
 
 
@@ -234,6 +281,27 @@ class CaptionsConfig:
         help="Reject (`repetitive`) repeated-token spam: captions of >= 4 words whose most frequent word is "
         "over `max_top_word_fraction` of the words or whose distinct words are under `min_unique_word_fraction`.",
     )
+    max_tokens: int = option(
+        75,
+        help="Reject (`too_many_tokens`) captions longer than a CLIP text encoder reads: more than this many "
+        "estimated BPE tokens (words and punctuation marks, long words counting extra; the 77-token context "
+        "less start/end). 0 = no limit.",
+        range=(0, None),
+    )
+    reject_keyword_lists: bool = option(
+        True,
+        help="Reject (`keyword_list`) tag lists: `keyword_list_min_items` or more items separated by , ; | or / "
+        "that are all 1-3 words (`beach, sea, sand, summer, travel`).",
+    )
+    keyword_list_min_items: int = option(5, help="Keyword lists: fewest separated items.", range=(2, None))
+    reject_hashtag_only: bool = option(
+        True, help="Reject (`hashtags`) captions that are hashtags/@mentions with fewer than 2 other words."
+    )
+    reject_repeated_phrases: bool = option(
+        True,
+        help="Reject (`repeated_phrase`) captions repeating a 2-3 word phrase 3 times, or a word (3+ letters) "
+        "3 times making up a quarter of the words (`cheap bags cheap bags online cheap bags sale`).",
+    )
     max_top_word_fraction: float = option(0.5, help="Repetition: largest share of one word.", range=(0.0, 1.0))
     min_unique_word_fraction: float = option(0.4, help="Repetition: smallest share of distinct words.", range=(0.0, 1.0))
     languages: tuple[str, ...] = option(
@@ -252,16 +320,23 @@ class CaptionsConfig:
         range=(0.0, 1.0),
     )
     short_caption_words: int = option(
-        3,
+        5,
         help="Captions with fewer words than this are 'short': language id is unreliable there, so "
         "`short_caption_policy` decides.",
         range=(0, None),
     )
+    lexicon_margin: float = option(
+        -1.0,
+        help="`lexicon` policy: how far (summed Zipf log-frequency) English must beat every other language "
+        "for a short caption of known words to count as English.",
+        range=(None, None),
+    )
     short_caption_policy: ShortCaptionPolicy = option(
-        "lenient",
-        help="Short captions: `lenient` keeps them unless another language is detected with "
-        "`min_language_confidence`; `accept` skips language id; `reject` rejects them as "
-        "`language_uncertain`; `detect` applies the normal rule.",
+        "lexicon",
+        help="Short captions: `lexicon` keeps them when every word is in the bundled English word list "
+        "(with `en` allowed) and otherwise applies the normal rule; `lenient` keeps them unless another "
+        "language is detected with `min_language_confidence`; `accept` skips language id; `reject` rejects "
+        "them as `language_uncertain`; `detect` applies the normal rule.",
     )
 
     def validate(self, key_path: str) -> None:
@@ -344,7 +419,7 @@ class CaptionCleaner:
     def _fix_unicode(self, text: str) -> str:
         mode = self.config.fix_unicode
         if mode == "off":
-            return unicodedata.normalize("NFC", text)
+            return unicodedata.normalize("NFC", _BIDI_RE.sub("", text))
         if mode == "always" or _NEEDS_FTFY_RE.search(text):
             import ftfy
 
@@ -413,7 +488,10 @@ class CaptionCleaner:
         has_digit = _DIGIT_RE.search(text) is not None
         for kind, action, patterns in self._rules:
             for regex, gate in patterns:
-                if gate is not None and not (has_digit and gate[0] == _DIGIT):
+                if gate is _SHORT_CAPTION_GATE:
+                    if len(text) > _SHORT_CAPTION_CHARS:
+                        continue
+                elif gate is not None and not (has_digit and gate[0] == _DIGIT):
                     for needle in gate:
                         if needle in low:
                             break
@@ -460,9 +538,63 @@ class CaptionCleaner:
             return CleanedCaption(text, "too_few_words", f"{words} words < min_words {cfg.min_words}", words)
         if cfg.max_words and words > cfg.max_words:
             return CleanedCaption(text, "too_many_words", f"{words} words > max_words {cfg.max_words}", words)
+        if cfg.max_tokens and words > cfg.max_tokens // 2:
+            tokens = self.estimate_tokens(text)
+            if tokens > cfg.max_tokens:
+                return CleanedCaption(
+                    text, "too_many_tokens", f"~{tokens} CLIP tokens > max_tokens {cfg.max_tokens}", words
+                )
+        if cfg.reject_hashtag_only and ("#" in text or "@" in text):
+            rest = self.count_words(" ".join(_HASHTAG_RE.sub(" ", text).split()))
+            if rest < 2:
+                return CleanedCaption(text, "hashtags", f"hashtags/mentions and {rest} other words", words)
+        if cfg.reject_keyword_lists and words >= cfg.keyword_list_min_items:
+            items = self._keyword_items(text)
+            if items >= cfg.keyword_list_min_items:
+                return CleanedCaption(text, "keyword_list", f"keyword list of {items} items", words)
         if cfg.reject_repetitive and self._is_repetitive(text, words):
             return CleanedCaption(text, "repetitive", "repeated-token spam", words)
+        if cfg.reject_repeated_phrases and words >= 6:
+            phrase = self._repeated_phrase(text)
+            if phrase:
+                return CleanedCaption(text, "repeated_phrase", f"repeated phrase: {phrase!r}", words)
         return CleanedCaption(text, None, None, words)
+
+    @staticmethod
+    def estimate_tokens(text: str) -> int:
+        """CLIP BPE tokens, estimated: one per word, digit and punctuation mark, +1 per 10 letters past the first 10."""
+        total = 0
+        for token in _TOKEN_RE.findall(text):
+            total += 1 + (len(token) - 1) // 10 if len(token) > 10 else 1
+        return total
+
+    @staticmethod
+    def _keyword_items(text: str) -> int:
+        """Number of items when the caption is a list of 1-3 word tags, else 0."""
+        if text.count(",") + text.count(";") + text.count("|") + text.count("/") < 2:
+            return 0
+        items = [item for item in _KEYWORD_SPLIT_RE.split(text) if item.strip()]
+        for item in items:
+            if item.count(" ") > 2 and len(item.split()) > 3:
+                return 0
+        return len(items)
+
+    @staticmethod
+    def _repeated_phrase(text: str) -> str | None:
+        tokens = _WORD_RE.findall(text.lower())
+        n = len(tokens)
+        if n < 6 or len(set(tokens)) > n - 2:  # no word occurs 3 times: nothing to find
+            return None
+        counts = Counter(tokens)
+        word, top = counts.most_common(1)[0]
+        if top >= 3 and top * 4 >= n and len(word) >= 3 and not word.isdigit():
+            return word
+        for size in (2, 3):
+            grams = Counter(tuple(tokens[i : i + size]) for i in range(n - size + 1))
+            gram, count = grams.most_common(1)[0]
+            if count >= 3:
+                return " ".join(gram)
+        return None
 
 
 @dataclass(frozen=True)
@@ -482,6 +614,22 @@ class LanguageFilter:
         self.config = config
         self.allowed = frozenset(config.languages)
         self.identifier = identifier if identifier is not None else make_identifier(config.language_backend)
+        self.lexicon: dict[str, dict[str, float]] | None = None
+        if config.short_caption_policy == "lexicon" and "en" in self.allowed:
+            from curate.stages.clean_captions.lexicon import load
+
+            self.lexicon = load()
+
+    def is_english(self, text: str) -> bool:
+        """Every word (2+ letters) is a known English word and English beats every other language
+        by `lexicon_margin` summed log-frequency (see lexicon.py)."""
+        if self.lexicon is None:
+            return False
+        from curate.stages.clean_captions.lexicon import english_margin
+
+        words = [w for w in _LETTERS_RE.findall(text.lower()) if len(w) > 1]
+        margin = english_margin(words, self.lexicon)
+        return margin is not None and margin >= self.config.lexicon_margin
 
     def load(self) -> None:
         self.identifier.load()
@@ -500,7 +648,9 @@ class LanguageFilter:
         decisions: list[LanguageDecision | None] = [None] * len(texts)
         to_detect: list[int] = []
         for i, is_short in enumerate(short):
-            if is_short and policy == "accept":
+            if is_short and policy == "lexicon" and self.is_english(texts[i]):
+                decisions[i] = LanguageDecision(None, None, "en", None)
+            elif is_short and policy == "accept":
                 decisions[i] = LanguageDecision(None, None, None, None)
             elif is_short and policy == "reject":
                 decisions[i] = LanguageDecision(
