@@ -27,7 +27,6 @@ import platform
 import random
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -188,7 +187,6 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(REPO))
     logging.basicConfig(level=logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
     from curate.stages.clip_filter import model as cm
 
     device = cm.resolve_device(args.device)

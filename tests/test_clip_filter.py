@@ -178,9 +178,12 @@ def test_vit_b32_random_init_matches_reference_and_warns(context, demo_pairs, ca
     stage = ClipFilterStage(
         build(ClipConfig, {"model": "ViT-B-32", "pretrained": "", "device": "cpu", "batch_size": 4}, "clip"), context
     )
-    with pytest.warns(UserWarning, match="RANDOM weights"):
+    stage.preflight()  # the run's random-weights warning comes from the client, once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and setup on the worker adds no UserWarning duplicate
         stage.ensure_setup()
-    assert any("RANDOM weights" in r.getMessage() for r in caplog.records)
+    assert [r.getMessage() for r in caplog.records if "RANDOM weights" in r.getMessage()] == [
+        cm.random_weights_message("ViT-B-32")]
     out = stage.score(make_table(images, captions))
     from open_clip.transform import PreprocessCfg, image_transform_v2
 
@@ -674,3 +677,201 @@ def test_gpu_vit_b32_bf16_within_001_of_fp32(context, demo_pairs) -> None:
 def test_checkpoint_path_detection() -> None:
     assert cm.looks_like_checkpoint_path("/x/y.pt") and cm.looks_like_checkpoint_path("w.safetensors")
     assert not cm.looks_like_checkpoint_path("laion2b_s34b_b79k") and not cm.looks_like_checkpoint_path("")
+
+
+# -------------------------------------------------------------------------------------------
+# preflight, failing weights, one warning per run, deterministic random init, report note
+# -------------------------------------------------------------------------------------------
+TINY_TAG = "curate_test"
+REAL_PROBE = cm.probe_weights
+
+
+@pytest.fixture
+def tiny_tag(tiny_clip: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Config keys selecting the tiny model by an open_clip tag served from `curate-test/tiny-clip` on the hub."""
+    import open_clip
+    import open_clip.pretrained as oc_pretrained
+
+    open_clip.add_model_config(tiny_clip["model_config"])
+    monkeypatch.setitem(oc_pretrained._PRETRAINED, tiny_clip["model"],
+                        {TINY_TAG: oc_pretrained._pcfg(hf_hub="curate-test/tiny-clip/")})
+    return {"model": tiny_clip["model"], "model_config": tiny_clip["model_config"], "pretrained": TINY_TAG}
+
+
+def fill_hub_cache(cache: Any, tiny_clip: dict[str, str]) -> None:
+    """The tiny checkpoint laid out as the HF hub cache holds `curate-test/tiny-clip`."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--curate-test--tiny-clip"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    state = torch.load(tiny_clip["pretrained"], weights_only=True)["state_dict"]
+    torch.save(state, repo / "snapshots" / commit / "open_clip_pytorch_model.bin")
+
+
+def failing_hub_download(calls: list[str]) -> Callable[..., Any]:
+    """A hub download that logs a retry line and fails, as hf_hub_download does with no network."""
+    import logging
+
+    def download(repo_id: str, filename: str, **kwargs: Any) -> str:
+        calls.append(filename)
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ConnectionError(f"cannot reach huggingface.co for {repo_id}/{filename}")
+
+    return download
+
+
+def test_preflight_refuses_what_cannot_load(tiny_tag, context, tmp_path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    def preflight(**data: Any) -> ConfigError:
+        stage = ClipFilterStage(ClipConfig(**{"device": "cpu", **data}), context)  # unvalidated: preflight's checks
+        with pytest.raises(ConfigError) as err:
+            stage.preflight()
+        return err.value
+
+    err = preflight(pretrained=str(tmp_path / "missing.bin"))
+    assert err.key_path == "clip.pretrained" and "not found" in err.message
+    err = preflight(model="ViT-B-32", pretrained="laion2b_no_such_tag")
+    assert err.key_path == "clip.pretrained" and "laion2b_s34b_b79k" in err.message  # lists the valid tags
+    err = preflight(model="ViT-Q-99", pretrained="openai")
+    assert err.key_path == "clip.model"
+    err = preflight(model="local-dir:" + str(tmp_path / "nowhere"))
+    assert err.key_path == "clip.model"
+
+    # not cached and the hub unreachable (offline mode: the one probe fails at once, nothing retries)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    err = preflight(**tiny_tag, cache_dir=str(tmp_path / "empty-cache"))
+    assert err.key_path == "clip.pretrained"
+    assert "unreachable (HF_HUB_OFFLINE is set)" in err.message and "\n" not in err.message
+    assert "clip.pretrained: /models/curate-tiny-clip/open_clip_pytorch_model.bin" in err.message
+    assert "…" not in err.message  # short enough for ConfigError not to cut the advice off
+
+
+def test_preflight_warns_once_about_a_download_and_is_silent_when_cached(
+    tiny_tag, tiny_clip, context, tmp_path, monkeypatch, caplog
+) -> None:
+    from curate.stages.clip_filter import stage as stage_module
+
+    probes: list[Any] = []
+    monkeypatch.setattr(stage_module, "probe_weights", lambda weights: probes.append(weights))  # reachable
+    ClipFilterStage(ClipConfig(**tiny_tag, cache_dir=str(tmp_path / "empty")), context).preflight()
+    warned = [r for r in caplog.records if r.levelno >= 30]
+    assert len(probes) == 1 and len(warned) == 1 and "downloads them" in warned[0].getMessage()
+
+    caplog.clear()
+    fill_hub_cache(tmp_path / "hub", tiny_clip)
+    ClipFilterStage(ClipConfig(**tiny_tag, cache_dir=str(tmp_path / "hub")), context).preflight()
+    assert len(probes) == 1 and not [r for r in caplog.records if r.levelno >= 30]  # cached: no request
+
+
+def test_setup_fails_fast_in_one_paragraph_when_weights_cannot_download(
+    tiny_tag, context, tmp_path, monkeypatch, caplog
+) -> None:
+    import huggingface_hub.constants
+    import open_clip.pretrained as oc_pretrained
+
+    calls: list[str] = []
+    monkeypatch.setattr(oc_pretrained, "hf_hub_download", failing_hub_download(calls))
+    config = build(ClipConfig, {**tiny_tag, "cache_dir": str(tmp_path / "empty"), "device": "cpu"}, "clip")
+
+    # the hub answers the probe, then the download fails: one error, no retry chatter in the log
+    monkeypatch.setattr(cm, "probe_weights", lambda weights, timeout=cm.PROBE_TIMEOUT_S: None)
+    with pytest.raises(StageError) as err:
+        ClipFilterStage(config, context).ensure_setup()
+    message = str(err.value)
+    assert calls and "\n" not in message and "cannot reach huggingface.co" in message
+    assert "set clip.pretrained to a local checkpoint file" in message.lower()
+    assert "clip.pretrained: /models/curate-tiny-clip/open_clip_pytorch_model.bin" in message
+    assert "a tag whose weights are in the cache" in message
+    assert not [r for r in caplog.records if r.levelno >= 30]  # neither the hub's retries nor open_clip's error
+
+    # the hub unreachable: the probe fails at once and nothing is downloaded
+    calls.clear()
+    monkeypatch.setattr(cm, "probe_weights", REAL_PROBE)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(StageError, match="unreachable") as err:
+        ClipFilterStage(config, context).ensure_setup()
+    assert calls == [] and "\n" not in str(err.value)
+
+
+def test_setup_loads_cached_tag_without_the_network(tiny_tag, tiny_clip, context, tmp_path, monkeypatch) -> None:
+    import open_clip.pretrained as oc_pretrained
+
+    fill_hub_cache(tmp_path / "hub", tiny_clip)
+    calls: list[str] = []
+    real_download = oc_pretrained.hf_hub_download
+
+    def offline_only(repo_id: str, filename: str, **kwargs: Any) -> str:
+        import huggingface_hub.constants
+
+        calls.append(filename)
+        assert huggingface_hub.constants.HF_HUB_OFFLINE  # cached weights never cause a hub request
+        return real_download(repo_id=repo_id, filename=filename, **kwargs)
+
+    monkeypatch.setattr(oc_pretrained, "hf_hub_download", offline_only)
+    monkeypatch.setattr(cm, "probe_weights", lambda *a, **k: pytest.fail("probed the hub for cached weights"))
+    config = build(ClipConfig, {**tiny_tag, "cache_dir": str(tmp_path / "hub"), "device": "cpu"}, "clip")
+    stage = ClipFilterStage(config, context)
+    stage.ensure_setup()
+    assert calls and not stage.scorer.random_init
+
+
+def test_random_weights_warn_exactly_once_per_run(tiny_clip, context, caplog, recwarn) -> None:
+    """preflight (client) warns once; setup (each worker) adds nothing: no UserWarning, no open_clip record."""
+    cm.clear_scorers()
+    data = {"model": tiny_clip["model"], "model_config": tiny_clip["model_config"], "pretrained": "",
+            "device": "cpu"}
+    client = ClipFilterStage(build(ClipConfig, data, "clip"), context)
+    client.preflight()
+    for _ in range(2):  # two workers
+        worker = pickle.loads(pickle.dumps(client))
+        worker.ensure_setup()
+        cm.clear_scorers()
+    warned = [r for r in caplog.records if r.levelno >= 30]
+    assert [r.getMessage() for r in warned] == [cm.random_weights_message(tiny_clip["model"])]
+    assert warned[0].name == "curate.clip"
+    assert not [w for w in recwarn if "weights" in str(w.message).lower()]
+
+
+def test_model_creation_leaves_root_logging_alone(tiny_clip) -> None:
+    """open_clip's logging.warning() would run basicConfig() on a handler-less worker root: a second format."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers.clear()
+    try:
+        cm.clear_scorers()
+        cm.ClipScorer(cm.ModelSpec(tiny_clip["model"], "", tiny_clip["model_config"]))
+        assert root.handlers == [] and root.filters == []
+    finally:
+        root.handlers[:] = saved
+        cm.clear_scorers()
+
+
+def test_random_init_is_deterministic_and_leaves_global_rng_alone(tiny_clip, demo_pairs) -> None:
+    images, captions = demo_pairs
+    spec = cm.ModelSpec(tiny_clip["model"], "", tiny_clip["model_config"])
+    scores = []
+    for seed in (1, 2):
+        cm.clear_scorers()
+        torch.manual_seed(seed)  # whatever the process did before
+        state = torch.get_rng_state()
+        scorer = cm.ClipScorer(spec)
+        assert torch.equal(torch.get_rng_state(), state)
+        scores.append(scorer.score_pairs(images, captions, batch_size=8).scores)
+        scorer.close()
+    cm.clear_scorers()
+    np.testing.assert_array_equal(scores[0], scores[1])
+    assert np.std(scores[0]) > 0
+
+
+def test_report_says_plainly_when_weights_are_random() -> None:
+    def note(**section: Any) -> str:
+        return ClipFilterStage.report_parts(section).metrics[0].note
+
+    assert note(model="ViT-B-32", pretrained="") == "RANDOM CLIP weights (clip.pretrained is empty): scores are noise"
+    assert "RANDOM" not in note(model="ViT-B-32", pretrained="laion2b_s34b_b79k")
+    assert "RANDOM" not in note(model="hf-hub:org/repo", pretrained="")  # the weights come with the model
+    assert "RANDOM" not in note(threshold=0.28)  # an old run's section without the key

@@ -53,28 +53,60 @@ log = logging.getLogger("curate.clip")
 Precision = Literal["fp32", "bf16", "fp16"]
 ImagePipeline = Literal["reference", "tensor"]
 
+MODEL_SCHEMAS = ("hf-hub:", "local-dir:")  # open_clip model names that bring their own weights
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # Bound on the float32 elements one resize call materialises (a chunk of same-sized images).
 _RESIZE_CHUNK_ELEMENTS = 1 << 26
 
+# open_clip's root-logger records that repeat what curate reports once (preflight warning or StageError)
+_OPEN_CLIP_NOISE = ("No pretrained weights loaded", "Failed to download weights for tag")
+# How long the one reachability probe of a weights source may take (no retries: fail fast when offline)
+PROBE_TIMEOUT_S = 5.0
+# Random-init weights are seeded so that every worker of every run builds the same model
+RANDOM_INIT_SEED = 0
 
 
 @contextlib.contextmanager
-def _quiet_random_init_warning() -> Iterator[None]:
-    """Drop open_clip's root-logger 'No pretrained weights loaded' record while a checkpoint follows."""
+def _quiet_model_creation() -> Iterator[None]:
+    """Keep open_clip's and the HF hub's log lines out of worker logs while a model is built.
+
+    open_clip logs with module-level `logging.warning()` / `logging.info()` on the root logger: a filter on the
+    root drops its records, and a NullHandler keeps those calls from running `basicConfig()` (a second log
+    format) on a worker whose root has no handler yet. The hub logs one WARNING per download retry: raised to
+    ERROR here, since a failure ends in one ClipModelError anyway.
+    """
 
     class _Filter(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
-            return "No pretrained weights loaded" not in record.getMessage()
+            return not any(text in record.getMessage() for text in _OPEN_CLIP_NOISE)
 
     root = logging.getLogger()
-    flt = _Filter()
+    hub = logging.getLogger("huggingface_hub")
+    flt, null, hub_level = _Filter(), logging.NullHandler(), hub.level
     root.addFilter(flt)
+    root.addHandler(null)
+    hub.setLevel(logging.ERROR)
     try:
         yield
     finally:
+        hub.setLevel(hub_level)
+        root.removeHandler(null)
         root.removeFilter(flt)
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """HF hub offline mode for this process while cached weights load: no etag request, no retries."""
+    import huggingface_hub.constants as hub_constants
+
+    before = hub_constants.HF_HUB_OFFLINE
+    hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub_constants.HF_HUB_OFFLINE = before
+
 
 class ClipModelError(RuntimeError):
     """The model, its weights or its tokenizer could not be loaded."""
@@ -132,6 +164,148 @@ def looks_like_checkpoint_path(pretrained: str) -> bool:
         or pretrained.lower().endswith(CHECKPOINT_SUFFIXES)
         or os.path.isfile(pretrained)
     )
+
+
+def is_random_init(model: str, pretrained: str) -> bool:
+    """No weights will be loaded: `pretrained` is empty and the model name does not bring its own."""
+    return not pretrained and not model.startswith(MODEL_SCHEMAS)
+
+
+def random_weights_message(model: str) -> str:
+    return (f"clip.pretrained is empty: model {model!r} gets RANDOM weights (seeded, the same on every worker), "
+            "so clip_score is noise; use this only for tests, benchmarks and the demo")
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained tags: where their weights come from, whether they are cached here
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TagWeights:
+    """The weights file of an open_clip pretrained tag, as open_clip would fetch it."""
+
+    model: str
+    tag: str
+    hf_repo: str = ""  # set when open_clip downloads from the HF hub
+    hf_filename: str = ""
+    url: str = ""  # set when it downloads from a plain URL instead
+    cached_path: str | None = None  # the local copy open_clip would use without any network access
+
+    @property
+    def source(self) -> str:
+        return f"huggingface.co/{self.hf_repo}" if self.hf_repo else self.url
+
+
+def _model_name(model: str) -> str:
+    return model.replace("/", "-")  # open_clip accepts ViT-B/32 for ViT-B-32
+
+
+def pretrained_tags(model: str) -> list[str]:
+    import open_clip
+
+    return list(open_clip.list_pretrained_tags_by_model(_model_name(model)))
+
+
+def _hub_candidates(filename: str) -> list[str]:
+    # open_clip tries a .safetensors twin before the named file (open_clip.pretrained._get_safe_alternatives)
+    from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
+    if filename == HF_WEIGHTS_NAME:
+        return [HF_SAFE_WEIGHTS_NAME, filename]
+    if filename.endswith((".bin", ".pth")):
+        return [filename[:-4] + ".safetensors", filename]
+    return [filename]
+
+
+def tag_weights(model: str, tag: str, cache_dir: str = "") -> TagWeights | None:
+    """Where `tag`'s weights for `model` come from and their cached copy; None if open_clip has no such tag.
+
+    Reads only the local file system (the HF hub cache or open_clip's URL cache), never the network.
+    """
+    from open_clip import pretrained as oc_pretrained
+    from open_clip.constants import HF_WEIGHTS_NAME
+
+    cfg = oc_pretrained.get_pretrained_cfg(_model_name(model), tag)
+    if not cfg:
+        return None
+    if cfg.get("file"):
+        path = str(cfg["file"])
+        return TagWeights(model, tag, url=path, cached_path=path if os.path.isfile(path) else None)
+    if cfg.get("hf_hub") and oc_pretrained.has_hf_hub():
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(str(cfg["hf_hub"]))
+        filename = filename or HF_WEIGHTS_NAME
+        cached = None
+        for name in _hub_candidates(filename):
+            found = try_to_load_from_cache(repo, name, cache_dir=cache_dir or None)
+            if isinstance(found, str):  # (not None and not the "known missing" sentinel)
+                cached = found
+                break
+        return TagWeights(model, tag, hf_repo=repo, hf_filename=filename, cached_path=cached)
+    url = str(cfg.get("url", ""))
+    target = os.path.join(cache_dir or os.path.expanduser("~/.cache/clip"), os.path.basename(url))
+    return TagWeights(model, tag, url=url, cached_path=target if os.path.isfile(target) else None)
+
+
+def cached_tags(model: str, cache_dir: str = "") -> list[str]:
+    """The tags of `model` whose weights are already in the cache (file-system lookups only)."""
+    tags = []
+    for tag in pretrained_tags(model):
+        weights = tag_weights(model, tag, cache_dir)
+        if weights is not None and weights.cached_path:
+            tags.append(tag)
+    return tags
+
+
+def probe_weights(weights: TagWeights, timeout: float = PROBE_TIMEOUT_S) -> str | None:
+    """One request, no retries: None if the weights' server answers (any HTTP status), else why not."""
+    if weights.hf_repo:
+        from huggingface_hub import get_hf_file_metadata, hf_hub_url
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+        try:
+            get_hf_file_metadata(hf_hub_url(weights.hf_repo, weights.hf_filename), timeout=timeout)
+        except HfHubHTTPError:
+            return None  # the hub answered (a 401/404 is open_clip's to report, with its own message)
+        except OfflineModeIsEnabled:
+            return "HF_HUB_OFFLINE is set"
+        except Exception as err:
+            return _one_line(err, limit=80)
+        return None
+    if not weights.url.startswith(("http://", "https://")):
+        return f"{weights.url} does not exist"
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(weights.url, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except Exception as err:
+        return _one_line(err, limit=80)
+
+
+def hub_cache_dir(cache_dir: str = "") -> str:
+    if cache_dir:
+        return cache_dir
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return str(HF_HUB_CACHE)
+
+
+def weights_help(model: str, cache_dir: str = "") -> str:
+    """The sentence every 'weights are not available' message ends with."""
+    cached = cached_tags(model, cache_dir)
+    listed = ", ".join(cached[:3]) + (f" and {len(cached) - 3} more" if len(cached) > 3 else "")
+    return (f"Set clip.pretrained to a local checkpoint file (e.g. `clip.pretrained: "
+            f"/models/{_model_name(model)}/open_clip_pytorch_model.bin`) or to a tag whose weights are in the "
+            f"cache ({hub_cache_dir(cache_dir)}: {f'has {listed}' if cached else 'none there'}).")
+
+
+def _one_line(err: BaseException, limit: int = 300) -> str:
+    text = " ".join(f"{type(err).__name__}: {err}".split())
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,6 +637,75 @@ class _Prepared:
     counters: Counter[str]
 
 
+def _create_model(spec: ModelSpec) -> Any:
+    """The open_clip model of `spec` on the CPU, or ClipModelError saying in one paragraph what to change."""
+    try:
+        with _quiet_model_creation():
+            return _create_quietly(spec)
+    except ClipModelError:
+        raise
+    except Exception as err:
+        raise ClipModelError(f"cannot load open_clip model {spec.model!r} "
+                             f"({spec.pretrained or 'random init'}): {_one_line(err)}") from err
+
+
+def _create_quietly(spec: ModelSpec) -> Any:
+    import open_clip
+    import torch
+
+    cache_dir = spec.cache_dir or None
+    if spec.model.startswith(MODEL_SCHEMAS):  # the weights come with the model (`pretrained` is ignored)
+        return open_clip.create_model(spec.model, device="cpu", cache_dir=cache_dir)
+    if not spec.pretrained:
+        # fixed seed, own RNG state: every worker of every run builds the same random model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            return open_clip.create_model(spec.model, pretrained=None, device="cpu", cache_dir=cache_dir)
+    if looks_like_checkpoint_path(spec.pretrained):
+        return _create_from_checkpoint(spec)
+    weights = tag_weights(spec.model, spec.pretrained, spec.cache_dir)
+    if weights is None:
+        tags = pretrained_tags(spec.model)
+        raise ClipModelError(f"{spec.pretrained!r} is not an open_clip pretrained tag of model {spec.model!r} "
+                             f"(known tags: {', '.join(tags) or 'none'}). {weights_help(spec.model, spec.cache_dir)}")
+    try:
+        if weights.cached_path:
+            with _hub_offline():  # cached: load it without asking the hub anything
+                return open_clip.create_model(spec.model, pretrained=spec.pretrained, device="cpu", cache_dir=cache_dir)
+        unreachable = probe_weights(weights)
+        if unreachable:
+            raise ClipModelError(
+                f"cannot load CLIP weights {spec.pretrained!r} for model {spec.model!r}: they are not in the cache "
+                f"and {weights.source} is unreachable ({unreachable}). {weights_help(spec.model, spec.cache_dir)}")
+        return open_clip.create_model(spec.model, pretrained=spec.pretrained, device="cpu", cache_dir=cache_dir)
+    except ClipModelError:
+        raise
+    except Exception as err:
+        raise ClipModelError(
+            f"cannot load CLIP weights {spec.pretrained!r} for model {spec.model!r} from {weights.source}: "
+            f"{_one_line(err)}. {weights_help(spec.model, spec.cache_dir)}") from err
+
+
+def _create_from_checkpoint(spec: ModelSpec) -> Any:
+    import open_clip
+
+    model = open_clip.create_model(spec.model, pretrained=None, device="cpu", cache_dir=spec.cache_dir or None)
+    try:
+        state = load_state_dict(spec.pretrained)
+    except ClipModelError:
+        raise
+    except Exception as err:
+        raise ClipModelError(f"cannot read CLIP checkpoint {spec.pretrained}: {_one_line(err)}") from err
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ClipModelError(
+            f"checkpoint {spec.pretrained} does not match model {spec.model!r}: "
+            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})"
+        )
+    return model
+
+
 class ClipScorer:
     """A loaded open_clip model with its preprocessing and tokenizer, scoring image–caption pairs."""
 
@@ -476,39 +719,12 @@ class ClipScorer:
         self.is_cuda = self.device.type == "cuda"
         if spec.model_config:
             open_clip.add_model_config(spec.model_config)
-        self.random_init = not spec.pretrained
+        self.random_init = is_random_init(spec.model, spec.pretrained)
         cache_dir = spec.cache_dir or None
-        try:
-            if looks_like_checkpoint_path(spec.pretrained):
-                # open_clip warns "No pretrained weights loaded" here; ours are loaded just below.
-                with _quiet_random_init_warning():
-                    model = open_clip.create_model(spec.model, pretrained=None, device="cpu", cache_dir=cache_dir)
-                state = load_state_dict(spec.pretrained)
-                result = model.load_state_dict(state, strict=False)
-                if result.missing_keys or result.unexpected_keys:
-                    raise ClipModelError(
-                        f"checkpoint {spec.pretrained} does not match model {spec.model!r}: "
-                        f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
-                        f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})"
-                    )
-            else:
-                model = open_clip.create_model(
-                    spec.model, pretrained=spec.pretrained or None, device="cpu", cache_dir=cache_dir
-                )
-        except ClipModelError:
-            raise
-        except Exception as err:
-            hint = ""
-            if spec.pretrained and not looks_like_checkpoint_path(spec.pretrained):
-                tags = open_clip.list_pretrained_tags_by_model(spec.model)
-                hint = f" (known tags for {spec.model}: {', '.join(tags) or 'none'}; weights download from the HF hub "
-                hint += "into clip.cache_dir, so the worker needs network access or a pre-filled cache)"
-            raise ClipModelError(f"cannot load open_clip model {spec.model!r} / {spec.pretrained!r}: {err}{hint}") from err
+        model = _create_model(spec)
         if self.random_init:
-            msg = (f"clip.pretrained is empty: model {spec.model!r} has RANDOM weights, clip_score is noise. "
-                   "Only use this for tests and benchmarks.")
-            log.warning(msg)
-            warnings.warn(msg, stacklevel=2)
+            # the run's one warning comes from the client (ClipFilterStage.preflight), not from every worker
+            log.debug(random_weights_message(spec.model))
         model.eval().requires_grad_(False)
         self.model = model.to(self.device)
         if self.is_cuda and spec.precision == "fp32":
@@ -519,7 +735,8 @@ class ClipScorer:
         pp_cfg = PreprocessCfg(**merge_preprocess_dict(PreprocessCfg(), self.preprocess_cfg))
         self.reference_transform: Callable[[Any], torch.Tensor] = image_transform_v2(pp_cfg, is_train=False)
         self.tensor_preprocess = TensorPreprocess(self.preprocess_cfg)
-        base_tokenizer = open_clip.get_tokenizer(spec.model, cache_dir=cache_dir)
+        with _quiet_model_creation():
+            base_tokenizer = open_clip.get_tokenizer(spec.model, cache_dir=cache_dir)
         self.reference_tokenizer = base_tokenizer
         self.tokenizer: Callable[[Sequence[str]], torch.Tensor] = (
             FastSimpleTokenizer(base_tokenizer) if FastSimpleTokenizer.supports(base_tokenizer) else base_tokenizer

@@ -31,14 +31,24 @@ from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, option
 from curate.pipeline.stage import Resources, Stage, StageError
 from curate.stages.clip_filter.model import (
+    MODEL_SCHEMAS,
+    ClipModelError,
     ClipScorer,
     ModelSpec,
     get_scorer,
+    hub_cache_dir,
+    is_random_init,
     is_valid_device,
+    log,
     looks_like_checkpoint_path,
+    pretrained_tags,
+    probe_weights,
+    random_weights_message,
     resolve_device,
     resolve_precision,
     score_sort_keys,
+    tag_weights,
+    weights_help,
 )
 
 CLIP_SCORE = "clip_score"
@@ -51,7 +61,6 @@ REASON_LOW_SCORE = "low_clip_score"
 
 CUDA_DEFAULT_BATCH = 1024
 CPU_DEFAULT_BATCH = 64
-MODEL_SCHEMAS = ("hf-hub:", "local-dir:")
 
 
 @dataclass(frozen=True)
@@ -181,8 +190,11 @@ class ClipFilterStage(Stage[ClipConfig]):
     def report_parts(cls, section: dict[str, Any]) -> Any:
         from curate.pipeline.report import ColumnMetric, ReportParts, value_facts
 
+        note = "image-caption cosine similarity of the run's CLIP model"
+        if section.get("pretrained") == "" and is_random_init(str(section.get("model", "")), ""):
+            note = "RANDOM CLIP weights (clip.pretrained is empty): scores are noise"
         metric = ColumnMetric("CLIP score", "cosine similarity", (CLIP_SCORE,), integer=False,
-                              clip_upper_quantile=None, note="image-caption cosine similarity of the run's CLIP model")
+                              clip_upper_quantile=None, note=note)
         if section.get("enabled", True) and section.get("top_fraction") is None and "threshold" in section:
             metric.markers.append((float(section["threshold"]), f"threshold {float(section['threshold']):g}"))
         labels = ((CLIP_SCORE, "CLIP"),)
@@ -219,6 +231,50 @@ class ClipFilterStage(Stage[ClipConfig]):
         )
 
     # -- lifecycle ---------------------------------------------------------------------------
+    def preflight(self) -> None:
+        """On the client, before any task: weights that cannot load fail here; random weights warn once."""
+        config = self.config
+        if not config.enabled:
+            return
+        if config.model.startswith("local-dir:") and not os.path.isdir(config.model[len("local-dir:"):]):
+            raise ConfigError("clip.model", f"no such directory: {config.model[len('local-dir:'):]}")
+        if config.model.startswith(MODEL_SCHEMAS):
+            return
+        if is_random_init(config.model, config.pretrained):
+            log.warning(random_weights_message(config.model))  # the run's only random-weights warning
+            return
+        if looks_like_checkpoint_path(config.pretrained):
+            if not os.path.isfile(config.pretrained):
+                raise ConfigError("clip.pretrained", f"checkpoint file not found: {config.pretrained}")
+            return
+        self._preflight_tag()
+
+    def _preflight_tag(self) -> None:
+        # open_clip (and torch with it) is imported only here: a tag needs its registry
+        import open_clip
+
+        config = self.config
+        if config.model_config and os.path.isfile(config.model_config):
+            open_clip.add_model_config(config.model_config)
+        if config.model.replace("/", "-") not in open_clip.list_models():
+            raise ConfigError("clip.model", f"unknown open_clip model {config.model!r} (open_clip.list_models() "
+                                            "lists them; `model_config` registers your own)")
+        weights = tag_weights(config.model, config.pretrained, config.cache_dir)
+        if weights is None:
+            tags = pretrained_tags(config.model)
+            listed = f"its tags: {_short_list(tags, config.pretrained)}" if tags else "it has no tags"
+            raise ConfigError("clip.pretrained", f"{config.pretrained!r} is not an open_clip pretrained tag of "
+                                                 f"{config.model} ({listed}); or give a local checkpoint file")
+        if weights.cached_path:
+            return
+        unreachable = probe_weights(weights)  # one request, short timeout, no retries
+        if unreachable:
+            raise ConfigError("clip.pretrained", f"{config.pretrained!r} is not cached and {weights.source} is "
+                                                 f"unreachable ({unreachable}). "
+                                                 + weights_help(config.model, config.cache_dir))
+        log.warning("clip.pretrained %r: weights not in the cache (%s); each worker downloads them from %s on first "
+                    "use", config.pretrained, hub_cache_dir(config.cache_dir), weights.source)
+
     def setup(self) -> None:
         if self.config.cpu_threads:
             import torch
@@ -227,7 +283,8 @@ class ClipFilterStage(Stage[ClipConfig]):
         try:
             self._scorer = get_scorer(self.model_spec(), decode_workers=self.config.decode_workers)
         except Exception as err:
-            raise StageError(f"clip_filter: {err}") from err
+            # one paragraph, no traceback needed: ClipModelError says what failed and what to set
+            raise StageError(str(err) if isinstance(err, ClipModelError) else f"clip_filter: {err}") from err
         spec = self._scorer.spec
         self.log.info(
             "clip model %s (%s) on %s, %s, batch %d, %s preprocessing",
@@ -355,6 +412,20 @@ class ClipFilterStage(Stage[ClipConfig]):
             reasons[i] = REASON_LOW_SCORE
             messages[i] = message_fn(float(scores[i]))
         return self.reject(table, reasons, messages)
+
+
+def _short_list(tags: Sequence[str], given: str, budget: int = 230) -> str:
+    """`tags` for a one-line message, closest to `given` first, cut to about `budget` characters."""
+    import difflib
+
+    close = difflib.get_close_matches(given, tags, n=3, cutoff=0.5)
+    ordered = close + [t for t in tags if t not in close]
+    shown: list[str] = []
+    for tag in ordered:
+        if shown and len(", ".join([*shown, tag])) > budget:
+            return f"{', '.join(shown)} and {len(ordered) - len(shown)} more"
+        shown.append(tag)
+    return ", ".join(shown)
 
 
 def embedding_array(values: np.ndarray, valid: np.ndarray) -> pa.Array:
