@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
+import json
 import pickle
 from collections.abc import Iterator
 
@@ -21,7 +22,7 @@ from curate.pipeline.images import ImageError, decode_image, decode_rgb, sniff_f
 from curate.pipeline.stage import RunContext
 from curate.stages.download import DownloadConfig, DownloadStage
 from curate.stages.download.fetch import FetchOptions
-from curate.stages.download.resize import ImageSpec, process_image
+from curate.stages.download.resize import EXIF_MAX_CHARS, ImageSpec, original_exif, process_image
 from curate.stages.download.stage import options_from
 
 LOOPBACK = {"allowed_networks": ("127.0.0.1/32",), "timeout": 2.0, "connect_timeout": 1.0, "retries": 0}
@@ -164,6 +165,47 @@ def test_exif_orientation_is_applied(server: FaultServer) -> None:
     assert shown[5, 20, 0] > 150 and shown[5, 20, 2] < 100  # top is the former left (red)
     assert shown[55, 20, 2] > 150 and shown[55, 20, 0] < 100  # bottom is the former right (blue)
     assert decode_image(encode(stored, exif=exif.tobytes())).size == (40, 60)
+
+
+def camera_exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x010F] = "Canon"  # Make
+    exif[0x0110] = "Canon EOS 5D"  # Model
+    exif[0x0112] = 6  # Orientation
+    return exif
+
+
+def test_exif_column_as_img2dataset_writes_it(server: FaultServer, real_images: dict[str, bytes]) -> None:
+    """exifread's "IFD Tag" names and printable values (img2dataset's format), from the bytes as received."""
+    photo = Image.new("RGB", (60, 40), (120, 80, 40))
+    server.routes["/camera.jpg"] = Respond(encode(photo, exif=camera_exif().tobytes()))
+    server.routes["/plain.png"] = Respond(encode(photo, "PNG"), content_type="image/png")
+    out = run([server.url("/camera.jpg"), server.url("/plain.png"), server.url("/missing.jpg")]).to_pylist()
+    expected = {"Image Make": "Canon", "Image Model": "Canon EOS 5D", "Image Orientation": "Rotated 90 CW"}
+    assert json.loads(out[0]["exif"]) == expected
+    assert out[0][C.IMAGE][:2] == b"\xff\xd8" and original_exif(out[0][C.IMAGE]) is None  # re-encoding stripped it
+    assert out[1]["exif"] is None and out[2]["exif"] is None  # no EXIF; failed row
+    # rows that arrive with bytes get it when they are verified, kept or reprocessed
+    table = rows([None, None], image=[encode(photo, exif=camera_exif().tobytes()), real_images["horse.png"]])
+    for reprocess in (False, True):
+        got = make_stage(reprocess_existing=reprocess).process(table).column("exif").to_pylist()
+        assert got[0] is not None and json.loads(got[0]) == expected and got[1] is None
+
+
+def test_exif_column_is_bounded() -> None:
+    exif = camera_exif()
+    exif[0x010E] = "x" * 5000  # ImageDescription: a blob-sized value is left out
+    exif[0x013B] = "Jane Doe"  # Artist
+    exif[0x8298] = "y" * 900  # Copyright
+    for tag in range(0x9000, 0x9000 + 30):  # unknown tags, 900 chars each: together over the cap
+        exif[tag] = "z" * 900
+    data = encode(Image.new("RGB", (8, 8)), exif=exif.tobytes())
+    text = original_exif(data)
+    assert text is not None and len(text) <= EXIF_MAX_CHARS
+    tags = json.loads(text)
+    assert tags["Image Artist"] == "Jane Doe" and tags["Image Make"] == "Canon"
+    assert "Image ImageDescription" not in tags and all(len(v) <= 1024 for v in tags.values())
+    assert original_exif(b"not an image") is None and original_exif(data[:30]) is None
 
 
 # -- filters and encodings -------------------------------------------------------------------------

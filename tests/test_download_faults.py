@@ -8,6 +8,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -147,6 +148,23 @@ def test_each_fault_ends_with_its_reason(server: FaultServer, real_images: dict[
     ok = out.filter(pa.compute.equal(out.column(C.STATUS), "success"))
     assert set(ok.column(C.IMAGE_EXT).to_pylist()) == {"jpg"}
     assert all(m is None for m in ok.column(C.ERROR_MESSAGE).to_pylist())
+
+
+def test_redirect_to_a_local_file_is_refused_with_allow_file(
+    server: FaultServer, real_images: dict[str, bytes], tmp_path: Path
+) -> None:
+    photo = real_images["astronaut.jpg"]
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(photo)
+    server.routes["/to-secret"] = Redirect(secret.as_uri())
+    server.routes["/to-passwd"] = Redirect("file:///etc/passwd")
+    out = run_stage([server.url("/to-secret"), server.url("/to-passwd"), secret.as_uri()], allow_file=True)
+    rows = out.to_pylist()
+    for row in rows[:2]:
+        assert (row[C.STATUS], row[C.REJECT_REASON]) == ("rejected", "unsupported_scheme")
+        assert all(row[field.name] is None for field in DownloadStage.adds), "nothing from the file in any column"
+        assert "input URLs only" in row[C.ERROR_MESSAGE] and "root:" not in row[C.ERROR_MESSAGE]
+    assert rows[2][C.STATUS] == "success"  # allow_file still serves input URLs
 
 
 def test_retries_only_retryable_failures(server: FaultServer, real_images: dict[str, bytes]) -> None:

@@ -222,6 +222,19 @@ def test_every_redirect_hop_is_checked(server: FaultServer, path: str, reason: s
     assert err.reason == reason
 
 
+def test_allow_file_never_lets_a_redirect_reach_local_files(server: FaultServer, tmp_path: Path, jpeg: bytes) -> None:
+    """allow_file opens input URLs only: a server's Location must not read our disk."""
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(jpeg)
+    server.routes["/to-secret"] = Redirect(secret.as_uri())
+    fetcher = make_fetcher(allow_file=True)
+    for path in ("/to-secret", "/to-file"):
+        err = fetch_error(fetcher, server.url(path))
+        assert (err.reason, err.policy) == ("unsupported_scheme", True)
+        assert "input URLs only" in err.message and "root:" not in err.message
+    assert fetcher.fetch(secret.as_uri()).data == jpeg  # the input URL itself is still allowed
+
+
 def test_redirect_to_other_loopback_address_outside_allowed_networks(server: FaultServer) -> None:
     server.routes["/to-127-0-0-2"] = Redirect(f"http://127.0.0.2:{server.port}/a.jpg")
     err = fetch_error(make_fetcher(), server.url("/to-127-0-0-2"))

@@ -1,6 +1,7 @@
 """Proven in trainers: shards made by a real `curate` run feed (1) a webdataset + torch DataLoader training loop of
-a tiny open_clip model with open_clip's ClipLoss and (2) the real `open_clip_train.main`, in a subprocess, with the
-command line docs/operations.md shows."""
+a tiny open_clip model with open_clip's ClipLoss, (2) open_clip_train's own data loader, which takes the sample count
+from shards/sizes.json, and (3) the real `open_clip_train.main`, in a subprocess, with the command line
+docs/operations.md shows (no --train-num-samples, the custom model config as `--model local-dir:DIR`)."""
 
 from __future__ import annotations
 
@@ -53,6 +54,16 @@ def curated_run(tmp_path_factory: pytest.TempPathFactory, image_server: str, tin
     result = run(config, progress=False, echo=lambda _msg: None)
     assert result.stats["kept"] >= 8, result.funnel  # enough samples for a few batches
     return root / "run"
+
+
+def local_model_dir(tiny_clip: dict[str, str], parent: Path) -> Path:
+    """The tiny config as open_clip's `local-dir:` schema reads it (how docs/operations.md registers a custom
+    config with the unmodified open_clip_train.main): DIR/open_clip_config.json = {"model_cfg": ...}, no weights."""
+    model_dir = parent / "curate-tiny-clip"
+    model_dir.mkdir(exist_ok=True)
+    model_cfg = json.loads(Path(tiny_clip["model_config"]).read_text())
+    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    return model_dir
 
 
 def _manifest(run: Path) -> dict[str, Any]:
@@ -131,20 +142,63 @@ def test_shards_feed_a_webdataset_dataloader_and_train_tiny_clip(curated_run: Pa
         assert float(batch_loss(images, texts)) < start
 
 
-# The wrapper registers the tiny model's config (a real model such as ViT-B-32 needs nothing), records which
-# samples open_clip_train's own webdataset pipeline yields, and runs its unmodified `main`. open_clip_train pins
-# webdataset<=0.2.86 (its [training] extra); with webdataset>=1.0 the tar expander ends each shard with an empty
-# EOF record that open_clip_train's grouping cannot read, so the wrapper asks for 0.2.86's behaviour (no EOF record).
+def test_open_clip_train_data_loader_reads_the_sample_count_from_sizes_json(
+    curated_run: Path, tiny_clip: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without --train-num-samples open_clip_train sums shards/sizes.json; its own get_data yields the batches."""
+    pytest.importorskip("open_clip_train", reason="open_clip_train ships in the open_clip_torch wheel")
+    import functools
+
+    import open_clip
+    import open_clip_train.data as ocd
+    import torch
+    import webdataset
+    from open_clip_train.params import parse_args
+    from webdataset.tariterators import tar_file_expander
+
+    manifest = _manifest(curated_run)
+    sizes = json.loads((curated_run / "shards" / "sizes.json").read_text())
+    assert sizes == {s["name"]: s["samples"] for s in manifest["shards"]}
+    assert sum(sizes.values()) == manifest["total_samples"]
+
+    model_name = f"local-dir:{local_model_dir(tiny_clip, tmp_path)}"
+    _model, preprocess_train, preprocess_val = open_clip.create_model_and_transforms(model_name)
+    tokenizer = open_clip.get_tokenizer(model_name)
+
+    if int(webdataset.__version__.split(".")[0]) >= 1:  # the shim docs/operations.md describes
+        monkeypatch.setattr(ocd, "tar_file_expander", functools.partial(tar_file_expander, eof_value=None))
+    batch_size = 4
+    args = parse_args(["--train-data", _brace_pattern(curated_run), "--dataset-type", "webdataset",
+                       "--model", model_name, "--batch-size", str(batch_size), "--workers", "0", "--seed", "0"])
+    args.world_size, args.rank, args.distributed = 1, 0, False  # what main's init_distributed_device sets
+    assert args.train_num_samples is None
+    assert ocd.get_dataset_size(args.train_data) == (manifest["total_samples"], len(manifest["shards"]))
+
+    train = ocd.get_data(args, (preprocess_train, preprocess_val), epoch=0, tokenizer=tokenizer)["train"]
+    expected_batches = math.ceil(manifest["total_samples"] / batch_size)
+    assert train.dataloader.num_batches == expected_batches
+    assert train.dataloader.num_samples == expected_batches * batch_size
+    train.set_epoch(0)
+    batches = list(train.dataloader)
+    assert len(batches) == expected_batches
+    for images, texts in batches:
+        assert images.shape == (batch_size, 3, 64, 64) and texts.shape == (batch_size, 77)
+        assert torch.isfinite(images).all()
+
+
+# The wrapper records which samples open_clip_train's own webdataset pipeline yields and runs its unmodified
+# `main`. open_clip_train pins webdataset<=0.2.86 (its [training] extra); with webdataset>=1.0 the tar expander ends
+# each shard with an empty EOF record that open_clip_train's grouping cannot read, so the wrapper asks for 0.2.86's
+# behaviour (no EOF record).
 TRAIN_WRAPPER = '''
 import functools, json, sys
-import open_clip, webdataset
+import webdataset
 import open_clip_train.data as ocd
 from webdataset.tariterators import tar_file_expander
 
 if int(webdataset.__version__.split(".")[0]) >= 1:
     ocd.tar_file_expander = functools.partial(tar_file_expander, eof_value=None)
-open_clip.add_model_config(sys.argv[1])
-seen_path = sys.argv[2]
+seen_path = sys.argv[1]
 original_filter = ocd.filter_no_caption_or_no_image
 
 def recording_filter(sample):
@@ -154,7 +208,7 @@ def recording_filter(sample):
 
 ocd.filter_no_caption_or_no_image = recording_filter
 from open_clip_train.main import main
-main(sys.argv[3:])
+main(sys.argv[2:])
 '''
 
 
@@ -167,14 +221,16 @@ def test_open_clip_train_main_trains_on_curate_shards(curated_run: Path, tiny_cl
     wrapper.write_text(TRAIN_WRAPPER)
     seen_path = tmp_path / "seen.jsonl"
     logs = tmp_path / "logs"
-    # The command line of docs/operations.md, scaled down: CPU, fp32, no workers, no wandb/tensorboard.
-    args = ["--train-data", _brace_pattern(curated_run), "--train-num-samples", str(n_samples),
-            "--dataset-type", "webdataset", "--model", TINY_MODEL, "--batch-size", "4", "--epochs", "1",
+    model_dir = local_model_dir(tiny_clip, tmp_path)
+    # The command line of docs/operations.md, scaled down: CPU, fp32, no workers, no wandb/tensorboard. The sample
+    # count comes from shards/sizes.json.
+    args = ["--train-data", _brace_pattern(curated_run),
+            "--dataset-type", "webdataset", "--model", f"local-dir:{model_dir}", "--batch-size", "4", "--epochs", "1",
             "--workers", "0", "--device", "cpu", "--precision", "fp32", "--lr", "1e-3", "--warmup", "1",
             "--report-to", "", "--logs", str(logs), "--name", "curate-shards", "--save-frequency", "1",
             "--log-every-n-steps", "1", "--seed", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(wrapper), tiny_clip["model_config"], str(seen_path), *args],
+    proc = subprocess.run([sys.executable, str(wrapper), str(seen_path), *args],
                           capture_output=True, text=True, timeout=240, cwd=tmp_path, env=env, check=False)
     log_text = (logs / "curate-shards" / "out.log").read_text() if (logs / "curate-shards" / "out.log").exists() \
         else ""

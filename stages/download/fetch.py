@@ -462,7 +462,8 @@ class Fetcher:
         redirects = 0
         visited: list[str] = []
         while True:
-            target = self._parse(url)
+            # allow_file opens input URLs only: a server must never steer us onto the local disk.
+            target = self._parse(url, allow_file=self.options.allow_file and redirects == 0)
             if target.scheme == "file":
                 return self._read_file(url, target)
             visited.append(url)
@@ -486,7 +487,7 @@ class Fetcher:
                 raise FetchError("too_many_redirects", f"more than {opts.max_redirects} redirects{loop}, last to {location}")
             url = location
 
-    def _parse(self, url: str) -> _Target:
+    def _parse(self, url: str, *, allow_file: bool) -> _Target:
         try:
             parts = urlsplit(url.strip())
             port = parts.port
@@ -494,8 +495,9 @@ class Fetcher:
             raise FetchError("invalid_url", f"unparseable URL: {err}") from err
         scheme = parts.scheme.lower()
         if scheme == "file":
-            if not self.options.allow_file:
-                raise FetchError("unsupported_scheme", "file:// URLs are refused (download.allow_file)", policy=True)
+            if not allow_file:
+                why = "allow_file covers input URLs only" if self.options.allow_file else "download.allow_file"
+                raise FetchError("unsupported_scheme", f"file:// URLs are refused ({why})", policy=True)
             return _Target("file", "", 0, parts.path)
         if scheme not in ("http", "https"):
             raise FetchError("unsupported_scheme", f"scheme {scheme or '(none)'!r} is not http/https", policy=True)

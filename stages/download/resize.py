@@ -12,16 +12,22 @@ same geometry. Two things are done differently on purpose:
   is what makes decoding cheap for large photos; the output geometry is unchanged.
 * EXIF orientation is applied (img2dataset's OpenCV path ignores it), so portrait phone photos are
   not stored sideways.
+
+:func:`original_exif` gives the `exif` column exactly as img2dataset writes it (exifread's tag names
+and printable values), bounded in size.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Literal
 
+import exifread
 from PIL import Image
 
 from curate.pipeline.images import DEFAULT_INPUT_FORMATS, DEFAULT_MAX_PIXELS, open_image
@@ -44,6 +50,10 @@ _FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
 }
 BORDER_COLOR = (255, 255, 255)
+EXIF_MAX_CHARS = 16 * 1024  # the whole JSON; a camera's useful tags take 1-3 KB
+EXIF_VALUE_MAX_CHARS = 1024  # longer printable values are blobs (embedded profiles, padding)
+# "no EXIF found" is the normal case for web images: exifread's warnings would flood worker logs.
+logging.getLogger("exifread").setLevel(logging.ERROR)
 _DRAFT_GAP = 2  # reduced-scale JPEG decoding keeps at least this multiple of the target size
 
 
@@ -260,3 +270,33 @@ def verify_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
         reencoded=ext != EXT_BY_FORMAT.get(fmt),
         sha256=hashlib.sha256(data).hexdigest(),
     )
+
+
+def original_exif(data: bytes) -> str | None:
+    """The EXIF tags of the source bytes as img2dataset's `exif` column, or None when there are none.
+
+    img2dataset writes ``json.dumps({name: str(tag).strip()})`` over
+    ``exifread.process_file(stream, details=False)``: keys are exifread's "IFD Tag" names ("Image
+    Make", "EXIF DateTimeOriginal", "GPS GPSLatitude"), values its printable strings ("Canon",
+    "Rotated 90 CW", "1/125"). We do the same, minus binary blobs: no thumbnail (img2dataset dumps its
+    bytes' repr), no MakerNote, no value longer than EXIF_VALUE_MAX_CHARS, and tags that would push the
+    JSON past EXIF_MAX_CHARS are left out. Never raises: broken EXIF costs the column, not the row.
+    """
+    try:
+        tags = exifread.process_file(io.BytesIO(data), details=False, extract_thumbnail=False)
+    except Exception:
+        return None
+    kept: dict[str, str] = {}
+    size = 2  # "{}"
+    for name, tag in tags.items():
+        if tag is None or isinstance(tag, bytes | bytearray) or "MakerNote" in name:
+            continue
+        value = str(tag).strip()
+        if len(value) > EXIF_VALUE_MAX_CHARS:
+            continue
+        cost = len(json.dumps(name)) + len(json.dumps(value)) + 4  # ": " and ", "
+        if size + cost > EXIF_MAX_CHARS:
+            continue
+        kept[name] = value
+        size += cost
+    return json.dumps(kept) if kept else None

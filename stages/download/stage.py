@@ -2,7 +2,8 @@
 
 Rows that already carry image bytes (webdataset input, e.g. an img2dataset download) are not
 fetched: they are decode-verified and measured (width/height/sha256) and kept byte for byte unless
-`reprocess_existing` is set. See docs/download.md for the behaviour and every reject reason.
+`reprocess_existing` is set. Every successful row also gets `exif`, the source bytes' EXIF tags in
+img2dataset's JSON format (resize.original_exif). See docs/download.md for the behaviour and every reject reason.
 
 Status semantics: network, protocol and decoding problems set status `failed` (http_404, timeout,
 not_an_image, decompression_bomb, ...); policy decisions set `rejected` (opted_out, private_address,
@@ -43,6 +44,7 @@ from curate.stages.download.resize import (
     ProcessedImage,
     ReencodePolicy,
     ResizeMode,
+    original_exif,
     process_image,
     verify_image,
 )
@@ -223,6 +225,7 @@ def options_from(
 @dataclass
 class _RowOutcome:
     image: ProcessedImage | None = None
+    exif: str | None = None
     reason: str | None = None
     message: str | None = None
     status: str = C.STATUS_FAILED
@@ -245,6 +248,7 @@ class DownloadStage(Stage[DownloadConfig]):
         pa.field("original_width", _INT),
         pa.field("original_height", _INT),
         pa.field("sha256", pa.string()),
+        pa.field("exif", pa.string()),  # img2dataset's column: JSON of the source's EXIF tags, or null
     )
 
     @classmethod
@@ -310,6 +314,7 @@ class DownloadStage(Stage[DownloadConfig]):
                 values["original_width"][i] = img.original_width
                 values["original_height"][i] = img.original_height
                 values["sha256"][i] = img.sha256
+                values["exif"][i] = out.exif
         for field in self.adds:
             table = C.set_column(table, field.name, pa.array(values[field.name], type=field.type))
         table = self.reject(table, failed, messages, status=C.STATUS_FAILED)
@@ -320,14 +325,18 @@ class DownloadStage(Stage[DownloadConfig]):
             for name in names:
                 self.counters[name] += amount
 
+    def _done(self, image: ProcessedImage, source: bytes) -> _RowOutcome:
+        # EXIF of the bytes as received, like img2dataset: re-encoding has stripped it from `image`.
+        return _RowOutcome(image, exif=original_exif(source))
+
     def _one_row(self, url: str | None, existing: bytes | None) -> _RowOutcome:
         """Never raises: every row ends with an image or a reason."""
         try:
             if existing is not None:
                 self._count("input_bytes")
                 if self.config.reprocess_existing:
-                    return _RowOutcome(process_image(existing, self._spec))
-                return _RowOutcome(verify_image(existing, self._spec))
+                    return self._done(process_image(existing, self._spec), existing)
+                return self._done(verify_image(existing, self._spec), existing)
             if url is None or not str(url).strip():
                 return _RowOutcome(reason="missing_url", message="the row has no URL")
             assert self._fetcher is not None
@@ -342,7 +351,7 @@ class DownloadStage(Stage[DownloadConfig]):
             image = process_image(result.data, self._spec)
             self._count("reencoded" if image.reencoded else "kept_original_bytes")
             self._count("fetch_ms", amount=int((time.monotonic() - started) * 1000))
-            return _RowOutcome(image)
+            return self._done(image, result.data)
         except FetchError as err:
             if err.attempts > 1:
                 self._count("retried_rows")
