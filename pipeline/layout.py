@@ -6,7 +6,6 @@
     _work/            run.json (config + fingerprints), plan.json, finalized.json
       input/          CSV/TSV/JSONL inputs converted to Parquet
       done/           part-NNNNN.json: the partition's stats; its presence means the partition is finished
-      parts/          part-NNNNN.tar: a finished partition's kept samples, before repacking into shards/
       pass-K/         part-NNNNN.arrow + .summary.pkl of a partition scored in pass K; decision.pkl
 """
 
@@ -106,9 +105,6 @@ class RunLayout:
     def done_marker(self, partition_id: int) -> str:
         return f"{self.work}/done/{part_name(partition_id, '.json')}"
 
-    def part_tar(self, partition_id: int) -> str:
-        return f"{self.work}/parts/{part_name(partition_id, '.tar')}"
-
     def pass_file(self, pass_index: int, partition_id: int, suffix: str) -> str:
         return f"{self.work}/pass-{pass_index}/{part_name(partition_id, suffix)}"
 
@@ -118,5 +114,5 @@ class RunLayout:
     def written_dirs(self) -> tuple[str, ...]:
         """Every folder the engine writes into (where a killed run may leave hidden temporaries)."""
         return (self.root, self.curated_dir, self.rejected_dir, self.embeddings_dir, self.shards_dir, self.work,
-                f"{self.work}/parts", f"{self.work}/done", self.input_dir,
+                f"{self.work}/done", self.input_dir,
                 *(f"{self.work}/pass-{k}" for k in range(1, MAX_PASSES + 1)))

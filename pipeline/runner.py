@@ -18,6 +18,7 @@ atomically under names derived from the partition id, so a task Dask runs twice 
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import errno
 import hashlib
@@ -256,8 +257,8 @@ def _load(layout: RunLayout, pass_index: int, partition_id: int) -> PartitionSta
     return state
 
 
-def _sink(config: WriteConfig, context: RunContext) -> PartitionWriter:
-    return PartitionWriter(config, RunLayout.of(context.output_path))
+def _sink(config: WriteConfig, input_cfg: Any, context: RunContext) -> PartitionWriter:
+    return PartitionWriter(config, RunLayout.of(context.output_path), input_cfg.shard_size)
 
 
 def run_steps(
@@ -308,7 +309,7 @@ def run_steps(
             _persist(state, layout, step.pass_index, summary)
             return summary
         elif kind is StepKind.WRITE:
-            return _write(state, _sink(write_cfg, context), layout)
+            return _write(state, _sink(write_cfg, input_cfg, context), layout)
     return state
 
 
@@ -316,11 +317,12 @@ def _write(state: PartitionState, writer: PartitionWriter, layout: RunLayout) ->
     tables = [C.conform(t, keep_internal=True) for t in [state.alive, *state.turned_down]]
     final = pa.concat_tables(tables, promote_options="default")
     start = time.perf_counter()
-    written = writer.write_partition(state.partition_id, final)
-    state.stage_info[writer.name] = {"rows_in": final.num_rows, "rows_out": written["curated_rows"],
-                                     "seconds": round(time.perf_counter() - start, 4), "counters": written}
+    counters, written = writer.write_partition(state.partition_id, final)
+    state.stage_info[writer.name] = {"rows_in": final.num_rows, "rows_out": counters["curated_rows"],
+                                     "seconds": round(time.perf_counter() - start, 4), "counters": counters}
     part_stats = stats.partition_stats(final, state.input_rows, state.stage_info)
     part_stats["partition"] = state.partition_id
+    part_stats["shards"] = [dataclasses.asdict(info) for info in written]  # the client builds the manifest
     storage.write_json(layout.done_marker(state.partition_id), part_stats)
     return part_stats
 
@@ -388,7 +390,7 @@ def plan_passes(specs: list[StageSpec], write_cfg: WriteConfig) -> list[list[Ste
     `columns.IMAGE`), or right after reading, whenever a later stage (or the sink) requires them.
     """
     consumers = [i for i, spec in enumerate(specs) if C.IMAGE in spec.cls.requires]
-    if C.IMAGE in PartitionWriter(write_cfg, RunLayout("")).requires:
+    if C.IMAGE in PartitionWriter(write_cfg, RunLayout(""), 1).requires:
         consumers.append(len(specs))
     check_after = -1  # index of the stage after which to check; -1 = after reading
     if consumers:
@@ -493,8 +495,6 @@ class Runner:
         context = RunContext(layout.root, layout.work)
         specs = stage_specs(self.config)
         done_ids = {p.partition_id for p in plan.partitions if self._is_done(p.partition_id)}
-        if len(done_ids) < len(plan.partitions):
-            done_ids = self._drop_repacked(done_ids)
         todo = [p for p in plan.partitions if p.partition_id not in done_ids]
         self.echo(f"curate: {plan.total_rows:,} input rows in {len(plan.partitions)} partition(s) "
                   f"from {len(plan.sources)} file(s); {len(done_ids)} already done, {len(todo)} to run")
@@ -509,28 +509,13 @@ class Runner:
         if not storage.exists(marker):
             return False
         try:
-            storage.read_json(marker)
+            done = storage.read_json(marker)
         except storage.CorruptFile as err:
             log.warning("%s; partition %d will run again", err, partition_id)
             storage.remove(marker)
             return False
-        return True
-
-    def _drop_repacked(self, done_ids: set[int]) -> set[int]:
-        """After a finalize, part tars are gone; partitions that need them for a new repack must run again."""
-        layout = self.layout
-        if not storage.exists(layout.finalized) or not self.config.write.enabled:
-            return done_ids
-        still_done = set()
-        for pid in done_ids:
-            marker = storage.read_json(layout.done_marker(pid))
-            samples = marker.get("stages", {}).get("write", {}).get("counters", {}).get("tar_samples", 0)
-            if samples == 0 or storage.exists(layout.part_tar(pid)):
-                still_done.add(pid)
-            else:
-                storage.remove(layout.done_marker(pid))
-        storage.remove(layout.finalized)
-        return still_done
+        # A marker without its shard list (a run folder of an older curate) cannot feed the manifest: redo it.
+        return "shards" in done or not self.config.write.enabled
 
     def _plan(self) -> inputs.InputPlan:
         cached = self.layout.plan
@@ -677,22 +662,13 @@ class Runner:
                 funnel = stats.format_funnel(previous, stage_order)
                 self.echo("curate: nothing to do, every partition is done\n" + funnel)
                 return RunResult(self.out, previous, len(plan.partitions), 0, skipped, manifest["shards"], funnel)
-        infos: list[shards.ShardInfo] = []
-        if write_cfg.enabled:
-            part_tars = [layout.part_tar(p.partition_id) for p in plan.partitions]
-            part_tars = [t for t in part_tars if storage.exists(t)]
-            infos = shards.repack(part_tars, layout.shards_dir, write_cfg.shard_prefix,
-                                  write_cfg.shard_samples, write_cfg.shard_bytes)
-            # Shards of an earlier, interrupted finalize beyond the final count would look complete: remove.
-            keep = {i.name for i in infos}
-            for path in storage.listdir(layout.shards_dir, ".tar"):
-                if os.path.basename(path) not in keep:
-                    storage.remove(path)
+        # The workers wrote the shards; the client only lists them.
+        infos = [shards.ShardInfo(**info) for part in parts for info in part.get("shards", [])]
         manifest = shards.manifest(infos, write_cfg.shard_prefix)
         if write_cfg.enabled and manifest["total_samples"] != merged["kept"]:
             raise stats.AccountingError(f"shards hold {manifest['total_samples']} samples but {merged['kept']} "
                                         "rows were kept")
-        self._remove_outputs_not_in(plan)
+        self._remove_outputs_not_in(plan, infos)
         if write_cfg.enabled:  # open_clip_train reads the sample count from here (no --train-num-samples)
             storage.write_json(layout.shard_sizes, {i.name: i.samples for i in infos})
         storage.write_json(layout.manifest, manifest)
@@ -708,9 +684,8 @@ class Runner:
         storage.write_json(layout.stats, merged)
         self._write_report()
         storage.write_json(layout.finalized, {"shards": len(infos), "kept": merged["kept"]})
-        # The big intermediates are no longer needed once the run is finalized.
+        # The pass intermediates are no longer needed once the run is finalized.
         for p in plan.partitions:
-            storage.remove(layout.part_tar(p.partition_id))
             for k in range(1, MAX_PASSES + 1):  # the saved decision.pkl stays: a re-run reuses it, never re-decides
                 storage.remove(layout.pass_file(k, p.partition_id, ".arrow"))
                 storage.remove(layout.pass_file(k, p.partition_id, ".summary.pkl"))
@@ -722,16 +697,19 @@ class Runner:
             self.echo(f"curate: warning: {warning}")
         return RunResult(self.out, merged, len(plan.partitions), ran, skipped, manifest["shards"], funnel)
 
-    def _remove_outputs_not_in(self, plan: inputs.InputPlan) -> None:
-        """curated/, rejected/ and embeddings/ keep exactly the current plan's partitions (an earlier run in this
-        folder with other input or limits may have left more)."""
+    def _remove_outputs_not_in(self, plan: inputs.InputPlan, infos: list[shards.ShardInfo]) -> None:
+        """curated/, rejected/, embeddings/ and shards/ keep exactly the current plan's files (an earlier run in
+        this folder with other input, limits or shard settings may have left more)."""
         layout = self.layout
         keep = {part_name(p.partition_id, ".parquet") for p in plan.partitions}
-        for folder in (layout.curated_dir, layout.rejected_dir, layout.embeddings_dir):
-            for path in storage.listdir(folder, ".parquet"):
-                if os.path.basename(path) not in keep:
-                    log.info("removing %s: not part of this run's plan", path)
-                    storage.remove(path)
+        stale = [path for folder in (layout.curated_dir, layout.rejected_dir, layout.embeddings_dir)
+                 for path in storage.listdir(folder, ".parquet") if os.path.basename(path) not in keep]
+        shard_names = {info.name for info in infos}
+        stale += [path for path in storage.listdir(layout.shards_dir, ".tar")
+                  if os.path.basename(path) not in shard_names]
+        for path in stale:
+            log.info("removing %s: not part of this run's plan", path)
+            storage.remove(path)
 
     def _write_report(self) -> None:
         if not storage.is_local(self.out):

@@ -1,20 +1,31 @@
-"""WebDataset tar shards: deterministic part tars per partition, repacked into target-size final shards.
+"""WebDataset shards, written by the workers: each partition writes its own final shard(s), atomically.
 
-Each partition writes its kept samples to `_work/parts/part-NNNNN.tar` (members `{key}.{jpg|png|webp}`,
-`{key}.txt`, `{key}.json`). When every partition is done, :func:`repack` streams the parts in partition order
-into `shards/{prefix}-00000.tar ...` of `write.shard_samples` samples (and at most `write.shard_bytes` bytes if
-set), each written atomically, then `manifest.json`. The result depends only on the input and the config, not on
-which worker finished first, so a re-run or a resumed run produces byte-identical shards.
+A partition's kept samples (in key order) go to at most `pieces` shards named from the partition alone:
+`shards/{prefix}-{partition_id * pieces + j:05d}.tar`, with `pieces = ceil(input.shard_size / write.shard_samples)`
+(one shard per partition by default, as img2dataset writes one per input shard). A piece closes at
+`write.shard_samples` samples, or earlier before it would pass `write.shard_bytes`, while pieces remain; empty
+pieces are not written. So samples per shard vary with what each partition keeps, and numbering has gaps where a
+partition kept little or nothing: `manifest.json` lists every shard and its brace pattern(s), `shards/sizes.json`
+every shard's sample count.
+
+Each shard is written under a hidden temporary name and renamed into place, with fixed tar metadata: a reader
+globbing `shards/*.tar` sees only complete shards as partitions finish, and a partition that runs again (a Dask
+retry, a resumed run) rewrites identical bytes. Nothing is copied on the client.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import re
 import tarfile
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 from curate.pipeline import storage, tario
+
+_TAR_HEADER = 512  # bytes per member header, for the byte limit
 
 
 @dataclass(frozen=True)
@@ -29,60 +40,69 @@ def shard_name(prefix: str, index: int) -> str:
     return f"{prefix}-{index:05d}.tar"
 
 
-def repack(part_paths: list[str], shards_dir: str, prefix: str, shard_samples: int, shard_bytes: int = 0
-           ) -> list[ShardInfo]:
-    """Stream part tars (in the given order) into final shards; return their manifest entries."""
-    infos: list[ShardInfo] = []
-    writer: _ShardWriter | None = None
-    for part in part_paths:
-        for _key, group in tario.iter_sample_members(part):
-            size = sum(len(d) + 512 for _, d in group)
-            if writer is not None and (writer.samples >= shard_samples
-                                       or (shard_bytes and writer.bytes + size > shard_bytes and writer.samples)):
-                infos.append(writer.close())
-                writer = None
-            if writer is None:
-                writer = _ShardWriter(f"{shards_dir}/{shard_name(prefix, len(infos))}")
-            writer.add(group, size)
-    if writer is not None:
-        infos.append(writer.close())
-    return infos
+def pieces_per_partition(partition_rows: int, shard_samples: int) -> int:
+    return max(1, math.ceil(partition_rows / shard_samples))
 
 
-class _ShardWriter:
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.samples = 0
-        self.bytes = 0
-        self._ctx = storage.atomic_path(path)
-        self._tmp = self._ctx.__enter__()
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 - closed in close(), spans many add() calls
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+def _size(sample: tario.Sample) -> int:
+    return sum(len(data) + _TAR_HEADER for _name, data in sample.members())
 
-    def add(self, group: list[tuple[str, bytes]], size: int) -> None:
-        for name, data in group:
-            tario.add_member(self._tar, name, data)
-        self.samples += 1
-        self.bytes += size
 
-    def close(self) -> ShardInfo:
-        self._tar.close()
-        self._file.close()
+def split(samples: Sequence[tario.Sample], pieces: int, max_samples: int, max_bytes: int = 0
+          ) -> list[list[tario.Sample]]:
+    """Consecutive pieces: a new one starts at `max_samples` samples or before passing `max_bytes` (0 = no limit),
+    while fewer than `pieces` exist; the last piece takes the rest."""
+    out: list[list[tario.Sample]] = []
+    size = 0
+    for sample in samples:
+        sample_size = _size(sample)
+        full = out and (len(out[-1]) >= max_samples or (max_bytes and size + sample_size > max_bytes))
+        if not out or (full and len(out) < pieces):
+            out.append([])
+            size = 0
+        out[-1].append(sample)
+        size += sample_size
+    return out
+
+
+def write_shard(path: str, samples: Iterable[tario.Sample]) -> ShardInfo:
+    """Write one shard atomically (hidden temporary, then rename) and describe it for the manifest."""
+    count = 0
+    with storage.atomic_path(path) as tmp:
+        with open(tmp, "wb") as f, tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for sample in samples:
+                for name, data in sample.members():
+                    tario.add_member(tar, name, data)
+                count += 1
         digest = hashlib.sha256()
-        with open(self._tmp, "rb") as f:
+        with open(tmp, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        size = os.path.getsize(self._tmp)
-        self._ctx.__exit__(None, None, None)
-        return ShardInfo(os.path.basename(self.path), self.samples, size, digest.hexdigest())
+        size = os.path.getsize(tmp)
+    return ShardInfo(os.path.basename(path), count, size, digest.hexdigest())
+
+
+def brace_patterns(names: Sequence[str], prefix: str) -> str:
+    """`{prefix}-{00000..00041}.tar` for contiguous numbers; runs joined with `::` (as open_clip_train and
+    webdataset take several sources) where partitions wrote nothing."""
+    numbers = sorted(int(m.group(1)) for n in names if (m := re.fullmatch(re.escape(prefix) + r"-(\d+)\.tar", n)))
+    runs: list[tuple[int, int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], n)
+        else:
+            runs.append((n, n))
+    return "::".join(f"{prefix}-{lo:05d}.tar" if lo == hi else f"{prefix}-{{{lo:05d}..{hi:05d}}}.tar"
+                     for lo, hi in runs)
 
 
 def manifest(infos: list[ShardInfo], prefix: str) -> dict:
+    infos = sorted(infos, key=lambda i: i.name)
     return {
         "format": "webdataset",
         "prefix": prefix,
         "total_samples": sum(i.samples for i in infos),
         "shards": [asdict(i) for i in infos],
-        # Brace pattern for webdataset / open_clip_train --train-data.
-        "pattern": f"{prefix}-{{00000..{max(len(infos) - 1, 0):05d}}}.tar" if infos else "",
+        # For webdataset / open_clip_train --train-data (relative to shards/).
+        "pattern": brace_patterns([i.name for i in infos], prefix),
     }

@@ -7,7 +7,7 @@ Per partition (all written atomically, named by partition id, so a task that run
 - `curated/part-NNNNN.parquet`: kept rows, metadata only (no image bytes, no embeddings);
 - `rejected/part-NNNNN.parquet`: failed and rejected rows with `reject_stage`/`reject_reason`, no bytes;
 - `embeddings/part-NNNNN.parquet`: `key` + every `*_embedding` column, when a stage produced them;
-- `_work/parts/part-NNNNN.tar`: kept samples, repacked later into `shards/` (see pipeline/shards.py).
+- `shards/{prefix}-NNNNN.tar`: the kept samples, the partition's final shard(s) (see pipeline/shards.py).
 Paths come from pipeline/layout.py.
 """
 
@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from curate.pipeline import columns as C
-from curate.pipeline import storage, tario
+from curate.pipeline import shards, storage, tario
 from curate.pipeline.configspec import ConfigError, option
 from curate.pipeline.layout import RunLayout
 
@@ -36,8 +36,8 @@ EMBEDDING_SUFFIX = "_embedding"
 class WriteConfig:
     enabled: bool = option(True, help="Write WebDataset tar shards (Parquet metadata and stats are always written).")
     shard_prefix: str = option("shard", help="Shard file name prefix: shards/{prefix}-{00000..N}.tar.")
-    shard_samples: int = option(10000, help="Target samples per WebDataset shard.", range=(1, None))
-    shard_bytes: int = option(0, help="Also close a shard before it exceeds this many bytes (0 = no byte limit).",
+    shard_samples: int = option(10000, help="Most samples per WebDataset shard. Each partition writes its own shards (ceil(input.shard_size / shard_samples) at most), so shards hold what a partition kept: fewer where rows were turned down.", range=(1, None))
+    shard_bytes: int = option(0, help="Also close a shard before it would exceed this many bytes, while the partition has shards left (0 = no byte limit).",
                               range=(0, None))
     parquet_compression: str = option("zstd", help="Parquet codec for curated/rejected metadata (zstd, snappy, gzip, none).")
 
@@ -63,17 +63,22 @@ class PartitionWriter:
     #: Name of the sink in stats (`stages.write`) and in `reject_stage` of rows that reach it without image bytes.
     name = "write"
 
-    def __init__(self, config: WriteConfig, layout: RunLayout) -> None:
+    def __init__(self, config: WriteConfig, layout: RunLayout, partition_rows: int) -> None:
         self.config = config
         self.layout = layout
+        #: Shards a partition may write (numbers reserved per partition, so names never depend on other partitions).
+        self.pieces = shards.pieces_per_partition(partition_rows, config.shard_samples)
 
     @property
     def requires(self) -> tuple[str, ...]:
         """Shards need image bytes; Parquet metadata alone needs nothing."""
         return (C.IMAGE,) if self.config.enabled else ()
 
-    def write_partition(self, partition_id: int, table: pa.Table) -> dict[str, int]:
-        """Write every output file of one partition. `table` holds all its rows (kept, failed, rejected)."""
+    def write_partition(self, partition_id: int, table: pa.Table) -> tuple[dict[str, int], list[shards.ShardInfo]]:
+        """Write every output file of one partition; `table` holds all its rows (kept, failed, rejected).
+
+        Returns the counters for stats and the shards written (for the manifest).
+        """
         table = table.sort_by(C.KEY)
         kept_mask = pc.equal(table.column(C.STATUS), C.STATUS_SUCCESS)
         kept = table.filter(kept_mask)
@@ -93,10 +98,16 @@ class PartitionWriter:
         if embedding_cols:
             scored = table.filter(pc.is_valid(table.column(embedding_cols[0])))
             write_parquet(self.layout.embeddings(partition_id), scored.select([C.KEY, *embedding_cols]))
-        samples = 0
+        written: list[shards.ShardInfo] = []
         if self.config.enabled:
-            samples = tario.write_samples(self.layout.part_tar(partition_id), self._samples(kept, metadata))
-        return {"curated_rows": metadata.num_rows, "rejected_rows": rejected.num_rows, "tar_samples": samples}
+            pieces = shards.split(list(self._samples(kept, metadata)), self.pieces, self.config.shard_samples,
+                                  self.config.shard_bytes)
+            for j, piece in enumerate(pieces):
+                name = shards.shard_name(self.config.shard_prefix, partition_id * self.pieces + j)
+                written.append(shards.write_shard(self.layout.shard(name), piece))
+        counters = {"curated_rows": metadata.num_rows, "rejected_rows": rejected.num_rows,
+                    "tar_samples": sum(info.samples for info in written)}
+        return counters, written
 
     @staticmethod
     def _fill_sha256(kept: pa.Table) -> pa.Table:

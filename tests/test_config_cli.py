@@ -130,5 +130,6 @@ def test_wheel_contains_every_subpackage(tmp_path: Path) -> None:
     modules = {f"curate/{p.relative_to(REPO)}" for p in (*REPO.glob("pipeline/**/*.py"), *REPO.glob("stages/**/*.py"))}
     assert modules <= set(names), sorted(modules - set(names))
     assert not any("faultserver" in n for n in names)  # a test fixture, not part of the package
+    assert "curate/stages/clean_captions/en_lexicon.txt.gz" in names  # package data the stage loads
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "curate = curate.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

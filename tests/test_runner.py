@@ -121,10 +121,14 @@ def test_accounting_outputs_and_shards(tmp_path: Path, tar_input: Path, monkeypa
     assert stats["rejected"] == {"fake_filter": {"bad_caption": 3}}
     assert stats["kept"] == 7 == result.stats["kept"]
     assert stats["input_rows"] == stats["kept"] + sum(sum(r.values()) for r in stats["rejected"].values())
-    # 7 kept samples at 3 per shard -> 3 shards, contiguous names, manifest with true sha256s
+    # Each partition writes its own shards: 4 rows per partition at most 3 samples per shard -> shard numbers
+    # 2p and 2p+1 reserved for partition p; partitions kept 3, 3 and 1 -> one shard each. Manifest with true sha256s.
     manifest = json.loads((run / "manifest.json").read_text())
-    assert [s["name"] for s in manifest["shards"]] == ["shard-00000.tar", "shard-00001.tar", "shard-00002.tar"]
+    assert [s["name"] for s in manifest["shards"]] == ["shard-00000.tar", "shard-00002.tar", "shard-00004.tar"]
     assert [s["samples"] for s in manifest["shards"]] == [3, 3, 1]
+    assert manifest["pattern"] == "shard-00000.tar::shard-00002.tar::shard-00004.tar"
+    assert json.loads((run / "shards" / "sizes.json").read_text()) == {
+        "shard-00000.tar": 3, "shard-00002.tar": 3, "shard-00004.tar": 1}
     for entry in manifest["shards"]:
         assert hashlib.sha256((run / "shards" / entry["name"]).read_bytes()).hexdigest() == entry["sha256"]
     with tarfile.open(run / "shards" / "shard-00000.tar") as tar:
@@ -191,12 +195,13 @@ def test_resume_skips_done_partitions_and_output_is_identical(tmp_path: Path, ta
     second = run_with(monkeypatch, {"captions": RejectBadCaptions}, cfg)
     assert first.partitions_run == 3 and second.partitions_run == 0 and second.partitions_skipped == 3
     assert shard_digest(run) == before and (run / "stats.json").read_text() == stats_before
-    # Lose one partition's marker after finalize (e.g. its outputs were deleted): the resumed run must rebuild
-    # the part tars the finalize already cleaned up, and end with byte-identical shards.
+    # Lose one partition's marker and outputs after finalize: the resumed run redoes that partition only (the
+    # others' shards are final already) and ends with byte-identical shards.
     (run / "_work" / "done" / "part-00001.json").unlink()
     (run / "curated" / "part-00001.parquet").unlink()
+    (run / "shards" / "shard-00002.tar").unlink()
     third = run_with(monkeypatch, {"captions": RejectBadCaptions}, cfg)
-    assert third.partitions_run == 3
+    assert third.partitions_run == 1
     assert shard_digest(run) == before
     old, new = json.loads(stats_before), json.loads((run / "stats.json").read_text())
     assert (new["input_rows"], new["kept"], new["rejected"]) == (old["input_rows"], old["kept"], old["rejected"])
