@@ -49,3 +49,25 @@ def test_a_run_that_keeps_nothing_ends_with_exit_0_and_a_warning_with_the_fix(
     err = capsys.readouterr().err
     assert ("curate: warning: nothing was kept: 4 of 4 rows were turned down as input/no_image; "
             "the rows carry no image bytes") in err
+
+
+def test_every_row_private_ends_with_the_allowed_networks_fix(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "c.csv").write_text("url,caption\n" + "".join(
+        f"http://127.0.0.1:9/{i}.jpg,a photo of a cat number {i}\n" for i in range(3)))
+    config = tmp_path / "c.yaml"
+    config.write_text("input: {path: c.csv}\noutput: {path: run}\n"
+                      "cluster: {processes: false, n_workers: 1, dashboard: false}\n"
+                      "dedup: {enabled: false}\nclip: {enabled: false}\n")
+    assert main(["run", str(config), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "curate: warning: nothing was kept: 3 of 3 rows were turned down as download/private_address" in err
+    assert "download.allowed_networks" in err
+
+
+def test_report_cards_show_the_language_decision() -> None:
+    from curate.stages.clean_captions import CleanCaptionsStage
+
+    parts = CleanCaptionsStage.report_parts({})
+    assert parts.facts({"caption_language": "zh", "caption_language_score": 0.52}) == [
+        ("language", "zh"), ("language score", "0.5200")]

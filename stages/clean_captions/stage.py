@@ -27,7 +27,7 @@ import html
 import re
 import unicodedata
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -693,6 +693,18 @@ class CleanCaptionsStage(Stage[CaptionsConfig]):
         pa.field(CAPTION_LANGUAGE, pa.string()),
         pa.field(CAPTION_LANGUAGE_SCORE, pa.float32()),
     )
+    reason_hints: ClassVar[Mapping[str, str]] = {
+        "language": "captions.languages lists the languages kept ([] keeps every language)",
+        "language_uncertain": "lower captions.min_language_confidence, or set captions.languages: [] to skip language id",
+    }
+
+    @classmethod
+    def report_parts(cls, section: dict[str, Any]) -> Any:
+        """The language decision on every card, so a reason's gallery shows what language id said."""
+        from curate.pipeline.report import ReportParts, value_facts
+
+        labels = ((CAPTION_LANGUAGE, "language"), (CAPTION_LANGUAGE_SCORE, "language score"))
+        return ReportParts(columns=tuple(name for name, _ in labels), facts=lambda row: value_facts(row, labels))
 
     def __init__(self, config: CaptionsConfig, context: Any) -> None:
         super().__init__(config, context)

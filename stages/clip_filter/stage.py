@@ -159,6 +159,10 @@ class ClipDecision:
 class ClipFilterStage(Stage[ClipConfig]):
     name = "clip_filter"
     config_class = ClipConfig
+    reason_hints = {
+        REASON_LOW_SCORE: "check clip.pretrained (random weights score noise), then clip.threshold (LAION-400M "
+                          "used 0.28 with ViT-B/32), or keep a share with clip.top_fraction",
+    }
     requires = (C.IMAGE, C.CAPTION)
     adds = (pa.field(CLIP_SCORE, pa.float32()),)
 

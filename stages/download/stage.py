@@ -251,6 +251,13 @@ class DownloadStage(Stage[DownloadConfig]):
         pa.field("exif", pa.string()),  # img2dataset's column: JSON of the source's EXIF tags, or null
     )
 
+    reason_hints = {
+        "private_address": "the URLs point at private or loopback addresses: for a local server allow its network "
+                           "(`download.allowed_networks: [\"127.0.0.1/32\"]`) or set download.allow_private: true",
+        "timeout": "raise download.timeout, or lower download.threads if the servers throttle",
+        "unsupported_scheme": "only http(s) URLs are fetched; local paths need download.allow_file: true",
+    }
+
     @classmethod
     def report_parts(cls, section: dict[str, Any]) -> Any:
         from curate.stages.download.run_report import report_parts
