@@ -79,8 +79,9 @@ class ClipConfig:
         help="open_clip pretrained tag (downloaded from the HF hub into `cache_dir`), or a local checkpoint "
         "path (.pt/.pth/.bin via torch.load(weights_only=True), or .safetensors; a bare state_dict or "
         "{'state_dict': ...}, `module.` prefix stripped; a relative path that exists next to the config file "
-        "resolves there, else against the working directory); '' = random init (warns loudly; tests and "
-        "benchmarks only).",
+        "resolves there, else against the working directory); '' = random init, seeded (one warning per run; "
+        "tests, benchmarks and the demo only). Offline, a tag must already be in the cache: `curate validate` "
+        "checks it.",
         path="if_exists",
     )
     cache_dir: str = option(
