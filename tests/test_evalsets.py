@@ -194,3 +194,12 @@ def test_errors_are_clear(tmp_path: Path) -> None:
 def test_brace_expansion() -> None:
     assert E.expand_braces("a-{000..002}.tar") == ["a-000.tar", "a-001.tar", "a-002.tar"]
     assert E.expand_braces("{x,y}/{1..2}") == ["x/1", "x/2", "y/1", "y/2"]
+
+
+def test_index_paths_are_absolute_so_reports_find_eval_images_from_anywhere(
+        demo_evalset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(demo_evalset.parent)
+    E.hash_evalset(demo_evalset.name, str(tmp_path / "idx.parquet"), name="demo", workers=1)
+    monkeypatch.chdir(tmp_path)
+    paths = pq.read_table(tmp_path / "idx.parquet").column("path").to_pylist()
+    assert paths and all(Path(p).is_absolute() and Path(p).is_file() for p in paths)

@@ -398,6 +398,17 @@ def _hash_batch(batch: list[bytes], params: PhashParams, verify: bool) -> list[t
     return [_hash_one(data, params, verify) for data in batch]
 
 
+def _absolute_reference(reference: str) -> str:
+    """An eval image's `path` as the index stores it: absolute for local files (also `archive.tar::member`), so
+    that reports find the image from any working directory; URLs and names that are not files here stay."""
+    if not reference or "://" in reference:
+        return reference
+    file, sep, member = reference.partition("::")
+    if not os.path.exists(file):  # a name recorded inside the data (a Parquet `path` field), not a file here
+        return reference
+    return os.path.abspath(file) + sep + member
+
+
 def build_index_table(
     source: str, name: str | None = None, params: PhashParams | None = None, fmt: str = "auto",
     verify: bool | None = None, workers: int = 1, image_column: str | None = None, id_column: str | None = None,
@@ -447,7 +458,7 @@ def build_index_table(
                     log.warning("eval set %s: %s (%s) not hashed: %s", name, item.item_id, item.path, error)
                     continue
                 ids.append(item.item_id)
-                refs.append(item.path)
+                refs.append(_absolute_reference(item.path))
                 hashes.append(main)
                 variants.append(extra)
                 descriptors.append(desc)
