@@ -1,7 +1,7 @@
 """The runner: plans partitions, runs every partition through the stages on Dask, writes, resumes, finalizes.
 
     input ─plan─> partitions ─(Dask task per partition)─> read → the registry's stages in order
-          → write part files + marker ──(all done)──> repack shards, manifest, stats, report
+          → write Parquet parts, the partition's shards, marker ──(all done)──> manifest, sizes.json, stats, report
 
 The client (`Runner`) plans and submits; the worker side (`run_steps`) executes one group of steps of one
 partition. Which stages run, in what order, with which config section, comes from pipeline/registry.py.
@@ -390,7 +390,7 @@ def plan_passes(specs: list[StageSpec], write_cfg: WriteConfig) -> list[list[Ste
     `columns.IMAGE`), or right after reading, whenever a later stage (or the sink) requires them.
     """
     consumers = [i for i, spec in enumerate(specs) if C.IMAGE in spec.cls.requires]
-    if C.IMAGE in PartitionWriter(write_cfg, RunLayout(""), 1).requires:
+    if C.IMAGE in PartitionWriter.requires(write_cfg):
         consumers.append(len(specs))
     check_after = -1  # index of the stage after which to check; -1 = after reading
     if consumers:

@@ -69,10 +69,10 @@ class PartitionWriter:
         #: Shards a partition may write (numbers reserved per partition, so names never depend on other partitions).
         self.pieces = shards.pieces_per_partition(partition_rows, config.shard_samples)
 
-    @property
-    def requires(self) -> tuple[str, ...]:
-        """Shards need image bytes; Parquet metadata alone needs nothing."""
-        return (C.IMAGE,) if self.config.enabled else ()
+    @staticmethod
+    def requires(config: WriteConfig) -> tuple[str, ...]:
+        """Shards need image bytes; Parquet metadata alone needs nothing (read before any writer exists)."""
+        return (C.IMAGE,) if config.enabled else ()
 
     def write_partition(self, partition_id: int, table: pa.Table) -> tuple[dict[str, int], list[shards.ShardInfo]]:
         """Write every output file of one partition; `table` holds all its rows (kept, failed, rejected).

@@ -1,6 +1,6 @@
 """WebDataset tar I/O: sample naming, reading (streaming, one sample at a time) and deterministic writing.
 
-Every tar the project reads or writes goes through here: input tars, part tars, final shards, eval sets in
+Every tar the project reads or writes goes through here: input tars, final shards, eval sets in
 WebDataset form and the dedup report's corpus.
 """
 
@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 import fsspec
-
-from curate.pipeline import storage
 
 #: Image fields of a WebDataset sample -> the extension curate writes for it.
 IMAGE_EXTENSIONS = {"jpg": "jpg", "jpeg": "jpg", "png": "png", "webp": "webp"}
@@ -199,15 +197,3 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.uid = info.gid = 0
     info.uname = info.gname = ""
     tar.addfile(info, io.BytesIO(data))
-
-
-def write_samples(path: str, samples: Iterable[Sample]) -> int:
-    """Write a tar of samples atomically; return the number of samples."""
-    count = 0
-    with storage.atomic_path(path) as tmp, open(tmp, "wb") as f, \
-            tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for sample in samples:
-            for name, data in sample.members():
-                add_member(tar, name, data)
-            count += 1
-    return count

@@ -71,9 +71,7 @@ def build_run_dir(root: Path, images: dict[str, bytes], demo_dir: Path) -> dict[
     infos = []
     for index, chunk in enumerate((samples[:5], samples[5:])):
         path = run / "shards" / shards.shard_name("shard", index)
-        tario.write_samples(str(path), chunk)
-        data = path.read_bytes()
-        infos.append(shards.ShardInfo(path.name, len(chunk), len(data), hashlib.sha256(data).hexdigest()))
+        infos.append(shards.write_shard(str(path), chunk))
     (run / "manifest.json").write_text(json.dumps(shards.manifest(infos, "shard")))
     _write_parquet(run / "curated" / "part-00000.parquet", kept_rows[:5])
     _write_parquet(run / "curated" / "part-00001.parquet", kept_rows[5:])
