@@ -24,12 +24,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from curate.stages.phash_dedup.stage import DedupConfig
 
 log = logging.getLogger("curate.dedup_matcher")
 
-#: rows -> {row: image bytes or None}; called once per :meth:`EvalMatcher.match`, with the rows that need verifying
-ImageLoader = Callable[[Sequence[int]], Mapping[int, bytes | None]]
+#: rows -> {row: image bytes, an already decoded image, or None}; called once per :meth:`EvalMatcher.match`,
+#: with the rows that need verifying
+ImageLoader = Callable[[Sequence[int]], Mapping[int, "bytes | Image.Image | None"]]
 
 
 @dataclass(frozen=True)
@@ -128,7 +131,7 @@ class EvalMatcher:
 
         ranked = self.search(hashes)
         result = MatchResult([None] * len(hashes), [])
-        images: Mapping[int, bytes | None] = {}
+        images: Mapping[int, bytes | Image.Image | None] = {}
         if self.settings.verify and ranked:
             if load_images is None:
                 raise ValueError("verification needs the corpus images: pass load_images")
@@ -147,7 +150,7 @@ class EvalMatcher:
         return result
 
     def _verify(
-        self, ranked: list[Candidate], data: bytes | None, counters: collections.Counter[str]
+        self, ranked: list[Candidate], data: bytes | Image.Image | None, counters: collections.Counter[str]
     ) -> Candidate | None:
         """The nearest candidate the second signal confirms, or None. Descriptor made once per row."""
         from curate.stages.phash_dedup.phash import decode_rgb
@@ -157,7 +160,7 @@ class EvalMatcher:
             log.warning("corpus row %d: no image bytes to verify its eval candidates", ranked[0].row)
             return None
         try:
-            corpus_desc = self._nd.descriptor(decode_rgb(data))
+            corpus_desc = self._nd.descriptor(decode_rgb(data) if isinstance(data, bytes) else data)
         except Exception as err:  # noqa: BLE001 - an image that does not decode cannot confirm a match
             log.warning("corpus row %d: no descriptor, candidates left unverified: %s", ranked[0].row, err)
             return None
