@@ -1,7 +1,9 @@
 """Row columns: the engine's, and the output schema they form with the stages' declared columns.
 
 Names follow img2dataset where it has one. `image` (bytes) and `image_ext` are internal: they
-travel between stages but never reach Parquet outputs.
+travel between stages but never reach Parquet outputs. So are the pixel columns (``pixels.<stage>``):
+what a later stage computed from the pixels an earlier stage of the same task decoded (one decode per
+image; see ``Stage.from_pixels``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,17 @@ ENGINE_SCHEMA = pa.schema(
     ]
 )
 INTERNAL_COLUMNS = (IMAGE, IMAGE_EXT)
+PIXELS_PREFIX = "pixels."
+
+
+def pixel_column(stage_name: str) -> str:
+    """The internal column holding what stage `stage_name` computed from pixels decoded before it."""
+    return PIXELS_PREFIX + stage_name
+
+
+def is_internal(name: str) -> bool:
+    """Columns that travel between stages but never reach the outputs."""
+    return name in INTERNAL_COLUMNS or name.startswith(PIXELS_PREFIX)
 
 
 def known_schema() -> pa.Schema:
@@ -83,7 +96,7 @@ def conform(table: pa.Table, *, keep_internal: bool = False) -> pa.Table:
     for name in table.column_names:
         if name in schema.names:
             continue
-        if name in INTERNAL_COLUMNS and not keep_internal:
+        if is_internal(name) and not keep_internal:
             continue
         arrays.append(table.column(name))
         fields.append(table.schema.field(name))

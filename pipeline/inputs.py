@@ -397,7 +397,7 @@ def _rename_input_columns(table: pa.Table, url_column: str, caption_column: str
             names.append(C.URL)
         elif name == caption_column:
             names.append(C.CAPTION)
-        elif name in C.known_schema().names or name in C.INTERNAL_COLUMNS:
+        elif name in C.known_schema().names or C.is_internal(name):
             names.append(f"input_{name}")
         else:
             names.append(name)

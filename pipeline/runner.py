@@ -161,7 +161,7 @@ def _split_alive(state: PartitionState) -> None:
     if pc.all(mask).as_py() is not False:
         return
     gone = state.alive.filter(pc.invert(mask))
-    state.turned_down.append(gone.drop_columns([c for c in C.INTERNAL_COLUMNS if c in gone.column_names]))
+    state.turned_down.append(gone.drop_columns([c for c in gone.column_names if C.is_internal(c)]))
     state.alive = state.alive.filter(mask)
 
 
@@ -273,9 +273,8 @@ def run_steps(
     layout = RunLayout.of(context.output_path)
     # Set up every stage of this task before its first step: a model that cannot load fails the run before any
     # row is downloaded, and a retried task never repeats downloads for a set-up that cannot succeed.
-    for step in steps:
-        if step.stage is not None:
-            _stage_instance(step.stage, context)
+    instances = [_stage_instance(step.stage, context) for step in steps if step.stage is not None]
+    _wire_pixels(instances)
     state = payload if isinstance(payload, PartitionState) else None
     for step in steps:
         kind = step.kind
@@ -311,6 +310,17 @@ def run_steps(
         elif kind is StepKind.WRITE:
             return _write(state, _sink(write_cfg, input_cfg, context), layout)
     return state
+
+
+def _wire_pixels(instances: list[Stage]) -> None:
+    """One decode per image: each stage of the task may fill what the later ones need from its decoded pixels."""
+    for i, producer in enumerate(instances):
+        consumers = []
+        for consumer in instances[i + 1:]:
+            arrow_type = type(consumer).pixel_type(consumer.config)
+            if arrow_type is not None and consumer is not producer:
+                consumers.append((C.pixel_column(consumer.name), arrow_type, consumer.from_pixels))
+        producer.pixel_consumers = tuple(consumers)
 
 
 def _write(state: PartitionState, writer: PartitionWriter, layout: RunLayout) -> dict[str, Any]:

@@ -124,7 +124,7 @@ class PartitionWriter:
         images = kept.column(C.IMAGE).to_pylist() if kept.num_rows else []
         exts = kept.column(C.IMAGE_EXT).to_pylist() if C.IMAGE_EXT in kept.column_names else ["jpg"] * kept.num_rows
         for row, image, ext in zip(metadata.to_pylist(), images, exts, strict=True):
-            meta = {k: _json_value(v) for k, v in row.items() if k not in C.INTERNAL_COLUMNS}
+            meta = {k: _json_value(v) for k, v in row.items() if not C.is_internal(k)}
             yield tario.Sample(
                 key=row[C.KEY],
                 image=image,

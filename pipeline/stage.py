@@ -14,6 +14,11 @@ returns True from :meth:`Stage.run_wide` for that config and implements :meth:`s
 :meth:`decide` and :meth:`apply`: the runner scores every partition first, computes the decision once from
 the summaries, then applies it without recomputing anything.
 
+One decode per image: a stage that decodes every image it passes on (download) hands the pixels to
+:meth:`Stage.pixel_values`, which asks the later stages of the same task (:meth:`Stage.from_pixels`, wired by
+the runner) for what they need from them; it lands in internal ``pixels.<stage>`` columns, and the later stage
+decodes only rows where its value is missing.
+
 Everything the engine needs to plan a run is class-level (as NeMo Curator's `ProcessingStage`): `name`,
 `config_class`, `requires`, `adds`, and the classmethods `run_wide(config)` and `resources(config)`. The
 client never builds a stage to learn them; it builds one instance per stage, for `preflight` and `decide`.
@@ -26,11 +31,14 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import pyarrow as pa
 
 from curate.pipeline import columns as C
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 ConfigT = TypeVar("ConfigT")
 
@@ -88,7 +96,8 @@ class Command:
 
 # Class-level facts of the contract: a subclass sets them as plain class attributes, never as properties, so
 # the engine can read them from the class without building (or setting up) an instance.
-_CLASS_LEVEL = ("name", "config_class", "requires", "adds", "reason_hints", "run_wide", "resources", "report_parts", "commands")
+_CLASS_LEVEL = ("name", "config_class", "requires", "adds", "reason_hints", "run_wide", "resources", "report_parts",
+                "commands", "pixel_type")
 
 
 class Stage(Generic[ConfigT]):
@@ -119,6 +128,8 @@ class Stage(Generic[ConfigT]):
         self.context = context
         self.log = logging.getLogger(f"curate.stages.{self.name}")
         self._is_set_up = False
+        #: (pixel column, its type, from_pixels) of the later stages of this stage's task; set by the runner
+        self.pixel_consumers: tuple[tuple[str, pa.DataType, Callable[[Image.Image], Any]], ...] = ()
 
     # -- class-level facts that depend on the config ---------------------------------------------
     @classmethod
@@ -129,6 +140,11 @@ class Stage(Generic[ConfigT]):
     @classmethod
     def resources(cls, config: ConfigT) -> Resources:
         return Resources()
+
+    @classmethod
+    def pixel_type(cls, config: ConfigT) -> pa.DataType | None:
+        """With this config, the Arrow type of what :meth:`from_pixels` returns; None: it needs no pixels."""
+        return None
 
     @classmethod
     def report_parts(cls, section: dict[str, Any]) -> Any:
@@ -166,6 +182,36 @@ class Stage(Generic[ConfigT]):
     # -- work --------------------------------------------------------------------------------
     def process(self, table: pa.Table) -> pa.Table:
         raise NotImplementedError
+
+    # -- one decode per image ----------------------------------------------------------------
+    def from_pixels(self, image: Image.Image) -> Any:
+        """What this stage needs from an image's pixels (a value of :meth:`pixel_type`), computed by the stage that
+        decoded them, in its worker thread.
+
+        `image` is exactly what the row's image bytes hold after that stage (EXIF-transposed; alpha
+        matted on white where the bytes are JPEG), so the value must not depend on how it was obtained. Called
+        only after :meth:`setup`; must be thread-safe and cheap (it runs once per image). The value arrives in
+        the internal column ``columns.pixel_column(name)``; rows where it is null (no producer ran, or the
+        producer failed) are the stage's to decode.
+        """
+        raise NotImplementedError
+
+    def pixel_values(self, image: Image.Image) -> dict[str, Any]:
+        """For a producer: every consumer's value for these pixels. A consumer that raises gets null (it decodes)."""
+        values: dict[str, Any] = {}
+        for column, _type, compute in self.pixel_consumers:
+            try:
+                values[column] = compute(image)
+            except Exception as err:  # noqa: BLE001 - the consumer falls back to decoding the bytes itself
+                self.log.debug("%s: no pixel value: %r", column, err)
+                values[column] = None
+        return values
+
+    def set_pixel_columns(self, table: pa.Table, values: Sequence[Mapping[str, Any] | None]) -> pa.Table:
+        """For a producer: add the consumers' pixel columns from per-row :meth:`pixel_values` (None = no image)."""
+        for column, arrow_type, _compute in self.pixel_consumers:
+            table = C.set_column(table, column, pa.array([v.get(column) if v else None for v in values], arrow_type))
+        return table
 
     # -- optional run-wide decision ----------------------------------------------------------
     def score(self, table: pa.Table) -> pa.Table:

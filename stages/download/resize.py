@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import exifread
@@ -98,6 +98,9 @@ class ProcessedImage:
     source_format: str
     reencoded: bool
     sha256: str
+    #: The pixels `data` holds (what decoding `data` gives, up to JPEG loss where re-encoded), for the later stages'
+    #: `from_pixels`; callers drop it once used (a partition must not hold every decoded image).
+    pixels: Image.Image | None = field(default=None, repr=False, compare=False)
 
 
 def _planned_size(width: int, height: int, spec: ImageSpec) -> tuple[int, int] | None:
@@ -207,9 +210,10 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
         and getattr(img, "n_frames", 1) == 1
     )
     if keep_original:
-        out, reencoded = data, False
+        out, reencoded, stored = data, False, img
     else:
-        out, reencoded = _encode(_normalize_mode(img, spec.output_format), spec), True
+        stored = _normalize_mode(img, spec.output_format)
+        out, reencoded = _encode(stored, spec), True
     return ProcessedImage(
         data=out,
         ext=spec.output_format if reencoded else EXT_BY_FORMAT[fmt],
@@ -220,6 +224,7 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
         source_format=fmt,
         reencoded=reencoded,
         sha256=hashlib.sha256(out).hexdigest(),
+        pixels=stored,
     )
 
 
@@ -269,6 +274,7 @@ def verify_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
         source_format=fmt,
         reencoded=ext != EXT_BY_FORMAT.get(fmt),
         sha256=hashlib.sha256(data).hexdigest(),
+        pixels=img,
     )
 
 

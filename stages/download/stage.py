@@ -229,6 +229,7 @@ class _RowOutcome:
     reason: str | None = None
     message: str | None = None
     status: str = C.STATUS_FAILED
+    pixels: dict[str, Any] | None = None  # later stages' values from this row's decoded pixels
 
 
 _INT = pa.int32()
@@ -324,6 +325,7 @@ class DownloadStage(Stage[DownloadConfig]):
                 values["exif"][i] = out.exif
         for field in self.adds:
             table = C.set_column(table, field.name, pa.array(values[field.name], type=field.type))
+        table = self.set_pixel_columns(table, [out.pixels for out in outcomes])
         table = self.reject(table, failed, messages, status=C.STATUS_FAILED)
         return self.reject(table, rejected, messages, status=C.STATUS_REJECTED)
 
@@ -333,8 +335,11 @@ class DownloadStage(Stage[DownloadConfig]):
                 self.counters[name] += amount
 
     def _done(self, image: ProcessedImage, source: bytes) -> _RowOutcome:
+        # One decode per image: the later stages' pixel values come from these pixels, which are then dropped.
+        pixels = self.pixel_values(image.pixels) if image.pixels is not None and self.pixel_consumers else None
+        image = dataclasses.replace(image, pixels=None)
         # EXIF of the bytes as received, like img2dataset: re-encoding has stripped it from `image`.
-        return _RowOutcome(image, exif=original_exif(source))
+        return _RowOutcome(image, exif=original_exif(source), pixels=pixels)
 
     def _one_row(self, url: str | None, existing: bytes | None) -> _RowOutcome:
         """Never raises: every row ends with an image or a reason."""

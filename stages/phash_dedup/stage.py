@@ -74,6 +74,7 @@ class DedupConfig:
     verify: bool = option(True, help="Confirm pHash candidates with the near-duplicate descriptor (keypoints + aligned thumbnail) before rejecting; indexes must carry descriptors.")
     max_candidates: int = option(8, help="With `verify`: at most this many eval candidates per row are verified (nearest first); each costs one verify call (about 6 ms). See docs/dedup.md, cost at scale.", range=(1, None))
     hash_size: int = option(8, help="pHash side: the hash has hash_size² bits (8 → 64 bits, 16 hex digits). Eval indexes must use the same.", range=(2, 32))
+    hash_decoded_pixels: bool = option(True, help="pHash the pixels the download stage already decoded (just before it encodes them) instead of decoding the stored bytes again: one decode per image. Rows whose stored bytes are re-encoded may then differ from a hash of the stored file by JPEG noise (measured in docs/dedup.md); false = always decode and hash the stored bytes.")
     hash_mode: Literal["exact", "fast"] = option("exact", help="`exact`: bit-identical to imagehash.phash. `fast`: JPEG draft decoding + batched DCT, several times faster, agreement with imagehash documented in docs/dedup.md.")
     cache_dir: str = option("", help="Cache folder for indexes of `eval_sets` ('' = $XDG_CACHE_HOME/curate/evalsets, else ~/.cache/curate/evalsets).", path=True)
     within_corpus: bool = option(False, help="Also drop duplicates inside the corpus (run-wide pass): same image bytes (sha256) and pHash within `within_corpus_threshold`.")
@@ -117,6 +118,17 @@ class PhashDedupStage(Stage[DedupConfig]):
     @classmethod
     def run_wide(cls, config: DedupConfig) -> bool:  # a run-wide pass only when within-corpus dedup is on
         return config.within_corpus
+
+    @classmethod
+    def pixel_type(cls, config: DedupConfig) -> pa.DataType | None:
+        return pa.string() if config.hash_decoded_pixels else None
+
+    def from_pixels(self, image: Any) -> str:
+        """The row's pHash (hex) from pixels decoded upstream: RGB first, as the engine's decode gives them."""
+        from curate.stages.phash_dedup.phash import phash_image, to_hex
+
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        return to_hex(phash_image(rgb, self._params)[None, :], self._params.n_bits)[0]
 
     @classmethod
     def report_parts(cls, section: dict[str, Any]) -> Any:
@@ -225,7 +237,7 @@ class PhashDedupStage(Stage[DedupConfig]):
 
         Every row has image bytes: the runner fails rows without them (`no_image`) before this stage.
         """
-        from curate.stages.phash_dedup.phash import phash_bytes, to_hex
+        from curate.stages.phash_dedup.phash import from_hex, phash_bytes, to_hex
 
         params = self._params
         images = table.column(C.IMAGE).to_pylist()
@@ -233,7 +245,21 @@ class PhashDedupStage(Stage[DedupConfig]):
         reasons: list[str | None] = [None] * n
         messages: list[str | None] = [None] * n
         statuses: list[str] = [C.STATUS_REJECTED] * n
-        hashed, errors = phash_bytes(images, params)
+        # One decode per image: hashes computed upstream from the decoded pixels; the rest are decoded here.
+        pixel_col = C.pixel_column(self.name)
+        given = table.column(pixel_col).to_pylist() if pixel_col in table.column_names else [None] * n
+        todo = [i for i in range(n) if given[i] is None]
+        hashed = np.zeros((n, params.n_words), dtype=np.uint64)
+        errors: list[str | None] = [None] * n
+        if len(todo) < n:
+            done = [i for i in range(n) if given[i] is not None]
+            hashed[done] = from_hex([given[i] for i in done], params.n_bits)
+        self.counters["hashed_from_decoded_pixels"] += n - len(todo)
+        if todo:
+            todo_hashes, todo_errors = phash_bytes([images[i] for i in todo], params)
+            hashed[todo] = todo_hashes
+            for i, error in zip(todo, todo_errors, strict=True):
+                errors[i] = error
         for i, error in enumerate(errors):
             if error:
                 reasons[i], messages[i], statuses[i] = "decode_error", error, C.STATUS_FAILED
