@@ -462,6 +462,32 @@ def _stops_the_run(err: BaseException) -> str | None:
     return None
 
 
+PROGRESS_LOG_SECONDS = 30.0
+
+
+class _ProgressLines:
+    """The progress bar's stand-in without a terminal: one line at most every PROGRESS_LOG_SECONDS."""
+
+    def __init__(self, total: int, label: str, echo: Callable[[str], None]) -> None:
+        self.total, self.label, self.echo = total, label, echo
+        self.done = 0
+        self.postfix = ""
+        self.started = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_LOG_SECONDS and self.done < self.total:
+            self.last = now
+            self.echo(f"curate: {self.label}: {self.done}/{self.total} done{self.postfix}, {now - self.started:.0f}s")
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = "".join(f", {k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
+
+
 class Runner:
     def __init__(self, config: RunConfig, *, progress: bool | None = None, client: Any = None,
                  echo: Callable[[str], None] | None = None) -> None:
@@ -607,25 +633,23 @@ class Runner:
                 if stop:  # every other partition would fail the same way: stop now, say it once
                     for other in futures:
                         other.cancel()
-                    if bar is not None:
-                        bar.close()
+                    bar.close()
                     raise RunFailed(stop) from err
                 # A bug or an infrastructure failure of this partition: keep going, report them all at the end.
                 failures.append(f"partition {spec.partition_id} ({spec.source} rows {spec.start}-{spec.stop}): "
                                 f"{type(err).__name__}: {err}")
                 log.debug("partition %d failed", spec.partition_id, exc_info=err)
                 result = None
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(rows=f"{rows:,}")
+            bar.set_postfix(rows=f"{rows:,}")
+            bar.update(1)
             del result
-        if bar is not None:
-            bar.close()
+        bar.close()
         return failures
 
     def _bar(self, total: int, label: str) -> Any:
         if not self.progress:
-            return None
+            # No terminal (a batch job's log): a line every PROGRESS_LOG_SECONDS instead of a bar.
+            return _ProgressLines(total, label, self.echo)
         from tqdm.auto import tqdm
 
         return tqdm(total=total, desc=label, unit="part", file=sys.stderr, dynamic_ncols=True)

@@ -146,6 +146,18 @@ def test_accounting_outputs_and_shards(tmp_path: Path, tar_input: Path, monkeypa
     assert not list(run.rglob("*.tmp-*"))
 
 
+def test_without_a_terminal_progress_comes_as_log_lines(tmp_path: Path, tar_input: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch job's log gets a progress line at most every PROGRESS_LOG_SECONDS (here: every partition)."""
+    monkeypatch.setattr(runner_mod, "PROGRESS_LOG_SECONDS", 0.0)
+    monkeypatch.setattr(runner_mod, "stage_specs", lambda cfg: [
+        runner_mod.StageSpec("captions", RejectBadCaptions, cfg.section("captions"))])
+    lines: list[str] = []
+    runner_mod.run(config_for(tmp_path, tar_input), progress=False, echo=lines.append)
+    progress = [line for line in lines if " done, rows " in line]
+    assert [line.split(": ")[2].split(" ")[0] for line in progress] == ["1/3", "2/3"], lines  # 3/3: the end line
+
+
 def test_exception_fails_only_the_offending_row(tmp_path: Path, real_images: dict[str, bytes],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "in.tar"
