@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import ipaddress
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -230,6 +229,8 @@ class _RowOutcome:
     message: str | None = None
     status: str = C.STATUS_FAILED
     pixels: dict[str, Any] | None = None  # later stages' values from this row's decoded pixels
+    # per-row counters, summed by process() on its own thread: no lock shared by the download threads
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 _INT = pa.int32()
@@ -272,16 +273,11 @@ class DownloadStage(Stage[DownloadConfig]):
         self._fetcher: Fetcher | None = None
         self._pool: ThreadPoolExecutor | None = None
         self.counters: collections.Counter[str] = collections.Counter()
-        self._counter_lock = threading.Lock()
 
     def __getstate__(self) -> dict[str, Any]:  # shipped to workers before setup(): no threads/sockets
         state = self.__dict__.copy()
-        state.update(_fetcher=None, _pool=None, _counter_lock=None, _is_set_up=False)
+        state.update(_fetcher=None, _pool=None, _is_set_up=False)
         return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._counter_lock = threading.Lock()
 
     def setup(self) -> None:
         self._fetcher = Fetcher(self.config.fetch_options(), resolver=self._resolver)
@@ -310,6 +306,7 @@ class DownloadStage(Stage[DownloadConfig]):
         messages: list[str | None] = [None] * n
         values: dict[str, list[Any]] = {field.name: [None] * n for field in self.adds}
         for i, out in enumerate(outcomes):
+            self.counters.update(out.counts)
             if out.reason is not None:
                 (failed if out.status == C.STATUS_FAILED else rejected)[i] = out.reason
                 messages[i] = out.message
@@ -329,53 +326,50 @@ class DownloadStage(Stage[DownloadConfig]):
         table = self.reject(table, failed, messages, status=C.STATUS_FAILED)
         return self.reject(table, rejected, messages, status=C.STATUS_REJECTED)
 
-    def _count(self, *names: str, amount: int = 1) -> None:
-        with self._counter_lock:
-            for name in names:
-                self.counters[name] += amount
-
-    def _done(self, image: ProcessedImage, source: bytes) -> _RowOutcome:
+    def _done(self, image: ProcessedImage, source: bytes, counts: dict[str, int]) -> _RowOutcome:
         # One decode per image: the later stages' pixel values come from these pixels, which are then dropped.
         pixels = self.pixel_values(image.pixels) if image.pixels is not None and self.pixel_consumers else None
         image = dataclasses.replace(image, pixels=None)
         # EXIF of the bytes as received, like img2dataset: re-encoding has stripped it from `image`.
-        return _RowOutcome(image, exif=original_exif(source), pixels=pixels)
+        return _RowOutcome(image, exif=original_exif(source), pixels=pixels, counts=counts)
 
     def _one_row(self, url: str | None, existing: bytes | None) -> _RowOutcome:
         """Never raises: every row ends with an image or a reason."""
+        counts: dict[str, int] = {}
         try:
             if existing is not None:
-                self._count("input_bytes")
+                counts["input_bytes"] = 1
                 if self.config.reprocess_existing:
-                    return self._done(process_image(existing, self._spec), existing)
-                return self._done(verify_image(existing, self._spec), existing)
+                    return self._done(process_image(existing, self._spec), existing, counts)
+                return self._done(verify_image(existing, self._spec), existing, counts)
             if url is None or not str(url).strip():
                 return _RowOutcome(reason="missing_url", message="the row has no URL")
             assert self._fetcher is not None
             started = time.monotonic()
             result = self._fetcher.fetch(str(url))
-            self._count("fetched")
-            self._count("bytes_downloaded", amount=len(result.data))
+            counts["fetched"] = 1
+            counts["bytes_downloaded"] = len(result.data)
             if result.attempts > 1:
-                self._count("retried_rows")
+                counts["retried_rows"] = 1
             if result.redirects:
-                self._count("redirected")
+                counts["redirected"] = 1
             image = process_image(result.data, self._spec)
-            self._count("reencoded" if image.reencoded else "kept_original_bytes")
-            self._count("fetch_ms", amount=int((time.monotonic() - started) * 1000))
-            return self._done(image, result.data)
+            counts["reencoded" if image.reencoded else "kept_original_bytes"] = 1
+            counts["fetch_ms"] = int((time.monotonic() - started) * 1000)
+            return self._done(image, result.data, counts)
         except FetchError as err:
             if err.attempts > 1:
-                self._count("retried_rows")
+                counts["retried_rows"] = 1
             status = C.STATUS_REJECTED if err.policy else C.STATUS_FAILED
-            return _RowOutcome(reason=err.reason, message=_attempts_note(err.message, err.attempts), status=status)
+            return _RowOutcome(reason=err.reason, message=_attempts_note(err.message, err.attempts), status=status,
+                               counts=counts)
         except ImageError as err:
-            return _RowOutcome(reason=err.reason, message=err.message, status=C.STATUS_FAILED)
+            return _RowOutcome(reason=err.reason, message=err.message, status=C.STATUS_FAILED, counts=counts)
         except ImageFiltered as err:
-            return _RowOutcome(reason=err.reason, message=err.message, status=C.STATUS_REJECTED)
+            return _RowOutcome(reason=err.reason, message=err.message, status=C.STATUS_REJECTED, counts=counts)
         except Exception as err:  # a bug must cost one row, not the partition
             self.log.exception("download: unexpected error for %r", url)
-            return _RowOutcome(reason="internal_error", message=f"{type(err).__name__}: {err}")
+            return _RowOutcome(reason="internal_error", message=f"{type(err).__name__}: {err}", counts=counts)
 
 
 def _attempts_note(message: str, attempts: int) -> str:
