@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -137,5 +138,14 @@ def open_client(cfg: Any, wants_gpu: bool, *, client: Any = None,
     try:
         yield c, placement_of(c)
     finally:
-        c.close()
+        # Workers take a second or so to exit: let them while the client writes stats, manifest and report. A
+        # non-daemon thread, so the process still waits for them before it exits.
+        threading.Thread(target=_close_local, args=(c, cluster), name="curate-cluster-close").start()
+
+
+def _close_local(client: Any, cluster: Any) -> None:
+    try:
+        client.close()
         cluster.close()
+    except Exception as err:  # the run's outputs are written; a worker that will not stop is not a failure
+        log.warning("closing the local Dask cluster: %r", err)
