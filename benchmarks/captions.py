@@ -12,6 +12,10 @@ choosing rules, `heldout` was not), and, unless
 --no-tuxpaint, English-vs-other decisions on Tux Paint stamp descriptions (Debian package
 `tuxpaint-stamps-default`, GPL: fetched with `apt-get download` into benchmarks/_work/, never committed):
 each stamp's English line should be kept, its translations rejected.
+Every installed backend of BACKENDS is measured (slow ones, langdetect/lingua/langid, on a tenth of the
+captions: median of 3 repeats instead of 5); `backend_table` in the results has one row per backend
+(throughput, and accuracy on the fixture, each split of the new set and Tux Paint), and
+`backends_not_installed` names the ones skipped with their pip requirement.
 Results: benchmarks/results/captions.json.
 """
 
@@ -204,6 +208,32 @@ def tuxpaint_accuracy(config: CaptionsConfig, pairs: list[tuple[str, str]]) -> d
     }
 
 
+def backend_table(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per measured backend (and rules only): the numbers docs/captions.md quotes."""
+    rows: list[dict[str, Any]] = []
+    for name, entry in results["backends"].items():
+        new_set = entry["new_set_accuracy"]
+        tux = entry.get("tuxpaint_accuracy", {})
+        rows.append({
+            "backend": name,
+            "captions_per_cpu_second": entry["throughput"]["captions_per_cpu_second"],
+            "throughput_captions": entry["throughput"]["captions"],
+            "throughput_repeats": entry["throughput"]["repeats"],
+            "fixture_keep_reject": entry["fixture_accuracy"]["keep_reject"],
+            "fixture_english_kept": entry["fixture_accuracy"]["english_kept"],
+            "fixture_foreign_rejected": entry["fixture_accuracy"]["foreign_rejected"],
+            "tune_keep_reject": new_set["tune"]["keep_reject"],
+            "heldout_keep_reject": new_set["heldout"]["keep_reject"],
+            "tuxpaint_english_kept": tux.get("english_kept"),
+            "tuxpaint_foreign_rejected": tux.get("foreign_rejected"),
+        })
+    rules = results.get("rules_only")
+    if rules:
+        rows.append({"backend": "rules only (languages: [])", "captions_per_cpu_second": rules["captions_per_cpu_second"],
+                     "throughput_captions": rules["captions"], "throughput_repeats": rules["repeats"]})
+    return rows
+
+
 def _share(flags: Any) -> float:
     values = list(flags)
     return sum(values) / len(values) if values else float("nan")
@@ -223,22 +253,24 @@ def main() -> None:
     pool = [r["caption"] for r in rows] + [r["caption"] for r in heldout]  # both labelled sets
     captions = [pool[rng.randrange(len(pool))] for _ in range(n_captions)]
     repeats = 1 if args.quick else 5
+    slow_repeats = 1 if args.quick else 3  # slow backends: fewer captions, still the median of 3
     tux = None if args.no_tuxpaint else fetch_tuxpaint()
     if tux is not None and args.quick:
         tux = [tux[i] for i in sorted(random.Random(1).sample(range(len(tux)), min(5000, len(tux))))]
 
-    results: dict[str, Any] = {"backends": {}}
+    results: dict[str, Any] = {"backends": {}, "backends_not_installed": {}}
     default = CaptionsConfig()
     results["rules_only"] = throughput(replace(default, languages=()), captions, repeats)
     print(f"rules only (no language id): {results['rules_only']}")
     for name in args.backends.split(","):
         if not BACKENDS[name].available():
             print(f"{name}: not installed ({BACKENDS[name].requirement}), skipped")
+            results["backends_not_installed"][name] = BACKENDS[name].requirement
             continue
         config = replace(default, language_backend=name)
         # Slow backends get fewer captions: the same mix, so the rate is comparable.
         subset = captions if name in ("fasttext", "cld2", "cld3") else captions[: max(2000, n_captions // 10)]
-        entry: dict[str, Any] = {"throughput": throughput(config, subset, repeats if subset is captions else 1)}
+        entry: dict[str, Any] = {"throughput": throughput(config, subset, repeats if subset is captions else slow_repeats)}
         entry["fixture_accuracy"] = fixture_accuracy(config, rows)
         entry["new_set_accuracy"] = heldout_accuracy(config, heldout)
         if tux is not None:
@@ -252,6 +284,7 @@ def main() -> None:
             entry["speedup_vs_langdetect"] = round(
                 entry["throughput"]["captions_per_cpu_second"] / base["throughput"]["captions_per_cpu_second"], 2
             )
+    results["backend_table"] = backend_table(results)
     chosen = results["backends"].get(default.language_backend, {})
     results["default_backend"] = default.language_backend
     results["target"] = {

@@ -466,3 +466,59 @@ def test_bidi_controls_are_removed(fix_unicode: str) -> None:
     for ch in "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069":
         assert cleaner.clean(f"{ch}A red fox in the snow{ch}").text == "A red fox in the snow"
     assert cleaner.clean("Wild\u202eflowers in the meadow").text == "Wildflowers in the meadow"
+
+
+def _all_test_captions() -> list[str]:
+    texts: list[str] = []
+    for path in sorted((Path(__file__).parent / "data").glob("captions_*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and json.loads(line)["caption"]:
+                texts.append(json.loads(line)["caption"])
+    # Needles inside longer needles, overlapping needles, gates that pass without a regex match.
+    texts += ["Shutterstock stocksy bigstock photo", "free freepik vectorstock", "(c) 2020 (AP Photo/X) img_1234.jpg",
+              "review overview", "no image not found", "www.x.com e.g. a.b", "Quick ViewAdd to cart"]
+    return texts
+
+
+def test_gate_plan_is_exactly_the_patterns_whose_gates_pass() -> None:
+    """The indexed gate evaluation (`_plan`) picks the same patterns as testing every gate in turn."""
+    from curate.stages.clean_captions.stage import (
+        _DIGIT,
+        _DIGIT_RE,
+        _SHORT_CAPTION_CHARS,
+        _SHORT_CAPTION_GATE,
+    )
+
+    cleaner = CaptionCleaner(CaptionsConfig(extra_boilerplate_patterns=(r"\bfoo\b",)))
+    for raw in _all_test_captions():
+        text = cleaner.normalize(raw)
+        low = text.lower()
+        has_digit = _DIGIT_RE.search(text) is not None
+        expected = []
+        for index, (_, _, _, gate, _, _) in enumerate(cleaner._flat):
+            if gate is _SHORT_CAPTION_GATE:
+                passes = len(text) <= _SHORT_CAPTION_CHARS
+            else:
+                passes = gate is None or (has_digit and gate[0] == _DIGIT) or any(n in low for n in gate)
+            if passes:
+                expected.append(index)
+        assert list(cleaner._plan(text, low, has_digit)) == expected, text
+
+
+def test_lower_case_search_equals_case_insensitive_search_on_ascii() -> None:
+    """Built-in patterns searched case-sensitively on the lower-cased caption find the same matches as
+    the case-insensitive pattern on an ASCII caption (the stage uses this to rule patterns out)."""
+    import re
+
+    from curate.stages.clean_captions.stage import _LOWER_CASE_SAFE
+
+    for pattern in _LOWER_CASE_SAFE:
+        unescaped = re.sub(r"\\.", "", pattern)
+        assert not re.search(r"[A-Z]", unescaped), pattern
+        assert all(ch.isascii() or (ch.lower() == ch and ch.upper() == ch) for ch in pattern), pattern
+    texts = [t for t in _all_test_captions() if t.isascii()]
+    texts += [t.upper() for t in texts]
+    for pattern in _LOWER_CASE_SAFE:
+        insensitive, sensitive = re.compile(pattern, re.IGNORECASE), re.compile(pattern)
+        for text in texts:
+            assert [m.span() for m in insensitive.finditer(text)] == [m.span() for m in sensitive.finditer(text.lower())]

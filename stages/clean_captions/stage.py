@@ -172,6 +172,15 @@ _URL_PATTERN = (
     r"|(?<![@\w.-])(?:[a-z0-9][a-z0-9-]*[a-z0-9]\.)+(?:" + _TLDS + r")\b(?:/[^\s<>\"']*)?"
 )
 _EMAIL_PATTERN = r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b"
+# Necessary conditions, tested (with the pattern's own flags, so case folding is the same) before a
+# pattern whose search is expensive: a URL needs `://`, `www.`, or a dot followed by a TLD's first letter.
+_PRECHECKS: dict[str, Any] = {_URL_PATTERN: re.compile(r"://|www\.|\.[a-z]", re.IGNORECASE).search}
+# Built-in patterns whose case-insensitive match on an ASCII caption is the same as a case-sensitive
+# match on the lower-cased caption: their letters are all lower-case (none outside escapes is upper
+# case), no character range spans upper-case letters, and their non-ASCII characters (©, –) have no
+# case. For ASCII captions the case-sensitive search runs first: `re` skips non-matching literal
+# alternatives quickly only without IGNORECASE, so it rules a pattern out several times faster.
+_LOWER_CASE_SAFE = frozenset((*DEFAULT_BOILERPLATE, *_FILENAME_PATTERNS, _URL_PATTERN, _EMAIL_PATTERN))
 
 # Tags that only change the look of text join words; every other tag separates them.
 _INLINE_TAGS = frozenset(
@@ -230,6 +239,31 @@ def _fast_unicode_table() -> dict[int, Any]:
 
 
 _Pattern = tuple[re.Pattern[str], "tuple[str, ...] | None"]
+
+
+def _any_substring_regex(needles: set[str]) -> re.Pattern[str]:
+    """A case-sensitive regex that finds a match exactly when one of `needles` is a substring.
+
+    Needles containing another needle are dropped (the shorter one is found wherever they are), and the
+    rest are merged into a trie (`(?:st(?:ock|...)|...)`): `re` tries alternatives one by one, so shared
+    prefixes are compared once."""
+    if "" in needles:
+        return re.compile("")  # the empty needle is in every caption
+    minimal = sorted(n for n in needles if not any(m != n and m in n for m in needles))
+    trie: dict[str, Any] = {}
+    for needle in minimal:
+        node = trie
+        for ch in needle:
+            node = node.setdefault(ch, {})
+        node[""] = {}  # end of a needle (never has children: no needle is a prefix of another)
+
+    def build(node: dict[str, Any]) -> str:
+        if "" in node:
+            return ""
+        alternatives = [re.escape(ch) + build(child) for ch, child in sorted(node.items())]
+        return alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
+
+    return re.compile(build(trie))
 
 
 @dataclass(frozen=True)
@@ -396,6 +430,35 @@ class CaptionCleaner:
             ("boilerplate", config.boilerplate, compiled(boilerplate, [_BOILERPLATE_GATES.get(p) for p in boilerplate])),
         ]
         self._rules = [rule for rule in rules if rule[1] != "keep" and rule[2]]
+        # The same patterns flattened. Most captions contain none of the gates' needles: one regex over
+        # the lower-cased caption (`_needle_re`, any needle) tells, and then only the patterns without a
+        # needle gate are tried (`_no_needle_plans[has_digit][short]`), instead of ~100 substring tests.
+        self._flat: list[tuple[str, str, re.Pattern[str], tuple[str, ...] | None, Any, re.Pattern[str] | None]] = []
+        needle_patterns: dict[str, list[int]] = {}
+        plans: list[list[list[int]]] = [[[], []], [[], []]]
+        for kind, action, patterns in self._rules:
+            for regex, gate in patterns:
+                index = len(self._flat)
+                lower = re.compile(regex.pattern) if regex.pattern in _LOWER_CASE_SAFE else None
+                self._flat.append((kind, action, regex, gate, _PRECHECKS.get(regex.pattern), lower))
+                for has_digit in (False, True):
+                    for short in (False, True):
+                        if gate is _SHORT_CAPTION_GATE:
+                            passes = short
+                        else:
+                            passes = gate is None or (has_digit and gate[0] == _DIGIT)
+                        if passes:
+                            plans[has_digit][short].append(index)
+                if gate is not None and gate is not _SHORT_CAPTION_GATE:
+                    for needle in gate:
+                        needle_patterns.setdefault(needle, []).append(index)
+        self._no_needle_plans = tuple(tuple(tuple(plan) for plan in by_short) for by_short in plans)
+        self._needle_patterns = {needle: tuple(indices) for needle, indices in needle_patterns.items()}
+        self._needle_re = _any_substring_regex(set(needle_patterns)) if needle_patterns else None
+        #: minimal needle -> the other needles containing it (tested only where it occurs).
+        self._longer_needles = {
+            m: tuple(n for n in needle_patterns if n != m and m in n) for m in needle_patterns
+        }
 
     # -- normalisation -------------------------------------------------------------------------
     def _strip_html(self, text: str) -> str:
@@ -434,7 +497,10 @@ class CaptionCleaner:
         """HTML, unicode and whitespace normalisation only (no junk rules)."""
         if self.config.strip_html and ("<" in text or "&" in text):
             text = self._strip_html(text)
-        text = _ASCII_CONTROL_RE.sub(" ", text) if text.isascii() else self._fix_unicode(text)
+        if not text.isascii():
+            text = self._fix_unicode(text)
+        elif not text.isprintable():  # printable ASCII has no control characters: skip the regex
+            text = _ASCII_CONTROL_RE.sub(" ", text)
         return " ".join(text.split())
 
     # -- rules ---------------------------------------------------------------------------------
@@ -451,16 +517,77 @@ class CaptionCleaner:
         # Never trim a caption away entirely: "#### ----" should be judged as symbols, not as empty.
         return trimmed if trimmed else text
 
+    def _plan(self, text: str, low: str, has_digit: bool) -> Sequence[int]:
+        """Indices into `_flat` of the patterns whose gates pass on `text` (`low` lower-cased), in order."""
+        needle_re = self._needle_re
+        found = needle_re.search(low) if needle_re is not None else None
+        if found is None:
+            # No gate needle in the caption (most captions): only the ungated patterns, the digit-gated
+            # ones when there is a digit and the short-caption ones can pass their gates.
+            return self._no_needle_plans[has_digit][len(text) <= _SHORT_CAPTION_CHARS]
+        # Every occurrence of a minimal needle (no two start at the same place), then the longer
+        # needles containing the ones found: exactly the needles that are substrings of `low`.
+        run = set(self._no_needle_plans[has_digit][len(text) <= _SHORT_CAPTION_CHARS])
+        needle_patterns = self._needle_patterns
+        seen: set[str] = set()
+        while found is not None:
+            needle = found.group()
+            if needle not in seen:
+                seen.add(needle)
+                run.update(needle_patterns[needle])
+                for longer in self._longer_needles[needle]:
+                    if longer in low:
+                        run.update(needle_patterns[longer])
+            found = needle_re.search(low, found.start() + 1)
+        return sorted(run)
+
+    def _junk(
+        self, text: str, low: str, has_digit: bool, removed: dict[str, int], start: int
+    ) -> tuple[CleanedCaption | None, str]:
+        """The junk patterns from `start` on, in order, each behind its gate (checked on the current text):
+        strips what `strip` patterns match into `removed`; a `reject` match returns its CleanedCaption."""
+        is_ascii = text.isascii()
+        for kind, action, regex, gate, precheck, lower in self._flat[start:]:
+            if gate is _SHORT_CAPTION_GATE:
+                if len(text) > _SHORT_CAPTION_CHARS:
+                    continue
+            elif gate is not None and not (has_digit and gate[0] == _DIGIT):
+                for needle in gate:
+                    if needle in low:
+                        break
+                else:
+                    continue
+            if precheck is not None and precheck(text) is None:
+                continue
+            if lower is not None and is_ascii and lower.search(low) is None:
+                continue
+            match = regex.search(text)
+            if match is None:
+                continue
+            if action == "reject":
+                self._count_stripped(removed)
+                return CleanedCaption(text, kind, f"{kind} in caption: {match.group(0)!r}"), text
+            before = len(text)
+            text, count = regex.subn(" ", text)
+            removed[kind] = removed.get(kind, 0) + before - len(text) + count
+            low = text.lower()
+        return None, text
+
+    def _count_stripped(self, removed: dict[str, int]) -> None:
+        for kind in removed:  # in rule order: the order the strips happened
+            self.counters[f"{kind}_stripped"] += 1
+
     def _too_small(self, text: str) -> bool:
         cfg = self.config
         return len(text) < max(cfg.min_chars, 1) or self.count_words(text) < max(cfg.min_words, 1) or (
             len(_NON_LETTERS_RE.sub("", text)) < 2
         )
 
-    def _is_repetitive(self, text: str, words: int) -> bool:
+    def _is_repetitive(self, text: str, words: int, tokens: list[str] | None = None) -> bool:
         if words < 4:
             return False
-        tokens = _WORD_RE.findall(text.lower())
+        if tokens is None:
+            tokens = _WORD_RE.findall(text.lower())
         n = len(tokens)
         if n < 4:
             return False
@@ -486,29 +613,31 @@ class CaptionCleaner:
         removed: dict[str, int] = {}
         low = text.lower()
         has_digit = _DIGIT_RE.search(text) is not None
-        for kind, action, patterns in self._rules:
-            for regex, gate in patterns:
-                if gate is _SHORT_CAPTION_GATE:
-                    if len(text) > _SHORT_CAPTION_CHARS:
-                        continue
-                elif gate is not None and not (has_digit and gate[0] == _DIGIT):
-                    for needle in gate:
-                        if needle in low:
-                            break
-                    else:
-                        continue
-                match = regex.search(text)
-                if match is None:
-                    continue
-                if action == "reject":
-                    return CleanedCaption(text, kind, f"{kind} in caption: {match.group(0)!r}")
-                before = len(text)
-                text, count = regex.subn(" ", text)
-                removed[kind] = removed.get(kind, 0) + before - len(text) + count
-                low = text.lower()
-            if kind in removed:
-                counters[f"{kind}_stripped"] += 1
+        flat = self._flat
+        plan = self._plan(text, low, has_digit)
+        is_ascii = text.isascii()
+        for index in plan:
+            kind, action, regex, _gate, precheck, lower = flat[index]
+            if precheck is not None and precheck(text) is None:
+                continue
+            if lower is not None and is_ascii and lower.search(low) is None:
+                continue
+            match = regex.search(text)
+            if match is None:
+                continue
+            if action == "reject":
+                self._count_stripped(removed)
+                return CleanedCaption(text, kind, f"{kind} in caption: {match.group(0)!r}")
+            before = len(text)
+            text, count = regex.subn(" ", text)
+            removed[kind] = removed.get(kind, 0) + before - len(text) + count
+            # The text changed: the remaining patterns, in order, with their gates checked on it.
+            rejected, text = self._junk(text, text.lower(), has_digit, removed, index + 1)
+            if rejected is not None:
+                return rejected
+            break
         if removed:
+            self._count_stripped(removed)
             text = " ".join(_EMPTY_BRACKETS_RE.sub(" ", text).split())
         if cfg.trim_punctuation and text:
             trimmed = self._trim(text)
@@ -552,10 +681,14 @@ class CaptionCleaner:
             items = self._keyword_items(text)
             if items >= cfg.keyword_list_min_items:
                 return CleanedCaption(text, "keyword_list", f"keyword list of {items} items", words)
-        if cfg.reject_repetitive and self._is_repetitive(text, words):
+        # The word tokens, shared by the two repetition rules (computed once, only when one needs them).
+        tokens = None
+        if words >= 4 and (cfg.reject_repetitive or (cfg.reject_repeated_phrases and words >= 6)):
+            tokens = _WORD_RE.findall(text.lower())
+        if cfg.reject_repetitive and self._is_repetitive(text, words, tokens):
             return CleanedCaption(text, "repetitive", "repeated-token spam", words)
         if cfg.reject_repeated_phrases and words >= 6:
-            phrase = self._repeated_phrase(text)
+            phrase = self._repeated_phrase(text, tokens)
             if phrase:
                 return CleanedCaption(text, "repeated_phrase", f"repeated phrase: {phrase!r}", words)
         return CleanedCaption(text, None, None, words)
@@ -580,8 +713,9 @@ class CaptionCleaner:
         return len(items)
 
     @staticmethod
-    def _repeated_phrase(text: str) -> str | None:
-        tokens = _WORD_RE.findall(text.lower())
+    def _repeated_phrase(text: str, tokens: list[str] | None = None) -> str | None:
+        if tokens is None:
+            tokens = _WORD_RE.findall(text.lower())
         n = len(tokens)
         if n < 6 or len(set(tokens)) > n - 2:  # no word occurs 3 times: nothing to find
             return None
@@ -619,16 +753,17 @@ class LanguageFilter:
             from curate.stages.clean_captions.lexicon import load
 
             self.lexicon = load()
+        from curate.stages.clean_captions.lexicon import english_margin
+
+        self._english_margin = english_margin
 
     def is_english(self, text: str) -> bool:
         """Every word (2+ letters) is a known English word and English beats every other language
         by `lexicon_margin` summed log-frequency (see lexicon.py)."""
         if self.lexicon is None:
             return False
-        from curate.stages.clean_captions.lexicon import english_margin
-
         words = [w for w in _LETTERS_RE.findall(text.lower()) if len(w) > 1]
-        margin = english_margin(words, self.lexicon)
+        margin = self._english_margin(words, self.lexicon)
         return margin is not None and margin >= self.config.lexicon_margin
 
     def load(self) -> None:
