@@ -1,4 +1,11 @@
-"""Download throughput: curate's download stage vs img2dataset, same input, same server, same settings.
+"""COMPONENT benchmark: curate's download stage ALONE vs img2dataset, same input, same server, same settings.
+
+This is not what a user runs. The curate side here is this script's own multiprocessing pool calling
+`DownloadStage.process()` and writing plain tars: no `curate run` CLI, no Dask LocalCluster, no planning,
+no Parquet metadata, no stats/manifest/report, no caption or dedup stages. It isolates the stage's
+fetch/decode/resize/encode speed. For the user's path (`curate run CONFIG.yaml` end to end, download-only and
+with the CPU stages, vs img2dataset) see benchmarks/e2e_vs_img2dataset.py and
+benchmarks/results/e2e_vs_img2dataset.json.
 
 A loopback FaultServer serves real JPEGs (scikit-image's sample photos, cropped and rescaled into
 `--distinct` different images of 384-1024 px) with a random 20-50 ms latency per request. The same
@@ -303,6 +310,8 @@ def main() -> None:
                                                                                    len(paired) // 2 + 1]) / 2
     summary = {
         "benchmark": "download_vs_img2dataset",
+        "kind": "COMPONENT: curate's DownloadStage alone in a multiprocessing pool (no CLI, no Dask, no "
+                "finalize); the end-to-end CLI comparison is benchmarks/e2e_vs_img2dataset.py",
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine,
         "setup": {
@@ -323,8 +332,8 @@ def main() -> None:
         "concurrency_check_curate_4x_threads": check_run,
         "loadavg_after": os.getloadavg(),
     }
-    print(f"\nimg2dataset {best['img2dataset']['samples_per_s']:.0f} samples/s, "
-          f"curate {best['curate']['samples_per_s']:.0f} samples/s: ratio {ratio:.2f}x "
+    print(f"\n[component: download stage alone] img2dataset {best['img2dataset']['samples_per_s']:.0f} samples/s, "
+          f"curate download stage {best['curate']['samples_per_s']:.0f} samples/s: ratio {ratio:.2f}x "
           f"(download phase only: {ratio_phase:.2f}x; CPU per sample: {cpu_ratio:.2f}x less; "
           f"median of per-repetition ratios: {paired_median:.2f}x)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
