@@ -23,8 +23,9 @@ Pairs of Tux Paint variants of one drawing are left out of scoring (`drawing_fam
 
 Run: `python benchmarks/near_dup_eval.py [--quick] [--seed N]`; results go to
 benchmarks/results/near_dup_eval.json (seed 0) or near_dup_eval_seedN.json.
-Refit the verifier: `python benchmarks/near_dup_eval.py --fit` (seeds 1 and 2; writes the model
-into pipeline/nearduplicate.py).
+This is also the `debian` generator of the leave-one-generator-out evaluation (benchmarks/dedup_logo.py),
+which fits the shipped verifier; the per-seed results here (near_dup_eval*.json) describe the
+verifier without the cascade's cheap check (descriptor nd3).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import platform
 import random
 import subprocess
 import sys
-import textwrap
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -498,51 +498,6 @@ def image_disjoint_cv(data: Collected, threshold: int, folds: int = 10) -> np.nd
     return predicted
 
 
-MODEL_BEGIN = "# --- fitted model: written by benchmarks/near_dup_eval.py --fit; do not edit by hand ---\n"
-MODEL_END = "# --- end of fitted model ---\n"
-
-
-def fit_and_write(quick: bool) -> None:
-    xs, ys = [], []
-    for seed in FIT_SEEDS:
-        data = collect(seed, quick, FIT_CANDIDATE_THRESHOLD)
-        # pairs without anything to compare are refused before the model; they would teach it nothing
-        used = data.comparable & ~data.ambiguous[data.pairs[:, 0], data.pairs[:, 1]]
-        xs.append(data.features[used])
-        ys.append(data.truth[data.pairs[:, 0], data.pairs[:, 1]][used])
-        xs.append(data.collision_features)
-        ys.append(np.zeros(len(data.collision_features), dtype=bool))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    model = fit_logistic(x, y)
-    cut = decision_threshold(logistic(model, x), y)
-    mean, scale, weights, bias = model
-
-    def floats(values: np.ndarray) -> str:
-        """A tuple literal wrapped to the project's line length."""
-        lines = textwrap.wrap(", ".join(f"{v:.6g}" for v in values) + ",", 96)
-        return "(\n" + "".join(f"        {line}\n" for line in lines) + "    )"
-
-    block = (
-        f"{MODEL_BEGIN}"
-        f"#: Fitted on {len(y)} pairs ({int(y.sum())} positive; candidates within {FIT_CANDIDATE_THRESHOLD} of 64 bits plus\n"
-        f"#: {COLLISIONS} unrelated pairs per seed posing as pHash collisions; benchmark seeds\n"
-        f"#: {', '.join(map(str, FIT_SEEDS))}); threshold: the lowest probability keeping training precision >= {FIT_PRECISION}.\n"
-        f"MODEL = _LogisticModel(\n"
-        f"    mean={floats(mean)},\n"
-        f"    scale={floats(scale)},\n"
-        f"    weights={floats(weights)},\n"
-        f"    bias={bias:.6g},\n"
-        f"    threshold={cut:.6g},\n"
-        f")\n"
-        f"{MODEL_END}"
-    )
-    source = REPO / "pipeline" / "nearduplicate.py"
-    text = source.read_text()
-    begin, end = text.index(MODEL_BEGIN), text.index(MODEL_END) + len(MODEL_END)
-    source.write_text(text[:begin] + block + text[end:])
-    print(block)
-    print(f"training precision {float(y[logistic(model, x) >= cut].mean()):.4f}, "
-          f"recall {float((logistic(model, x) >= cut)[y].mean()):.4f}; written to {source}")
 
 
 # -- evaluation ---------------------------------------------------------------------------------------
@@ -551,13 +506,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer images (about a minute)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fit", action="store_true",
-                        help=f"fit the verifier's model on seeds {FIT_SEEDS} and write it into pipeline/nearduplicate.py")
+                        help="moved: benchmarks/dedup_logo.py --final --write-model")
     args = parser.parse_args()
 
-    fetch_debs()
     if args.fit:
-        fit_and_write(args.quick)
-        return
+        # the shipped model (and the cascade's cheap rule) is fitted leave-one-generator-out now
+        sys.exit("the verifier is fitted by `python benchmarks/dedup_logo.py --final --write-model` "
+                 "(leave-one-generator-out)")
+    fetch_debs()
     if args.seed in FIT_SEEDS:
         print(f"warning: seed {args.seed} is one the shipped model was fitted on; its numbers are in-sample")
     thresholds = [12, 16, 18, 20]

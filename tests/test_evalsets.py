@@ -79,7 +79,14 @@ def test_parquet_adapters_bytes_paths_and_hf_struct(demo_evalset: Path, tmp_path
     assert by_path.column("phash").to_pylist() == expected
     assert by_path.column("item_id").to_pylist() == [str(i) for i in range(len(files))]  # no id column: row
     hf = E.build_index_table(str(tmp_path / "hf_style.parquet"), name="hfp", verify=False)
-    assert hf.column("phash").to_pylist() == expected and hf.column("path").to_pylist() == names
+    assert hf.column("phash").to_pylist() == expected
+    # the struct's `path` is a bare file name, not a file here: the index points at the row, which the
+    # dedup report reads back for its thumbnails
+    hf_paths = hf.column("path").to_pylist()
+    assert hf_paths == [f"{tmp_path / 'hf_style.parquet'}#{row}" for row in range(len(files))]
+    from curate.stages.phash_dedup.report import _read_reference
+
+    assert [_read_reference(p) for p in hf_paths] == [f.read_bytes() for f in files]
     # several files as a glob: ids carry the file name
     both = E.build_index_table(str(tmp_path / "[bh]*.parquet"), name="glob", fmt="parquet", verify=False)
     assert both.num_rows == 2 * len(files)
@@ -100,6 +107,9 @@ def test_webdataset_tars_with_brace_pattern(demo_evalset: Path, tmp_path: Path) 
     assert table.column("item_id").to_pylist() == ["s0/0000", "s0/0001", "s0/0002", "s1/0000", "s1/0001", "s1/0002"]
     assert table.column("phash").to_pylist() == [_imagehash_of(f.read_bytes()) for f in files]
     assert table.column("path")[0].as_py().endswith("eval-000.tar::s0/0000.jpg")
+    from curate.stages.phash_dedup.report import _read_reference  # the report's thumbnails read them back
+
+    assert [_read_reference(p) for p in table.column("path").to_pylist()] == [f.read_bytes() for f in files]
     assert E.detect_format(str(tmp_path)) == "webdataset"
     assert E.build_index_table(str(tmp_path), verify=False).num_rows == 6
 

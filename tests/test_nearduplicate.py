@@ -77,7 +77,7 @@ def photos(real_images: dict[str, bytes]) -> dict[str, Image.Image]:
 
 @pytest.fixture(scope="module")
 def descriptors(photos: dict[str, Image.Image]) -> dict[str, bytes]:
-    return {name: nd.descriptor(img) for name, img in photos.items()}
+    return {name: nd.descriptor(img, with_mirror=True) for name, img in photos.items()}  # eval side
 
 
 @pytest.mark.parametrize("transform", sorted(TRANSFORMS))

@@ -97,6 +97,25 @@ def test_eval_sets_hashed_at_setup_with_verification(real_images: dict[str, byte
     assert again._matcher is not None and len(list(cache.glob("mini-*.parquet"))) == 1
 
 
+def test_threads_of_a_worker_share_one_matcher_per_run(demo_dir: Path, tmp_path: Path) -> None:
+    """Each worker thread has its own stage instance; the eval matcher (the big read-only state) is built once."""
+    from curate.stages.phash_dedup import stage as stage_mod
+
+    index = tmp_path / "index.parquet"
+    evalsets.hash_evalset(str(demo_dir / "evalset"), str(index), name="demo", verify=False, workers=1)
+    first, second = (_stage(tmp_path, indexes=(str(index),), verify=False) for _ in range(2))
+    assert first._matcher is not None and first._matcher is second._matcher
+    other_run = PhashDedupStage(DedupConfig(indexes=(str(index),), verify=False), _context(tmp_path / "other"))
+    other_run.ensure_setup()
+    assert other_run._matcher is not first._matcher
+    for stage in (first, second, other_run):
+        stage.teardown()
+    assert not [key for key in stage_mod._MATCHERS if key[1].startswith(str(tmp_path))]
+    again = _stage(tmp_path, indexes=(str(index),), verify=False)
+    assert again._matcher is not None and again._matcher is not first._matcher
+    again.teardown()
+
+
 def test_verification_guard_rejects_a_phash_collision(demo_dir: Path, tmp_path: Path) -> None:
     """Two different flat pictures share a pHash; pHash alone rejects, verification keeps it."""
     eval_dir = tmp_path / "eval"

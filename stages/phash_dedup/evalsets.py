@@ -20,8 +20,9 @@ Adapters (:func:`iter_eval_images`, format picked by :func:`detect_format` or gi
 
 An index (INDEX.parquet) has the columns ``eval_set``, ``item_id``, ``path`` (file path or source
 reference), ``phash`` (hex, equal to ``str(imagehash.phash(img))`` in exact mode), and when the
-near-duplicate verification was on at hash time ``variant_hashes`` (list of hex) and ``descriptor``
-(binary), see :mod:`curate.stages.phash_dedup.nearduplicate`. The hash parameters, format version, source
+near-duplicate verification was on at hash time ``variant_hashes`` (list of hex), ``descriptor``
+(binary) and ``fine_codes`` (binary: the 32-byte fine code of the image and of each variant, in that
+order), see :mod:`curate.stages.phash_dedup.nearduplicate`. The hash parameters, format version, source
 and its fingerprint live in the Parquet key-value metadata under ``curate.evalset_index``.
 """
 
@@ -243,7 +244,13 @@ def _rows_from_table_batches(
                 image_path = data[path_col][i]
             row += 1
             if payload is not None:
-                yield EvalItem(item_id, image_path or reference, _const(payload))
+                # a Hugging Face Image struct's `path` is mostly the original file name, not a file here: the
+                # index then points at the row (`file#row`), which dedup-report can always read back
+                local = Path(image_path) if image_path else None
+                if local is not None and not local.is_absolute():
+                    local = base_dir / local
+                usable = local is not None and local.is_file()
+                yield EvalItem(item_id, str(local) if usable else reference, _const(payload))
             elif image_path:
                 file = Path(image_path)
                 file = file if file.is_absolute() else base_dir / file
@@ -374,27 +381,35 @@ def _nearduplicate() -> Any:
     return nearduplicate
 
 
-def _hash_one(data: bytes, params: PhashParams, verify: bool) -> tuple[str | None, list[str], bytes | None, str | None]:
-    """(phash hex, variant hex list, descriptor, error) of one eval image; runs in pool workers."""
+_Hashed = tuple[str | None, list[str], bytes | None, bytes | None, str | None]
+
+
+def _hash_one(data: bytes, params: PhashParams, verify: bool) -> _Hashed:
+    """(phash hex, variant hex list, descriptor, fine codes, error) of one eval image.
+
+    Runs in pool workers. The fine codes are those of the main image and of each variant, in that order.
+    """
     from curate.stages.phash_dedup.phash import decode_rgb, phash_bytes, phash_image
 
     try:
         if not verify:
             words, errors = phash_bytes([data], params)
             if errors[0]:
-                return None, [], None, errors[0]
-            return to_hex(words, params.n_bits)[0], [], None, None
+                return None, [], None, None, errors[0]
+            return to_hex(words, params.n_bits)[0], [], None, None, None
         img = decode_rgb(data)
         main = to_hex(phash_image(img, params)[None, :], params.n_bits)[0]
         nd = _nearduplicate()
         width = params.hex_width
-        variants = [format(v, f"0{width}x") for v in nd.candidate_hashes(img, params.hash_size)]
-        return main, variants, nd.descriptor(img), None
+        codes = nd.variant_codes(img, params.hash_size)
+        variants = [format(v, f"0{width}x") for v, _fine in codes[1:]]
+        fine = b"".join(f for _v, f in codes)
+        return main, variants, nd.descriptor(img, with_mirror=True), fine, None
     except Exception as err:  # noqa: BLE001 - a bad eval image is skipped with a warning, not fatal
-        return None, [], None, f"{type(err).__name__}: {err}"
+        return None, [], None, None, f"{type(err).__name__}: {err}"
 
 
-def _hash_batch(batch: list[bytes], params: PhashParams, verify: bool) -> list[tuple[str | None, list[str], bytes | None, str | None]]:
+def _hash_batch(batch: list[bytes], params: PhashParams, verify: bool) -> list[_Hashed]:
     return [_hash_one(data, params, verify) for data in batch]
 
 
@@ -430,6 +445,7 @@ def build_index_table(
     hashes: list[str] = []
     variants: list[list[str]] = []
     descriptors: list[bytes | None] = []
+    fine_codes: list[bytes | None] = []
     skipped = 0
 
     def batches(size: int = 64) -> Iterator[tuple[list[EvalItem], list[bytes]]]:
@@ -452,7 +468,7 @@ def build_index_table(
             results = ((b, f.result()) for b, f in pending)
         for batch, hashed in results:
             bar.update(len(batch))
-            for item, (main, extra, desc, error) in zip(batch, hashed, strict=True):
+            for item, (main, extra, desc, fine, error) in zip(batch, hashed, strict=True):
                 if main is None:
                     skipped += 1
                     log.warning("eval set %s: %s (%s) not hashed: %s", name, item.item_id, item.path, error)
@@ -462,6 +478,7 @@ def build_index_table(
                 hashes.append(main)
                 variants.append(extra)
                 descriptors.append(desc)
+                fine_codes.append(fine)
     finally:
         bar.close()
         if pool is not None:
@@ -477,6 +494,8 @@ def build_index_table(
     if verify:
         columns["variant_hashes"] = pa.array(variants, pa.list_(pa.string()))
         columns["descriptor"] = pa.array(descriptors, pa.binary())
+        # the cascade's compact part (kept in worker RAM; the descriptors are read on demand)
+        columns["fine_codes"] = pa.array(fine_codes, pa.binary())
     meta = {
         "format_version": INDEX_FORMAT_VERSION,
         "phash": params.as_metadata(),
@@ -632,7 +651,7 @@ def concat_indexes(tables: list[pa.Table]) -> pa.Table:
     """Several indexes as one table (shared columns; variant/descriptor columns null-filled)."""
     if not tables:
         return pa.table({c: pa.array([], pa.string()) for c in INDEX_COLUMNS})
-    extra = {"variant_hashes": pa.list_(pa.string()), "descriptor": pa.binary()}
+    extra = {"variant_hashes": pa.list_(pa.string()), "descriptor": pa.binary(), "fine_codes": pa.binary()}
     names = list(INDEX_COLUMNS) + [c for c in extra if any(c in t.column_names for t in tables)]
     parts = []
     for t in tables:

@@ -302,11 +302,12 @@ class HammingIndex:
         self.plan = make_plan(n_bits, max_threshold, len(self.hashes), expected_queries)
         blocks = self.plan.blocks
         n = len(self.hashes)
-        self.keys = _block_keys(self.hashes, blocks)
+        # keys have at most 24 bits and ids fit 32 bits: int32 halves the per-hash memory of the index
+        self.keys = _block_keys(self.hashes, blocks).astype(np.int32)
         sizes = [1 << b.key_bits for b in blocks]
         self._offset_base = np.cumsum([0] + [s + 1 for s in sizes[:-1]]).astype(np.int64)
         self._offsets = np.zeros(sum(s + 1 for s in sizes), dtype=np.int64)
-        self._sorted_ids = np.empty((len(blocks), n), dtype=np.int64)
+        self._sorted_ids = np.empty((len(blocks), n), dtype=np.int32 if n < (1 << 31) else np.int64)
         # Per block, a copy of the hashes in bucket order: candidate checks then read memory sequentially.
         self._sorted_hashes = np.empty((len(blocks), n, self.hashes.shape[1]), dtype=np.uint64)
         for b, size in enumerate(sizes):
@@ -323,6 +324,12 @@ class HammingIndex:
 
     def __len__(self) -> int:
         return len(self.hashes)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory of the index's own arrays (the bucket offset tables are a fixed cost per block)."""
+        arrays = (self.hashes, self.keys, self._offsets, self._sorted_ids, self._sorted_hashes, self._masks)
+        return int(sum(a.nbytes for a in arrays))
 
     def search(self, query: np.ndarray, threshold: int | None = None, n_threads: int | None = None) -> Pairs:
         """All (query row, index row, distance) with distance <= threshold, sorted by (query, index)."""

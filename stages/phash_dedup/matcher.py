@@ -6,15 +6,28 @@ merged eval index and :class:`MatchSettings` (taken from ``DedupConfig``), and c
 Per corpus hash, every eval item with a hash within reach is a candidate: with verification, the item's
 main hash and its variant hashes (mirror, crops) within ``candidate_threshold``, its distance the nearest
 of them; without, the main hash within ``threshold``. Candidates are ranked by (distance, label).
-Without verification the first one is the match. With it, at most ``max_candidates`` of them are checked
-by :func:`curate.stages.phash_dedup.nearduplicate.verify` (one corpus descriptor per row, eval items
-without a descriptor are skipped) and the first that verifies is the match.
+Without verification the first one is the match. With it, verification is a cascade:
+
+1. cheap check, on every candidate: the 256-bit fine code (:func:`nearduplicate.fine_code`) of the corpus
+   image against that of the eval hash the candidate was found through (:func:`nearduplicate.cheap_check`;
+   one XOR and popcount, vectorised). Candidates it rules out are never verified.
+2. expensive check, on what is left, at most ``max_candidates`` per row, nearest first:
+   :func:`curate.stages.phash_dedup.nearduplicate.verify` (one corpus descriptor per row; eval items
+   without a descriptor are skipped). The first that verifies is the match.
+
+Only the compact part lives in RAM (hashes, fine codes, owners, labels as Arrow arrays: a few hundred
+bytes per eval item); the full descriptors (7-11 KB each) are spilled to an uncompressed Arrow IPC file
+that is memory-mapped and read on demand (:class:`DescriptorStore`). Indexes without fine codes (built
+before the cascade) skip the cheap check.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -61,7 +74,9 @@ class Candidate:
     item: int  # row of the merged eval index
     distance: int  # nearest of the item's searched hashes (main, and variants with verification)
     main_distance: int  # to the item's main hash
-    verified: bool | None = None  # None: not verified (verification off, not reached, or not possible)
+    # None: not verified (verification off, not reached, or not possible); False also when the cheap check
+    # ruled it out (score 0.0)
+    verified: bool | None = None
     score: float | None = None
 
 
@@ -74,6 +89,57 @@ class MatchResult:
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
+class _Labels:
+    """``evalset:item_id`` of each merged-index row, built on demand from Arrow arrays (no Python string per item)."""
+
+    def __init__(self, eval_set: pa.ChunkedArray, item_id: pa.ChunkedArray) -> None:
+        self._eval_set = eval_set.combine_chunks()
+        self._item_id = item_id.combine_chunks()
+
+    def __len__(self) -> int:
+        return len(self._item_id)
+
+    def __getitem__(self, row: int) -> str:
+        return f"{self._eval_set[row].as_py()}:{self._item_id[row].as_py()}"
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._eval_set.nbytes + self._item_id.nbytes)
+
+
+class DescriptorStore:
+    """Full near-duplicate descriptors on disk, read on demand.
+
+    The column is written once to an uncompressed Arrow IPC file and memory-mapped; a descriptor is a
+    zero-copy slice of the map, so only the pages of descriptors actually verified are read, and they sit
+    in the (shared, reclaimable) page cache instead of the worker's heap. The file is unlinked at once
+    (the mapping keeps it alive until the store is dropped), so nothing is left behind.
+    """
+
+    def __init__(self, column: pa.ChunkedArray, folder: str | None = None) -> None:
+        fd, path = tempfile.mkstemp(prefix="curate-descriptors-", suffix=".arrow", dir=folder)
+        os.close(fd)
+        try:
+            schema = pa.schema([pa.field("descriptor", pa.binary())])
+            with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+                for chunk in column.cast(pa.binary()).chunks:
+                    for start in range(0, len(chunk), 65536):
+                        writer.write_batch(pa.record_batch([chunk.slice(start, 65536)], schema=schema))
+            self._map = pa.memory_map(path, "r")
+            self._column = pa.ipc.open_file(self._map).read_all().column(0)
+        finally:
+            with contextlib.suppress(OSError):  # POSIX: the map stays valid after unlinking
+                os.unlink(path)
+        self._starts = np.cumsum([0] + [len(c) for c in self._column.chunks])
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def get(self, row: int) -> bytes | None:
+        chunk = int(np.searchsorted(self._starts, row, side="right")) - 1
+        return self._column.chunks[chunk][row - int(self._starts[chunk])].as_py()
+
+
 class EvalMatcher:
     """Built once (per worker, or per report) from a merged eval index (:func:`evalsets.concat_indexes`)."""
 
@@ -83,13 +149,10 @@ class EvalMatcher:
 
         self.settings = settings
         self.n_bits = n_bits
-        self.labels = [
-            f"{s}:{i}"
-            for s, i in zip(index.column("eval_set").to_pylist(), index.column("item_id").to_pylist(), strict=True)
-        ]
-        self.main_hashes = from_hex(index.column("phash").to_pylist(), n_bits)
-        hashes = [self.main_hashes]
-        owner = [np.arange(index.num_rows, dtype=np.int64)]
+        self.labels = _Labels(index.column("eval_set"), index.column("item_id"))
+        n_items = index.num_rows
+        hashes = [from_hex(index.column("phash").to_pylist(), n_bits)]
+        owner = [np.arange(n_items, dtype=np.int32)]
         # variants only help when verification can refuse what they bring in
         if settings.verify and "variant_hashes" in index.column_names:
             variants = index.column("variant_hashes")
@@ -97,39 +160,55 @@ class EvalMatcher:
             flat = pc.list_flatten(variants).to_pylist()
             if flat:
                 hashes.append(from_hex(flat, n_bits))
-                owner.append(np.repeat(np.arange(index.num_rows, dtype=np.int64), lengths))
+                owner.append(np.repeat(np.arange(n_items, dtype=np.int32), lengths))
         self.hashes = np.concatenate(hashes)
+        self.main_hashes = self.hashes[:n_items]  # a view: the main hashes come first
         self.owner = np.concatenate(owner)
         self.search_index = HammingIndex(self.hashes, n_bits, settings.search_threshold)
-        self.descriptors: list[bytes | None] | None = None
+        self.fine: np.ndarray | None = None  # (hashes, 4) uint64, fine code of each searched hash
+        self.descriptors: DescriptorStore | None = None
         self._nd: Any = None
         if settings.verify:
             from curate.stages.phash_dedup import nearduplicate
 
             self._nd = nearduplicate
-            self.descriptors = (
-                index.column("descriptor").to_pylist() if "descriptor" in index.column_names else [None] * index.num_rows
-            )
+            if "descriptor" in index.column_names:
+                self.descriptors = DescriptorStore(index.column("descriptor"))
+            if "fine_codes" in index.column_names:
+                self.fine = _fine_codes_by_hash(index, len(self.hashes), len(hashes) > 1)
+
+    @property
+    def compact_nbytes(self) -> int:
+        """Bytes of what the matcher keeps in RAM (hashes, owners, fine codes, labels, the search index)."""
+        fine = self.fine.nbytes if self.fine is not None else 0
+        return int(self.hashes.nbytes + self.owner.nbytes + fine + self.labels.nbytes + self.search_index.nbytes)
 
     def search(self, hashes: np.ndarray) -> dict[int, list[tuple[int, int]]]:
         """row -> [(eval item, distance), ...] ranked by (distance, label); rows without candidates absent."""
+        return {row: [(item, d) for item, d, _h in found] for row, found in self._search(hashes).items()}
+
+    def _search(self, hashes: np.ndarray) -> dict[int, list[tuple[int, int, int]]]:
+        """row -> [(eval item, distance, searched hash it came through), ...] ranked by (distance, label)."""
         found = self.search_index.search(hashes, self.settings.search_threshold)
         # nearest hash per (row, eval item): main and variants of one item count once
-        best: dict[int, dict[int, int]] = collections.defaultdict(dict)
+        best: dict[int, dict[int, tuple[int, int]]] = collections.defaultdict(dict)
         for q, h, d in zip(found.query.tolist(), found.index.tolist(), found.distance.tolist(), strict=True):
             item = int(self.owner[h])
-            if d < best[q].get(item, 1 << 30):
-                best[q][item] = d
-        return {
-            row: sorted(items.items(), key=lambda kv: (kv[1], self.labels[kv[0]]))
-            for row, items in sorted(best.items())
-        }
+            if d < best[q].get(item, (1 << 30, 0))[0]:
+                best[q][item] = (d, h)
+        out: dict[int, list[tuple[int, int, int]]] = {}
+        for row, items in sorted(best.items()):
+            ranked = sorted(items.items(), key=lambda kv: kv[1][0])
+            if any(a[1][0] == b[1][0] for a, b in zip(ranked, ranked[1:], strict=False)):  # ties: by label
+                ranked.sort(key=lambda kv: (kv[1][0], self.labels[kv[0]]))
+            out[row] = [(item, d, h) for item, (d, h) in ranked]
+        return out
 
     def match(self, hashes: np.ndarray, load_images: ImageLoader | None = None) -> MatchResult:
         """Match corpus hashes ``(n, words)``; `load_images` supplies image bytes for verification."""
         from curate.stages.phash_dedup.phash import hamming
 
-        ranked = self.search(hashes)
+        ranked = self._search(hashes)
         result = MatchResult([None] * len(hashes), [])
         images: Mapping[int, bytes | Image.Image | None] = {}
         if self.settings.verify and ranked:
@@ -137,35 +216,63 @@ class EvalMatcher:
                 raise ValueError("verification needs the corpus images: pass load_images")
             images = load_images(list(ranked))
         pair_rows = np.array([row for row, items in ranked.items() for _ in items], dtype=np.int64)
-        pair_items = np.array([item for items in ranked.values() for item, _d in items], dtype=np.int64)
+        pair_items = np.array([item for items in ranked.values() for item, _d, _h in items], dtype=np.int64)
         main_distances = iter(hamming(hashes[pair_rows], self.main_hashes[pair_items]).tolist())
         for row, items in ranked.items():
             result.counters["eval_candidate_rows"] += 1
-            row_candidates = [Candidate(row, item, d, next(main_distances)) for item, d in items]
+            row_candidates = [Candidate(row, item, d, next(main_distances)) for item, d, _h in items]
             result.candidates.extend(row_candidates)
             if self.settings.verify:
-                result.matches[row] = self._verify(row_candidates, images.get(row), result.counters)
+                via = [h for _item, _d, h in items]
+                result.matches[row] = self._verify(row_candidates, via, images.get(row), result.counters)
             else:
                 result.matches[row] = row_candidates[0]
         return result
 
-    def _verify(
-        self, ranked: list[Candidate], data: bytes | Image.Image | None, counters: collections.Counter[str]
-    ) -> Candidate | None:
-        """The nearest candidate the second signal confirms, or None. Descriptor made once per row."""
+    def _decode(self, row: int, data: bytes | Image.Image | None) -> Image.Image | None:
         from curate.stages.phash_dedup.phash import decode_rgb
 
-        assert self.descriptors is not None
         if data is None:
-            log.warning("corpus row %d: no image bytes to verify its eval candidates", ranked[0].row)
+            log.warning("corpus row %d: no image bytes to verify its eval candidates", row)
             return None
         try:
-            corpus_desc = self._nd.descriptor(decode_rgb(data) if isinstance(data, bytes) else data)
+            return decode_rgb(data) if isinstance(data, bytes) else data
         except Exception as err:  # noqa: BLE001 - an image that does not decode cannot confirm a match
+            log.warning("corpus row %d: image does not decode, candidates left unverified: %s", row, err)
+            return None
+
+    def _verify(
+        self, ranked: list[Candidate], via: list[int], data: bytes | Image.Image | None,
+        counters: collections.Counter[str],
+    ) -> Candidate | None:
+        """The nearest candidate the cascade confirms, or None. Fine code and descriptor made once per row."""
+        assert self._nd is not None
+        image = self._decode(ranked[0].row, data)
+        if image is None:
+            return None
+        unsure = ranked
+        if self.fine is not None:
+            corpus_fine = np.frombuffer(self._nd.fine_code(image), dtype=np.uint64)
+            fine_distance = np.bitwise_count(self.fine[np.asarray(via)] ^ corpus_fine).sum(axis=1)
+            distances = np.array([c.distance for c in ranked])
+            keep = self._nd.cheap_check(fine_distance, distances)
+            counters["eval_cheap_checks"] += len(ranked)
+            counters["eval_cheap_passed"] += int(keep.sum())
+            unsure = [c for c, k in zip(ranked, keep.tolist(), strict=True) if k]
+            for candidate, k in zip(ranked, keep.tolist(), strict=True):
+                if not k:
+                    candidate.verified, candidate.score = False, 0.0
+                    if candidate.distance <= self.settings.threshold:
+                        counters["eval_pHash_match_overruled"] += 1
+        if not unsure or self.descriptors is None:
+            return None
+        try:
+            corpus_desc = self._nd.descriptor(image)
+        except Exception as err:  # noqa: BLE001 - an image without a descriptor cannot confirm a match
             log.warning("corpus row %d: no descriptor, candidates left unverified: %s", ranked[0].row, err)
             return None
-        for candidate in ranked[: self.settings.max_candidates]:
-            eval_desc = self.descriptors[candidate.item]
+        for candidate in unsure[: self.settings.max_candidates]:
+            eval_desc = self.descriptors.get(candidate.item)
             if eval_desc is None:
                 continue
             counters["eval_verify_calls"] += 1
@@ -179,3 +286,27 @@ class EvalMatcher:
             if candidate.distance <= self.settings.threshold:
                 counters["eval_pHash_match_overruled"] += 1  # pHash alone would have rejected it
         return None
+
+
+def _fine_codes_by_hash(index: pa.Table, n_hashes: int, with_variants: bool) -> np.ndarray | None:
+    """(searched hashes, 4) uint64: the fine code of each searched hash (main hashes first, then variants).
+
+    None when any item lacks fine codes (an index built before the cascade): the cheap check is then off.
+    """
+    from curate.stages.phash_dedup.nearduplicate import FINE_CODE_BYTES
+
+    column = index.column("fine_codes")
+    if column.null_count:
+        return None
+    words = FINE_CODE_BYTES // 8
+    blobs = column.to_pylist()
+    n_items = len(blobs)
+    out = np.zeros((n_hashes, words), dtype=np.uint64)
+    lengths = [len(b) // FINE_CODE_BYTES for b in blobs]
+    if sum(lengths) != (n_hashes if with_variants else n_items) and with_variants:
+        return None  # variant hashes and fine codes disagree: do not guess
+    out[:n_items] = np.frombuffer(b"".join(b[:FINE_CODE_BYTES] for b in blobs), np.uint64).reshape(n_items, words)
+    if with_variants:
+        rest = b"".join(b[FINE_CODE_BYTES:] for b in blobs)
+        out[n_items:] = np.frombuffer(rest, np.uint64).reshape(-1, words)
+    return out

@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,6 +41,11 @@ from curate.pipeline.stage import Command, RunContext, Stage, StageError
 
 if TYPE_CHECKING:
     from curate.stages.phash_dedup.matcher import EvalMatcher
+
+
+#: (dedup config, run) -> [matcher, stage instances using it], per worker process
+_MATCHERS: dict[tuple[Any, ...], list[Any]] = {}
+_MATCHERS_LOCK = threading.Lock()
 
 
 def uniform_collision_rate(threshold: int, n_bits: int) -> float:
@@ -112,6 +118,7 @@ class PhashDedupStage(Stage[DedupConfig]):
         super().__init__(config, context)
         self.counters: collections.Counter[str] = collections.Counter()
         self._matcher: EvalMatcher | None = None
+        self._matcher_key: tuple[Any, ...] | None = None
         self._params: Any = None
         self._nd: Any = None
 
@@ -159,7 +166,6 @@ class PhashDedupStage(Stage[DedupConfig]):
                 raise ConfigError(f"dedup.eval_sets[{i}].path", f"eval set {source.path!r} does not exist")
 
     def setup(self) -> None:
-        from curate.stages.phash_dedup import evalsets
         from curate.stages.phash_dedup.phash import PhashParams
 
         cfg = self.config
@@ -172,6 +178,31 @@ class PhashDedupStage(Stage[DedupConfig]):
                     "dedup.verify needs curate.stages.phash_dedup.nearduplicate, which is missing; set dedup.verify: false"
                 ) from err
             self._nd = nearduplicate
+        # One matcher per worker process and run, shared by the process's threads: the index is the stage's big
+        # read-only state (~0.9 KB per eval item), so threads_per_worker > 1 must not multiply it.
+        key = (cfg, self.context.output_path)
+        with _MATCHERS_LOCK:
+            entry = _MATCHERS.get(key)
+            if entry is None:
+                entry = _MATCHERS[key] = [self._build_matcher(), 0]
+            entry[1] += 1
+        self._matcher, self._matcher_key = entry[0], key
+
+    def teardown(self) -> None:
+        if self._matcher_key is not None:
+            with _MATCHERS_LOCK:
+                entry = _MATCHERS.get(self._matcher_key)
+                if entry is not None:
+                    entry[1] -= 1
+                    if entry[1] <= 0:
+                        del _MATCHERS[self._matcher_key]
+        self._matcher, self._matcher_key = None, None
+        self._is_set_up = False
+
+    def _build_matcher(self) -> EvalMatcher | None:
+        from curate.stages.phash_dedup import evalsets
+
+        cfg = self.config
         tables = []
         for path in cfg.indexes:
             try:
@@ -207,12 +238,15 @@ class PhashDedupStage(Stage[DedupConfig]):
                         f"{self._nd.DESCRIPTOR_VERSION!r}: rebuild it"
                     )
         if not tables:
-            return
+            return None
         from curate.stages.phash_dedup.matcher import EvalMatcher, MatchSettings
 
         merged = evalsets.concat_indexes([t for _p, t in tables])
         matcher = EvalMatcher(merged, MatchSettings.from_config(cfg), self._params.n_bits)
-        self._matcher = matcher
+        # the full descriptors now live in the matcher's memory-mapped store: free the in-memory copies
+        del merged
+        tables.clear()
+        self.log.info("eval matcher: %.0f bytes per eval item in RAM", matcher.compact_nbytes / max(1, len(matcher.labels)))
         max_t = matcher.settings.search_threshold
         self.log.info("eval search: %d items, %d hashes, threshold %d", len(matcher.labels), len(matcher.hashes), max_t)
         if cfg.verify:
@@ -225,6 +259,7 @@ class PhashDedupStage(Stage[DedupConfig]):
                     "candidate_threshold (docs/dedup.md, cost at scale).",
                     max_t, len(matcher.hashes), chance, cfg.max_candidates,
                 )
+        return matcher
 
     # -- per partition -----------------------------------------------------------------------------
     def process(self, table: pa.Table) -> pa.Table:

@@ -1,0 +1,115 @@
+"""The eval matcher's cascade: fine codes, the cheap check, descriptors read on demand."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image, ImageOps
+
+from curate.stages.phash_dedup import evalsets
+from curate.stages.phash_dedup import nearduplicate as nd
+from curate.stages.phash_dedup.matcher import DescriptorStore, EvalMatcher, MatchSettings
+from curate.stages.phash_dedup.phash import decode_rgb, from_ints, phash_int
+
+EVAL = ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg", "hubble.jpg")
+
+
+def _fine_distance(a: bytes, b: bytes) -> int:
+    return int(np.unpackbits(np.frombuffer(a, np.uint8) ^ np.frombuffer(b, np.uint8)).sum())
+
+
+def _jpeg(img: Image.Image, quality: int = 85) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def test_fine_code_separates_copies_from_other_pictures(real_images: dict[str, bytes]) -> None:
+    photos = {name: decode_rgb(real_images[name]) for name in EVAL}
+    codes = {name: nd.fine_code(img) for name, img in photos.items()}
+    assert all(len(c) == nd.FINE_CODE_BYTES for c in codes.values())
+    for name, img in photos.items():
+        copy = decode_rgb(_jpeg(img.resize((img.width // 3, img.height // 3)), 40))
+        near = _fine_distance(codes[name], nd.fine_code(copy))
+        others = [_fine_distance(codes[name], codes[o]) for o in photos if o != name]
+        assert near < 40 < min(others), (name, near, others)
+        # the cheap check passes the copy even at the largest candidate distance it is fitted for
+        assert nd.cheap_check(np.array([near]), np.array([16]))[0]
+
+
+def test_variant_codes_follow_candidate_hashes(real_images: dict[str, bytes]) -> None:
+    img = decode_rgb(real_images["chelsea.jpg"])
+    codes = nd.variant_codes(img)
+    assert codes[0] == (phash_int(img), nd.fine_code(img))
+    assert [h for h, _f in codes[1:]] == nd.candidate_hashes(img)
+    mirror_code = nd.fine_code(ImageOps.mirror(img))
+    assert mirror_code in [f for _h, f in codes[1:]]
+    assert nd.variant_codes(Image.new("RGB", (4, 4)))[0][1] == nd.fine_code(Image.new("RGB", (4, 4)))
+
+
+def test_descriptor_store_reads_back_every_row_across_chunks() -> None:
+    rng = np.random.default_rng(0)
+    values: list[bytes | None] = [rng.bytes(int(n)) for n in rng.integers(0, 300, 70_000)]
+    values[5] = None
+    values[69_999] = None
+    column = pa.chunked_array([pa.array(values[:100], pa.binary()), pa.array(values[100:], pa.binary())])
+    store = DescriptorStore(column)
+    assert len(store) == len(values)
+    for row in (0, 5, 99, 100, 65_535 + 100, 65_536 + 100, 69_998, 69_999):
+        assert store.get(row) == values[row], row
+
+
+@pytest.fixture(scope="module")
+def index(tmp_path_factory: pytest.TempPathFactory, real_images: dict[str, bytes]) -> pa.Table:
+    folder: Path = tmp_path_factory.mktemp("evalset")
+    for name in EVAL:
+        (folder / name).write_bytes(real_images[name])
+    return evalsets.build_index_table(str(folder), "demo", verify=True)
+
+
+def test_index_carries_fine_codes_for_main_and_variant_hashes(index: pa.Table) -> None:
+    for blob, variants in zip(index.column("fine_codes").to_pylist(), index.column("variant_hashes").to_pylist(),
+                              strict=True):
+        assert len(blob) == nd.FINE_CODE_BYTES * (1 + len(variants))
+
+
+def test_cheap_check_spares_verify_calls_and_keeps_the_answer(
+    index: pa.Table, real_images: dict[str, bytes]
+) -> None:
+    chelsea = decode_rgb(real_images["chelsea.jpg"])
+    corpus = [
+        ImageOps.mirror(chelsea),
+        chelsea.crop((20, 15, chelsea.width - 10, chelsea.height - 25)),
+        decode_rgb(real_images["camera.jpg"]),
+        decode_rgb(real_images["coins.jpg"]),
+    ]
+    hashes = from_ints([phash_int(img) for img in corpus])
+    settings = MatchSettings(threshold=8, candidate_threshold=30, max_candidates=8, verify=True)
+    with_cascade = EvalMatcher(index, settings, 64)
+    without = EvalMatcher(index.drop(["fine_codes"]), settings, 64)
+    assert with_cascade.fine is not None and without.fine is None
+    got = with_cascade.match(hashes, lambda rows: {r: corpus[r] for r in rows})
+    plain = without.match(hashes, lambda rows: {r: corpus[r] for r in rows})
+    labels = [with_cascade.labels[m.item] if m else None for m in got.matches]
+    assert labels == ["demo:chelsea.jpg", "demo:chelsea.jpg", None, None]
+    assert labels == [without.labels[m.item] if m else None for m in plain.matches]
+    # at 30 bits unrelated photos are candidates; the cheap check turns most of them away unverified
+    assert got.counters["eval_cheap_checks"] > got.counters["eval_cheap_passed"]
+    assert got.counters["eval_verify_calls"] < plain.counters["eval_verify_calls"]
+    assert with_cascade.compact_nbytes > 0
+
+
+def test_mirrored_keypoints_confirm_a_mirror_only_when_allowed(real_images: dict[str, bytes]) -> None:
+    img = decode_rgb(real_images["chelsea.jpg"])
+    mirrored = nd.descriptor(ImageOps.mirror(img))
+    eval_desc = nd.descriptor(img, with_mirror=True)
+    assert len(eval_desc) > len(nd.descriptor(img))  # the second keypoint set is stored (eval side only)
+    found = nd.evidence(eval_desc, mirrored)
+    assert found.inliers >= 20 and found.match, found
+    assert nd.evidence(nd.descriptor(img), mirrored).inliers < 6  # ORB alone is not mirror-invariant
+    refused = nd.evidence(eval_desc, mirrored, allow_mirror=False)
+    assert refused.inliers < 6 and not refused.match
