@@ -547,7 +547,8 @@ class CaptionCleaner:
         """The junk patterns from `start` on, in order, each behind its gate (checked on the current text):
         strips what `strip` patterns match into `removed`; a `reject` match returns its CleanedCaption."""
         is_ascii = text.isascii()
-        for kind, action, regex, gate, precheck, lower in self._flat[start:]:
+        for entry in self._flat[start:]:
+            gate = entry[3]
             if gate is _SHORT_CAPTION_GATE:
                 if len(text) > _SHORT_CAPTION_CHARS:
                     continue
@@ -557,21 +558,33 @@ class CaptionCleaner:
                         break
                 else:
                     continue
-            if precheck is not None and precheck(text) is None:
-                continue
-            if lower is not None and is_ascii and lower.search(low) is None:
-                continue
-            match = regex.search(text)
-            if match is None:
-                continue
-            if action == "reject":
-                self._count_stripped(removed)
-                return CleanedCaption(text, kind, f"{kind} in caption: {match.group(0)!r}"), text
-            before = len(text)
-            text, count = regex.subn(" ", text)
-            removed[kind] = removed.get(kind, 0) + before - len(text) + count
-            low = text.lower()
+            rejected, stripped = self._apply(entry, text, low, is_ascii, removed)
+            if rejected is not None:
+                return rejected, text
+            if stripped is not None:
+                text = stripped
+                low = text.lower()
         return None, text
+
+    def _apply(
+        self, entry: tuple[Any, ...], text: str, low: str, is_ascii: bool, removed: dict[str, int]
+    ) -> tuple[CleanedCaption | None, str | None]:
+        """One junk pattern on `text`: (its rejection, None), (None, the stripped text), or (None, None): no match."""
+        kind, action, regex, _gate, precheck, lower = entry
+        if precheck is not None and precheck(text) is None:
+            return None, None
+        if lower is not None and is_ascii and lower.search(low) is None:
+            return None, None  # case-sensitive search of the lower-cased text rules it out cheaply
+        match = regex.search(text)
+        if match is None:
+            return None, None
+        if action == "reject":
+            self._count_stripped(removed)
+            return CleanedCaption(text, kind, f"{kind} in caption: {match.group(0)!r}"), None
+        before = len(text)
+        stripped, count = regex.subn(" ", text)
+        removed[kind] = removed.get(kind, 0) + before - len(stripped) + count
+        return None, stripped
 
     def _count_stripped(self, removed: dict[str, int]) -> None:
         for kind in removed:  # in rule order: the order the strips happened
@@ -617,20 +630,12 @@ class CaptionCleaner:
         plan = self._plan(text, low, has_digit)
         is_ascii = text.isascii()
         for index in plan:
-            kind, action, regex, _gate, precheck, lower = flat[index]
-            if precheck is not None and precheck(text) is None:
+            rejected, stripped = self._apply(flat[index], text, low, is_ascii, removed)
+            if rejected is not None:
+                return rejected
+            if stripped is None:
                 continue
-            if lower is not None and is_ascii and lower.search(low) is None:
-                continue
-            match = regex.search(text)
-            if match is None:
-                continue
-            if action == "reject":
-                self._count_stripped(removed)
-                return CleanedCaption(text, kind, f"{kind} in caption: {match.group(0)!r}")
-            before = len(text)
-            text, count = regex.subn(" ", text)
-            removed[kind] = removed.get(kind, 0) + before - len(text) + count
+            text = stripped
             # The text changed: the remaining patterns, in order, with their gates checked on it.
             rejected, text = self._junk(text, text.lower(), has_digit, removed, index + 1)
             if rejected is not None:
