@@ -252,8 +252,11 @@ def test_ctrl_c_prints_one_line(tmp_path: Path, demo_image_server: Any) -> None:
     demo_image_server.delay = 0.2
     hits_before = demo_image_server.hits
     try:
+        # A shell's background job starts with SIGINT ignored, and Python keeps an inherited SIG_IGN: restore the
+        # default so the test does not depend on how the test run itself was launched.
         proc = subprocess.Popen([sys.executable, "-m", "curate.pipeline.cli", "run", str(config), "--no-progress"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 60
         while demo_image_server.hits == hits_before and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
