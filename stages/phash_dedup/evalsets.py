@@ -551,10 +551,16 @@ def index_params(table_or_schema: pa.Table | pa.Schema) -> PhashParams:
     return PhashParams(hash_size=int(meta["hash_size"]), mode=meta["mode"], highfreq_factor=int(meta["highfreq_factor"]))
 
 
-def load_index(path: str) -> pa.Table:
-    """Read and check an INDEX.parquet (columns, metadata, format version, hash strings)."""
+def load_index(path: str, *, descriptors: bool = True) -> pa.Table:
+    """Read and check an INDEX.parquet (columns, metadata, format version, hash strings).
+
+    `descriptors=False` leaves the big `descriptor` column on disk (:func:`iter_descriptors` streams it)."""
     try:
-        table = pq.read_table(path)
+        if descriptors:
+            table = pq.read_table(path)
+        else:
+            names = pq.read_schema(path).names
+            table = pq.read_table(path, columns=[n for n in names if n != "descriptor"])
     except (OSError, pa.ArrowInvalid) as err:
         raise ValueError(f"cannot read eval index {path!r}: {err}") from err
     missing = [c for c in INDEX_COLUMNS if c not in table.column_names]
@@ -573,6 +579,23 @@ def load_index(path: str) -> pa.Table:
     if len(lengths) and lengths.tolist() != [width]:
         raise ValueError(f"eval index {path!r}: phash strings must have {width} hex digits")
     return table
+
+
+def has_descriptors(path: str) -> bool:
+    return "descriptor" in pq.read_schema(path).names
+
+
+def iter_descriptors(path: str, batch_rows: int = 4096) -> Iterator[pa.Array]:
+    """An index file's `descriptor` column, a batch at a time (nulls when it has none)."""
+    pf = pq.ParquetFile(path)
+    if "descriptor" not in pf.schema_arrow.names:
+        remaining = pf.metadata.num_rows
+        while remaining > 0:
+            yield pa.nulls(min(batch_rows, remaining), pa.binary())
+            remaining -= batch_rows
+        return
+    for batch in pf.iter_batches(batch_size=batch_rows, columns=["descriptor"]):
+        yield batch.column(0)
 
 
 def index_hashes(table: pa.Table) -> np.ndarray:
@@ -623,8 +646,10 @@ def cache_key(source: str, fmt: str, name: str, params: PhashParams, verify: boo
 def cached_index(
     source: str, name: str | None = None, params: PhashParams | None = None, fmt: str = "auto",
     verify: bool = False, cache_dir: str | os.PathLike[str] | None = None, workers: int = 1,
+    descriptors: bool = True,
 ) -> tuple[pa.Table, Path, bool]:
     """Index of `source` from the cache, building it on a miss. Returns (table, file, was_cached).
+    `descriptors=False`: the table without its `descriptor` column (stream it from `file` instead).
 
     The cache file name carries the eval-set name and the first 16 hex digits of :func:`cache_key`;
     a lock file makes concurrent workers wait for the one that builds it.
@@ -639,11 +664,13 @@ def cached_index(
     with _file_lock(folder / f".{safe}-{key[:16]}.lock"):
         if target.is_file():
             try:
-                return load_index(str(target)), target, True
+                return load_index(str(target), descriptors=descriptors), target, True
             except ValueError as err:  # a damaged cache entry is rebuilt, not trusted
                 log.warning("rebuilding damaged eval-index cache %s: %s", target, err)
         table = build_index_table(source, name, params, fmt, verify, workers)
         _write_atomic(table, str(target))
+    if not descriptors and "descriptor" in table.column_names:
+        table = table.drop_columns(["descriptor"])
     return table, target, False
 
 

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -116,13 +116,17 @@ class DescriptorStore:
     (the mapping keeps it alive until the store is dropped), so nothing is left behind.
     """
 
-    def __init__(self, column: pa.ChunkedArray, folder: str | None = None) -> None:
+    def __init__(self, column: pa.ChunkedArray | Iterable[pa.Array], folder: str | None = None) -> None:
+        """`column`: the descriptors in merged-index order, as one column or as a stream of arrays (so that an
+        index file's descriptors can go from disk to the store without ever being held in RAM)."""
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else column
         fd, path = tempfile.mkstemp(prefix="curate-descriptors-", suffix=".arrow", dir=folder)
         os.close(fd)
         try:
             schema = pa.schema([pa.field("descriptor", pa.binary())])
             with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-                for chunk in column.cast(pa.binary()).chunks:
+                for chunk in chunks:
+                    chunk = chunk.cast(pa.binary())
                     for start in range(0, len(chunk), 65536):
                         writer.write_batch(pa.record_batch([chunk.slice(start, 65536)], schema=schema))
             self._map = pa.memory_map(path, "r")
@@ -143,7 +147,10 @@ class DescriptorStore:
 class EvalMatcher:
     """Built once (per worker, or per report) from a merged eval index (:func:`evalsets.concat_indexes`)."""
 
-    def __init__(self, index: pa.Table, settings: MatchSettings, n_bits: int) -> None:
+    def __init__(self, index: pa.Table, settings: MatchSettings, n_bits: int,
+                 descriptors: DescriptorStore | None = None) -> None:
+        """`descriptors`: the store, when the caller streamed it from the index files (the index table then need
+        not carry its `descriptor` column); otherwise it is built from that column."""
         from curate.stages.phash_dedup.hamming import HammingIndex
         from curate.stages.phash_dedup.phash import from_hex
 
@@ -172,7 +179,11 @@ class EvalMatcher:
             from curate.stages.phash_dedup import nearduplicate
 
             self._nd = nearduplicate
-            if "descriptor" in index.column_names:
+            if descriptors is not None:
+                if len(descriptors) != n_items:
+                    raise ValueError(f"{len(descriptors)} descriptors for {n_items} eval items")
+                self.descriptors = descriptors
+            elif "descriptor" in index.column_names:
                 self.descriptors = DescriptorStore(index.column("descriptor"))
             if "fine_codes" in index.column_names:
                 self.fine = _fine_codes_by_hash(index, len(self.hashes), len(hashes) > 1)

@@ -206,14 +206,16 @@ class PhashDedupStage(Stage[DedupConfig]):
         tables = []
         for path in cfg.indexes:
             try:
-                table = evalsets.load_index(path)
+                # The descriptors (up to ~19 KB per item) stay on disk: they are streamed to the matcher's store.
+                table = evalsets.load_index(path, descriptors=False)
             except ValueError as err:
                 raise StageError(f"dedup.indexes: {err}") from err
             tables.append((path, table))
         for source in cfg.eval_sets:
             try:
                 table, file, hit = evalsets.cached_index(
-                    source.path, source.name or None, self._params, source.format, cfg.verify, cfg.cache_dir or None
+                    source.path, source.name or None, self._params, source.format, cfg.verify, cfg.cache_dir or None,
+                    descriptors=False,
                 )
             except (ValueError, OSError) as err:
                 raise StageError(f"dedup.eval_sets: {source.path}: {err}") from err
@@ -227,7 +229,7 @@ class PhashDedupStage(Stage[DedupConfig]):
                 )
             if cfg.verify:
                 meta = evalsets.index_metadata(table)
-                if "descriptor" not in table.column_names:
+                if not evalsets.has_descriptors(path):
                     raise StageError(
                         f"eval index {path} has no near-duplicate descriptors: rebuild it with verification "
                         "(`curate hash-evalset` does so by default) or set dedup.verify: false"
@@ -242,8 +244,12 @@ class PhashDedupStage(Stage[DedupConfig]):
         from curate.stages.phash_dedup.matcher import EvalMatcher, MatchSettings
 
         merged = evalsets.concat_indexes([t for _p, t in tables])
-        matcher = EvalMatcher(merged, MatchSettings.from_config(cfg), self._params.n_bits)
-        # the full descriptors now live in the matcher's memory-mapped store: free the in-memory copies
+        store = None
+        if cfg.verify:
+            from curate.stages.phash_dedup.matcher import DescriptorStore
+
+            store = DescriptorStore(chunk for path, _t in tables for chunk in evalsets.iter_descriptors(path))
+        matcher = EvalMatcher(merged, MatchSettings.from_config(cfg), self._params.n_bits, descriptors=store)
         del merged
         tables.clear()
         self.log.info("eval matcher: %.0f bytes per eval item in RAM", matcher.compact_nbytes / max(1, len(matcher.labels)))
