@@ -278,22 +278,30 @@ def _spread(keypoints: list, width: int, height: int) -> list[int]:
     """Indices of at most _MAX_KEYPOINTS keypoints, taken round-robin over a 4x4 grid by response.
 
     Keeping only the strongest corners lets one high-contrast region (an overlaid caption, a logo)
-    take the whole budget; spreading them keeps evidence from the rest of the picture.
+    take the whole budget; spreading them keeps evidence from the rest of the picture. Round-robin:
+    rank 0 of every cell (cells in the order their first keypoint appears), then rank 1, ...; within a
+    cell by response, ties by index. Vectorised (up to 1,000 keypoints per image).
     """
-    cells: dict[int, list[tuple[float, int]]] = {}
-    for i, kp in enumerate(keypoints):
-        cx = min(_GRID - 1, int(kp.pt[0] * _GRID / width))
-        cy = min(_GRID - 1, int(kp.pt[1] * _GRID / height))
-        cells.setdefault(cy * _GRID + cx, []).append((-kp.response, i))
-    queues = [sorted(found) for found in cells.values()]
-    chosen: list[int] = []
-    rank = 0
-    while len(chosen) < _MAX_KEYPOINTS and any(rank < len(q) for q in queues):
-        for queue in queues:
-            if rank < len(queue) and len(chosen) < _MAX_KEYPOINTS:
-                chosen.append(queue[rank][1])
-        rank += 1
-    return chosen
+    n = len(keypoints)
+    if n == 0:
+        return []
+    import cv2
+
+    xy = cv2.KeyPoint_convert(keypoints).astype(np.float64)  # float32 positions, as kp.pt gives them
+    response = np.array([kp.response for kp in keypoints], dtype=np.float64)
+    cx = np.minimum(_GRID - 1, (xy[:, 0] * _GRID / width).astype(np.int64))
+    cy = np.minimum(_GRID - 1, (xy[:, 1] * _GRID / height).astype(np.int64))
+    cell = cy * _GRID + cx
+    index = np.arange(n)
+    by_cell = np.lexsort((index, -response, cell))  # cell, then strongest first, ties by index
+    sorted_cells = cell[by_cell]
+    group_start = np.flatnonzero(np.r_[True, sorted_cells[1:] != sorted_cells[:-1]])
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_cell] = index - np.repeat(group_start, np.diff(np.r_[group_start, n]))
+    first_seen = np.full(_GRID * _GRID, n, dtype=np.int64)
+    np.minimum.at(first_seen, cell, index)
+    order = np.lexsort((first_seen[cell], rank))
+    return order[:_MAX_KEYPOINTS].tolist()
 
 
 @dataclass(frozen=True)
