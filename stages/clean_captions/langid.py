@@ -109,7 +109,6 @@ class FastTextIdentifier(LanguageIdentifier):
         super().__init__()
         self.model_path = model_path
         self._predict: Any = None
-        self._raw_predict: Any = None
 
     @staticmethod
     def bundled_model_path() -> Path:
@@ -136,7 +135,6 @@ class FastTextIdentifier(LanguageIdentifier):
         low_level = getattr(model, "f", None)
         if low_level is not None and hasattr(low_level, "predict"):
             raw = low_level.predict
-            self._raw_predict = raw
             self._predict = lambda text, k: [(label, prob) for prob, label in raw(text + "\n", k, 0.0, "strict")]
         else:  # pragma: no cover - other fasttext builds
             self._predict = lambda text, k: list(zip(*model.predict(text, k=k), strict=True))
@@ -145,26 +143,6 @@ class FastTextIdentifier(LanguageIdentifier):
         if "\n" in text or "\r" in text:
             text = " ".join(text.split())
         return [(normalize_code(label), min(1.0, float(prob))) for label, prob in self._predict(text, k)]
-
-    def predict(self, texts: Sequence[str], k: int = 3) -> list[Candidates]:
-        """As the base class, with `_predict_one` inlined around the low-level call (one Python call
-        and one list less per caption)."""
-        self.load()
-        raw = self._raw_predict
-        if raw is None:  # pragma: no cover - other fasttext builds
-            return super().predict(texts, k)
-        out: list[Candidates] = []
-        for text in texts:
-            if not text.strip():
-                out.append([(UNDETERMINED, 0.0)])
-                continue
-            if "\n" in text or "\r" in text:
-                text = " ".join(text.split())
-            candidates = [
-                (normalize_code(label), min(1.0, float(prob))) for prob, label in raw(text + "\n", k, 0.0, "strict")
-            ]
-            out.append(candidates or [(UNDETERMINED, 0.0)])
-        return out
 
 
 class LangdetectIdentifier(LanguageIdentifier):
