@@ -586,15 +586,8 @@ def has_descriptors(path: str) -> bool:
 
 
 def iter_descriptors(path: str, batch_rows: int = 4096) -> Iterator[pa.Array]:
-    """An index file's `descriptor` column, a batch at a time (nulls when it has none)."""
-    pf = pq.ParquetFile(path)
-    if "descriptor" not in pf.schema_arrow.names:
-        remaining = pf.metadata.num_rows
-        while remaining > 0:
-            yield pa.nulls(min(batch_rows, remaining), pa.binary())
-            remaining -= batch_rows
-        return
-    for batch in pf.iter_batches(batch_size=batch_rows, columns=["descriptor"]):
+    """An index file's `descriptor` column (check :func:`has_descriptors` first), a batch at a time."""
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["descriptor"]):
         yield batch.column(0)
 
 
