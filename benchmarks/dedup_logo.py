@@ -46,7 +46,7 @@ HELD_BACK = "graphics"
 SEED = 0
 WIDEST = 16  # candidate threshold the data is collected at (the stage default)
 COLLISIONS = 600
-DATA_VERSION = "v4"  # bump when the collected measurements change (cache of benchmarks/_work/logo)
+DATA_VERSION = "v5"  # bump when the collected measurements change (cache of benchmarks/_work/logo)
 #: Features the model may use. The pHash distance and the low-information flag are left out: in each
 #: generator they separate positives from negatives for reasons of that generator (its negatives sit at
 #: the edge of the candidate threshold; its flat pictures are all of one kind), and a model leaning on
@@ -54,6 +54,7 @@ DATA_VERSION = "v4"  # bump when the collected measurements change (cache of ben
 USED_FEATURES = tuple(os.environ.get("LOGO_FEATURES", "log1p_inliers,inlier_share,block_ncc_median,block_ncc_mean,"
                                      "global_ncc,raw_ncc,block_share,log1p_matches,min_median_raw,"
                                      "min_global_raw").split(","))
+PLAIN_THRESHOLD = 8  # dedup.threshold's default: the detail check's reach
 CHEAP_RECALL = 0.995  # the cheap check keeps at least this share of the training positives it sees
 CHEAP_ALPHAS = (0.0, 2.0, 4.0, 6.0)  # cheap rule: fine distance + alpha * pHash distance <= limit
 
@@ -74,6 +75,7 @@ class GenData:
     pairs: np.ndarray  # candidate pairs (loose <= WIDEST)
     features: np.ndarray
     comparable: np.ndarray
+    detail: np.ndarray  # per candidate pair: nd.detail_agreement (nan where it abstains: a low-information side)
     collision_features: np.ndarray
     collision_fine: np.ndarray  # fine distance of the forced-collision pairs (nearest variant by pHash)
     low_info_eval: np.ndarray
@@ -133,6 +135,10 @@ def collect(name: str, seed: int = SEED) -> GenData:
         features.append(found.features())
         comparable.append(found.comparable)
     verify_ms = (time.process_time() - t0) * 1000 / max(1, len(pairs))
+    prepared = {int(j): nd.prepare(corpus[j].image) for j in needed}
+    t0 = time.process_time()
+    detail = [nd.detail_agreement(eval_desc[i], prepared[int(j)]) for i, j in pairs]
+    detail_ms = (time.process_time() - t0) * 1000 / max(1, len(pairs))
     rng = np.random.default_rng(seed)
     unrelated = np.argwhere(~truth & ~candidates & ~ambiguous)
     chosen = unrelated[rng.choice(len(unrelated), size=min(COLLISIONS, len(unrelated)), replace=False)]
@@ -147,10 +153,12 @@ def collect(name: str, seed: int = SEED) -> GenData:
         name, [e.name for e in evals], [e.group for e in evals], [c.name for c in corpus],
         [c.transform for c in corpus], [c.source for c in corpus], truth, ambiguous, plain, loose, fine, pairs,
         np.array(features).reshape(len(pairs), len(nd.FEATURE_NAMES)), np.array(comparable, bool),
+        np.array([np.nan if a is None else a for a in detail], dtype=np.float64),
         np.array(collision_features).reshape(len(chosen), len(nd.FEATURE_NAMES)), np.array(collision_fine),
         np.array([nd.low_information(e.image) for e in evals]),
         {"variant_codes_per_eval_item_cpu": round(variants_ms, 2), "phash_and_fine_code_per_corpus_image_cpu":
-         round(corpus_ms, 2), "descriptor_cpu": round(descriptor_ms, 2), "verify_per_pair_cpu": round(verify_ms, 3)},
+         round(corpus_ms, 2), "descriptor_cpu": round(descriptor_ms, 2), "verify_per_pair_cpu": round(verify_ms, 3),
+         "detail_check_per_pair_cpu": round(detail_ms, 3)},
     )
     CACHE.mkdir(parents=True, exist_ok=True)
     path.write_bytes(pickle.dumps(data))
@@ -225,7 +233,16 @@ def evaluate(d: GenData, f: Fitted, threshold: int) -> dict:
     cheap[i, j] = passed
     prob = B.logistic(f.model, d.features)
     low = d.features[:, nd.FEATURE_NAMES.index("low_info")] > 0.5
-    cascade[i, j] = passed & d.comparable & (prob >= np.where(low, f.low_info_cut, f.cut))
+    model_says = d.comparable & (prob >= np.where(low, f.low_info_cut, f.cut))
+    # the matcher's detail check (dedup.detail_check, on by default): within the plain threshold, both detailed
+    detail_says = (d.plain[i, j] <= PLAIN_THRESHOLD) & (np.nan_to_num(d.detail, nan=-1.0) >= nd.DETAIL_NCC)
+    cascade[i, j] = passed & (model_says | detail_says)
+    model_only = np.zeros(d.truth.shape, bool)
+    model_only[i, j] = passed & model_says
+    model_only &= (d.loose <= threshold) & valid
+    by_detail = np.zeros(d.truth.shape, bool)
+    by_detail[i, j] = passed & detail_says
+    by_detail &= (d.loose <= threshold) & valid
     cascade &= (d.loose <= threshold) & valid
     cheap &= (d.loose <= threshold) & valid
 
@@ -262,6 +279,9 @@ def evaluate(d: GenData, f: Fitted, threshold: int) -> dict:
         "plain_phash_8": {**summary(plain8), "per_transform": by(plain8, "transform"), "per_kind": by(plain8, "kind")},
         f"plain_phash_{threshold}": summary(plain_t),
         "cascade": {**summary(cascade), "per_transform": by(cascade, "transform"), "per_kind": by(cascade, "kind")},
+        "cascade_without_detail_check": summary(model_only),
+        "detail_check": {"accepted": int(by_detail.sum()), "accepted_negatives": int((by_detail & ~truth).sum()),
+                         "accepted_that_the_model_refused": int((by_detail & ~model_only).sum())},
         "candidate_recall": round(float((d.loose <= threshold)[truth].mean()), 4),
         "cheap_check": {
             "negative_candidates": int(negatives_in_reach.sum()),
@@ -347,7 +367,8 @@ def main() -> None:
             print(f"held out {held:9s} T={t:2d} plain8 P={r['plain_phash_8']['precision']:.3f} "
                   f"R={r['plain_phash_8']['recall_without_mirrors']:.3f} | cascade P={r['cascade']['precision']:.4f} "
                   f"R={r['cascade']['recall']:.3f} Rnm={r['cascade']['recall_without_mirrors']:.3f} "
-                  f"fp={r['cascade']['fp']} cand_recall={r['candidate_recall']:.3f} cheap={r['cheap_check']}")
+                  f"fp={r['cascade']['fp']} cand_recall={r['candidate_recall']:.3f} cheap={r['cheap_check']} "
+                  f"detail={r['detail_check']} without_detail={r['cascade_without_detail_check']}")
         print(json.dumps(folds[held]["by_candidate_threshold"][16]["cascade"]["per_transform"]))
         print(json.dumps(folds[held]["by_candidate_threshold"][16]["cascade"]["per_kind"]))
         print("missed", folds[held]["by_candidate_threshold"][16]["missed_by_transform"])

@@ -113,3 +113,55 @@ def test_mirrored_keypoints_confirm_a_mirror_only_when_allowed(real_images: dict
     assert nd.evidence(nd.descriptor(img), mirrored).inliers < 6  # ORB alone is not mirror-invariant
     refused = nd.evidence(eval_desc, mirrored, allow_mirror=False)
     assert refused.inliers < 6 and not refused.match
+
+
+def test_detail_agreement_tells_a_copy_from_another_photo_and_abstains_on_flat_pictures(
+    real_images: dict[str, bytes],
+) -> None:
+    photo = decode_rgb(real_images["chelsea.jpg"])
+    eval_desc = nd.descriptor(photo, with_mirror=True)
+    copy = decode_rgb(_jpeg(photo.resize((photo.width // 2, photo.height // 2)), 30))
+    copy_agreement = nd.detail_agreement(eval_desc, nd.prepare(copy))
+    other_agreement = nd.detail_agreement(eval_desc, nd.prepare(decode_rgb(real_images["coffee.jpg"])))
+    assert copy_agreement is not None and copy_agreement >= nd.DETAIL_NCC
+    assert other_agreement is not None and other_agreement < 0.3
+    # a cut-out on a flat page is low-information on either side: only the model may decide
+    page = Image.new("RGB", (400, 300), "white")
+    page.paste(photo.resize((120, 90)), (140, 105))
+    assert nd.prepare(page).low_info
+    assert nd.detail_agreement(eval_desc, nd.prepare(page)) is None
+    assert nd.detail_agreement(nd.descriptor(page, with_mirror=True), nd.prepare(copy)) is None
+    # prepare() is the first part of descriptor(): same bytes either way
+    assert nd.descriptor(copy, prepared=nd.prepare(copy)) == nd.descriptor(copy)
+
+
+def test_detail_check_confirms_detailed_copies_without_keypoints(
+    index: pa.Table, real_images: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chelsea = decode_rgb(real_images["chelsea.jpg"])
+    corpus = [
+        decode_rgb(_jpeg(chelsea.resize((chelsea.width // 2, chelsea.height // 2)), 30)),  # within 8 bits
+        chelsea.rotate(4, resample=Image.Resampling.BICUBIC, expand=False),  # only the model confirms it
+        decode_rgb(real_images["camera.jpg"]),
+    ]
+    hashes = from_ints([phash_int(img) for img in corpus])
+    settings = MatchSettings(threshold=8, candidate_threshold=16, max_candidates=8, verify=True)
+    matcher = EvalMatcher(index, settings, 64)
+    described: list[int] = []
+    real_descriptor = nd.descriptor
+    monkeypatch.setattr(nd, "descriptor", lambda img, **kw: described.append(1) or real_descriptor(img, **kw))
+    got = matcher.match(hashes, lambda rows: {r: corpus[r] for r in rows})
+    first = got.matches[0]
+    assert first is not None and first.check == "detail" and first.main_distance <= 8
+    assert first.score is not None and first.score >= nd.DETAIL_NCC
+    assert got.counters["eval_detail_accepted"] >= 1
+    second = got.matches[1]
+    assert second is not None and matcher.labels[second.item] == "demo:chelsea.jpg" and second.check == "model"
+    assert got.matches[2] is None
+    # keypoints were computed for the rows the detail check left open, never for the first
+    assert len(described) == sum(1 for row in (1, 2) if any(c.row == row and c.check for c in got.candidates))
+
+    off = EvalMatcher(index, MatchSettings(8, 16, 8, True, detail_check=False), 64)
+    plain = off.match(hashes, lambda rows: {r: corpus[r] for r in rows})
+    assert plain.matches[0] is not None and plain.matches[0].check == "model"
+    assert "eval_detail_accepted" not in plain.counters

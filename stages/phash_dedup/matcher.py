@@ -11,9 +11,12 @@ Without verification the first one is the match. With it, verification is a casc
 1. cheap check, on every candidate: the 256-bit fine code (:func:`nearduplicate.fine_code`) of the corpus
    image against that of the eval hash the candidate was found through (:func:`nearduplicate.cheap_check`;
    one XOR and popcount, vectorised). Candidates it rules out are never verified.
-2. expensive check, on what is left, at most ``max_candidates`` per row, nearest first:
-   :func:`curate.stages.phash_dedup.nearduplicate.verify` (one corpus descriptor per row; eval items
-   without a descriptor are skipped). The first that verifies is the match.
+2. on what is left, at most ``max_candidates`` per row, nearest first: the detail check
+   (:func:`nearduplicate.detail_agreement`; with ``detail_check``, for a candidate within ``threshold`` of the
+   item's main hash when neither picture is low-information: thumbnails compared as they stand, ~0.1 ms),
+   then the expensive check :func:`curate.stages.phash_dedup.nearduplicate.verify` (one corpus descriptor
+   per row, its keypoints computed only when a candidate gets that far; eval items without a descriptor are
+   skipped). The first candidate either check confirms is the match.
 
 Only the compact part lives in RAM (hashes, fine codes, owners, labels as Arrow arrays: a few hundred
 bytes per eval item); the full descriptors (7-11 KB each) are spilled to an uncompressed Arrow IPC file
@@ -56,10 +59,12 @@ class MatchSettings:
     candidate_threshold: int
     max_candidates: int
     verify: bool
+    detail_check: bool = True
 
     @classmethod
     def from_config(cls, config: DedupConfig) -> MatchSettings:
-        return cls(config.threshold, config.candidate_threshold, config.max_candidates, config.verify)
+        return cls(config.threshold, config.candidate_threshold, config.max_candidates, config.verify,
+                   config.detail_check)
 
     @property
     def search_threshold(self) -> int:
@@ -77,7 +82,9 @@ class Candidate:
     # None: not verified (verification off, not reached, or not possible); False also when the cheap check
     # ruled it out (score 0.0)
     verified: bool | None = None
+    # the model's probability; for check "detail" the thumbnails' detail agreement (high-pass NCC)
     score: float | None = None
+    check: str | None = None  # which check decided: "cheap" (ruled out), "detail" (confirmed), "model"
 
 
 @dataclass
@@ -272,23 +279,33 @@ class EvalMatcher:
             unsure = [c for c, k in zip(ranked, keep.tolist(), strict=True) if k]
             for candidate, k in zip(ranked, keep.tolist(), strict=True):
                 if not k:
-                    candidate.verified, candidate.score = False, 0.0
+                    candidate.verified, candidate.score, candidate.check = False, 0.0, "cheap"
                     if candidate.distance <= self.settings.threshold:
                         counters["eval_pHash_match_overruled"] += 1
         if not unsure or self.descriptors is None:
             return None
-        try:
-            corpus_desc = self._nd.descriptor(image)
-        except Exception as err:  # noqa: BLE001 - an image without a descriptor cannot confirm a match
-            log.warning("corpus row %d: no descriptor, candidates left unverified: %s", ranked[0].row, err)
-            return None
+        prepared: Any = None
+        corpus_desc: bytes | None = None
         for candidate in unsure[: self.settings.max_candidates]:
             eval_desc = self.descriptors.get(candidate.item)
             if eval_desc is None:
                 continue
+            try:
+                prepared = prepared or self._nd.prepare(image)
+                if self.settings.detail_check and candidate.main_distance <= self.settings.threshold:
+                    agreement = self._nd.detail_agreement(eval_desc, prepared)
+                    if agreement is not None and agreement >= self._nd.DETAIL_NCC:
+                        candidate.verified, candidate.score, candidate.check = True, round(agreement, 4), "detail"
+                        counters["eval_verified"] += 1
+                        counters["eval_detail_accepted"] += 1
+                        return candidate
+                corpus_desc = corpus_desc or self._nd.descriptor(image, prepared=prepared)
+            except Exception as err:  # noqa: BLE001 - an image without a descriptor cannot confirm a match
+                log.warning("corpus row %d: no descriptor, candidates left unverified: %s", ranked[0].row, err)
+                return None
             counters["eval_verify_calls"] += 1
             same, score = self._nd.verify(eval_desc, corpus_desc, distance=candidate.distance, n_bits=self.n_bits)
-            candidate.verified, candidate.score = bool(same), float(score)
+            candidate.verified, candidate.score, candidate.check = bool(same), float(score), "model"
             if candidate.verified:
                 counters["eval_verified"] += 1
                 if candidate.distance > self.settings.threshold:

@@ -39,7 +39,7 @@ from curate.stages.phash_dedup.stage import DedupConfig
 
 log = logging.getLogger("curate.dedup_report")
 
-PAIR_FIELDS = ("key", "eval_set", "item_id", "distance", "verified", "score", "candidate_distance")
+PAIR_FIELDS = ("key", "eval_set", "item_id", "distance", "verified", "score", "check", "candidate_distance")
 _IMAGE_BYTES_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "image_bytes", "bytes")
 
 
@@ -224,6 +224,7 @@ def match_settings(
         candidate_threshold=defaults.candidate_threshold if candidate_threshold is None else int(candidate_threshold),
         max_candidates=defaults.max_candidates if max_candidates is None else int(max_candidates),
         verify=verify,
+        detail_check=defaults.detail_check,
     )
     if not 0 <= settings.threshold < n_bits:
         raise ValueError(f"threshold must be in [0, {n_bits - 1}] bits, got {settings.threshold}")
@@ -362,6 +363,7 @@ def dedup_report(
             "distance": m.main_distance,
             "verified": m.verified,
             "score": m.score,
+            "check": m.check,
             "candidate_distance": m.distance,
         }
         for m in matches

@@ -75,10 +75,11 @@ class DedupConfig:
     enabled: bool = option(True, help="Run the pHash dedup stage (eval-set contamination and, if `within_corpus`, duplicates inside the corpus).")
     indexes: tuple[str, ...] = option((), help="Prebuilt eval indexes (INDEX.parquet files from `curate hash-evalset`); loaded once per worker.", path=True)
     eval_sets: tuple[EvalSetSource, ...] = option((), help="Eval-set sources hashed at start-up; the index is cached in `cache_dir` keyed by the source's files (path, size, mtime) and the hash parameters.")
-    threshold: int = option(8, help="Max Hamming distance (bits, of hash_size² = 64 by default) for a pHash match when `verify` is off.", range=(0, 1023))
+    threshold: int = option(8, help="Max Hamming distance (bits, of hash_size² = 64 by default) for a pHash match when `verify` is off; with `verify`, the reach of the detail check (`detail_check`).", range=(0, 1023))
     candidate_threshold: int = option(16, help="With `verify`: max Hamming distance (bits) for a pHash candidate that is then checked by the second signal. Must be >= `threshold`.", range=(0, 1023))
     verify: bool = option(True, help="Confirm pHash candidates with the near-duplicate descriptor (keypoints + aligned thumbnail) before rejecting; indexes must carry descriptors.")
     max_candidates: int = option(8, help="With `verify`: at most this many eval candidates per row are verified (nearest first); each costs one verify call (about 6 ms). See docs/dedup.md, cost at scale.", range=(1, None))
+    detail_check: bool = option(True, help="With `verify`: a candidate within `threshold` of the eval image's own hash is confirmed without the keypoint model when neither picture is low-information and their thumbnails' fine detail agrees where it stands (docs/dedup.md, detail check); false = every candidate goes to the model.")
     hash_size: int = option(8, help="pHash side: the hash has hash_size² bits (8 → 64 bits, 16 hex digits). Eval indexes must use the same.", range=(2, 32))
     hash_decoded_pixels: bool = option(True, help="pHash the pixels the download stage already decoded (just before it encodes them) instead of decoding the stored bytes again: one decode per image. Rows whose stored bytes are re-encoded may then differ from a hash of the stored file by JPEG noise (measured in docs/dedup.md); false = always decode and hash the stored bytes.")
     hash_mode: Literal["exact", "fast"] = option("exact", help="`exact`: bit-identical to imagehash.phash. `fast`: JPEG draft decoding + batched DCT, several times faster, agreement with imagehash documented in docs/dedup.md.")
@@ -318,7 +319,8 @@ class PhashDedupStage(Stage[DedupConfig]):
                     continue
                 row = int(rows[q])
                 label = self._matcher.labels[hit.item]
-                note = "" if hit.score is None else f", verified (probability {hit.score:.2f})"
+                note = ("" if hit.score is None else f", verified by detail agreement {hit.score:.2f}"
+                        if hit.check == "detail" else f", verified (probability {hit.score:.2f})")
                 match[row], distance[row] = label, hit.distance
                 reasons[row] = "eval_duplicate"
                 messages[row] = f"matches eval image {label} at pHash distance {hit.distance}{note}"
