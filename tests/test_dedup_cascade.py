@@ -165,3 +165,32 @@ def test_detail_check_confirms_detailed_copies_without_keypoints(
     plain = off.match(hashes, lambda rows: {r: corpus[r] for r in rows})
     assert plain.matches[0] is not None and plain.matches[0].check == "model"
     assert "eval_detail_accepted" not in plain.counters
+
+
+def test_search_ranks_by_distance_then_label_with_variants_counted_once() -> None:
+    rng = np.random.default_rng(3)
+    n = 3000
+    base = rng.integers(0, 2**63, 40, dtype=np.uint64)  # few distinct pictures: many ties and collisions
+    main = base[rng.integers(0, len(base), n)] ^ (np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64))
+    variants = [[f"{int(v):016x}" for v in base[rng.integers(0, len(base), int(k))]] for k in rng.integers(0, 4, n)]
+    labels = [(f"set{int(s)}", f"img{int(i):05d}.jpg") for s, i in zip(rng.integers(0, 3, n), rng.permutation(n), strict=True)]
+    table = pa.table({
+        "eval_set": [s for s, _ in labels], "item_id": [i for _, i in labels],
+        "phash": [f"{int(h):016x}" for h in main], "variant_hashes": variants,
+    })
+    matcher = EvalMatcher(table, MatchSettings(threshold=8, candidate_threshold=12, max_candidates=8, verify=True), 64)
+    queries = from_ints([int(h) for h in base[:10]] + [int(rng.integers(0, 2**63))])
+    got = matcher.search(queries)
+
+    def reference(q: int) -> list[tuple[int, int]]:
+        nearest: dict[int, int] = {}
+        for item in range(n):
+            hashes = [int(main[item])] + [int(v, 16) for v in variants[item]]
+            d = min(bin(h ^ q).count("1") for h in hashes)
+            if d <= 12:
+                nearest[item] = d
+        return sorted(nearest.items(), key=lambda kv: (kv[1], f"{labels[kv[0]][0]}:{labels[kv[0]][1]}"))
+
+    for row, q in enumerate(int(h) for h in base[:10]):
+        assert got[row] == reference(q), row
+    assert sum(len(v) for v in got.values()) > 1000  # the test exercises ties, not a handful of hits

@@ -113,6 +113,15 @@ class _Labels:
     def nbytes(self) -> int:
         return int(self._eval_set.nbytes + self._item_id.nbytes)
 
+    def ranks(self) -> np.ndarray:
+        """int32 per row: its position when all labels are sorted (as Python sorts the strings; ties by row)."""
+        joined = pc.binary_join_element_wise(pc.cast(self._eval_set, pa.large_string()),
+                                             pc.cast(self._item_id, pa.large_string()), pa.scalar(":", pa.large_string()))
+        order = pc.sort_indices(joined).to_numpy()  # UTF-8 byte order = code point order; stable
+        ranks = np.empty(len(order), dtype=np.int32)
+        ranks[order] = np.arange(len(order), dtype=np.int32)
+        return ranks
+
 
 class DescriptorStore:
     """Full near-duplicate descriptors on disk, read on demand.
@@ -179,6 +188,7 @@ class EvalMatcher:
         self.main_hashes = self.hashes[:n_items]  # a view: the main hashes come first
         self.owner = np.concatenate(owner)
         self.search_index = HammingIndex(self.hashes, n_bits, settings.search_threshold)
+        self._label_rank = self.labels.ranks()  # candidate ranking's tie-break, without a string per item
         self.fine: np.ndarray | None = None  # (hashes, 4) uint64, fine code of each searched hash
         self.descriptors: DescriptorStore | None = None
         self._nd: Any = None
@@ -199,7 +209,8 @@ class EvalMatcher:
     def compact_nbytes(self) -> int:
         """Bytes of what the matcher keeps in RAM (hashes, owners, fine codes, labels, the search index)."""
         fine = self.fine.nbytes if self.fine is not None else 0
-        return int(self.hashes.nbytes + self.owner.nbytes + fine + self.labels.nbytes + self.search_index.nbytes)
+        return int(self.hashes.nbytes + self.owner.nbytes + fine + self.labels.nbytes + self._label_rank.nbytes
+                   + self.search_index.nbytes)
 
     def search(self, hashes: np.ndarray) -> dict[int, list[tuple[int, int]]]:
         """row -> [(eval item, distance), ...] ranked by (distance, label); rows without candidates absent."""
@@ -208,19 +219,24 @@ class EvalMatcher:
     def _search(self, hashes: np.ndarray) -> dict[int, list[tuple[int, int, int]]]:
         """row -> [(eval item, distance, searched hash it came through), ...] ranked by (distance, label)."""
         found = self.search_index.search(hashes, self.settings.search_threshold)
-        # nearest hash per (row, eval item): main and variants of one item count once
-        best: dict[int, dict[int, tuple[int, int]]] = collections.defaultdict(dict)
-        for q, h, d in zip(found.query.tolist(), found.index.tolist(), found.distance.tolist(), strict=True):
-            item = int(self.owner[h])
-            if d < best[q].get(item, (1 << 30, 0))[0]:
-                best[q][item] = (d, h)
-        out: dict[int, list[tuple[int, int, int]]] = {}
-        for row, items in sorted(best.items()):
-            ranked = sorted(items.items(), key=lambda kv: kv[1][0])
-            if any(a[1][0] == b[1][0] for a, b in zip(ranked, ranked[1:], strict=False)):  # ties: by label
-                ranked.sort(key=lambda kv: (kv[1][0], self.labels[kv[0]]))
-            out[row] = [(item, d, h) for item, (d, h) in ranked]
-        return out
+        query = np.asarray(found.query, dtype=np.int64)
+        if len(query) == 0:
+            return {}
+        hit = np.asarray(found.index, dtype=np.int64)
+        distance = np.asarray(found.distance, dtype=np.int64)
+        item = self.owner[hit].astype(np.int64)
+        # nearest hash per (row, eval item): main and variants of one item count once (the first found of equals)
+        order = np.lexsort((np.arange(len(query)), distance, item, query))
+        query, item, distance, hit = query[order], item[order], distance[order], hit[order]
+        first = np.r_[True, (query[1:] != query[:-1]) | (item[1:] != item[:-1])]
+        query, item, distance, hit = query[first], item[first], distance[first], hit[first]
+        # per row by (distance, label)
+        order = np.lexsort((self._label_rank[item], distance, query))
+        query, item, distance, hit = query[order], item[order], distance[order], hit[order]
+        starts = np.flatnonzero(np.r_[True, query[1:] != query[:-1]])
+        triples = list(zip(item.tolist(), distance.tolist(), hit.tolist(), strict=True))
+        bounds = [*starts.tolist(), len(query)]
+        return {int(query[a]): triples[a:b] for a, b in zip(bounds, bounds[1:], strict=False)}
 
     def match(self, hashes: np.ndarray, load_images: ImageLoader | None = None) -> MatchResult:
         """Match corpus hashes ``(n, words)``; `load_images` supplies image bytes for verification."""
