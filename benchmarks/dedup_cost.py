@@ -239,7 +239,7 @@ def main() -> None:
         "benchmark": "dedup_cost",
         "machine": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpu_count": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()],
-                    "note": "shared 2-core sandbox (3 other jobs); CPU time by time.process_time"},
+                    "note": "shared 2-core sandbox (other jobs may run); CPU time by time.process_time"},
         "descriptor_version": nd.DESCRIPTOR_VERSION,
         "cheap_rule": {"alpha": nd.CHEAP_ALPHA, "limit": nd.CHEAP_LIMIT},
         "index_build": build,

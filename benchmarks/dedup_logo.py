@@ -301,7 +301,7 @@ def evaluate(d: GenData, f: Fitted, threshold: int) -> dict:
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "loadavg": [round(x, 2) for x in os.getloadavg()],
-            "note": "shared 2-core sandbox (3 other jobs); CPU time by time.process_time"}
+            "note": "shared 2-core sandbox (other jobs may run); CPU time by time.process_time"}
 
 
 MODEL_BEGIN = "# --- fitted model: written by benchmarks/dedup_logo.py --final --write-model; do not edit by hand ---\n"
