@@ -306,18 +306,19 @@ class EvalMatcher:
             eval_desc = self.descriptors.get(candidate.item)
             if eval_desc is None:
                 continue
-            try:
-                prepared = prepared or self._nd.prepare(image)
-                if self.settings.detail_check and candidate.main_distance <= self.settings.threshold:
-                    agreement = self._nd.detail_agreement(eval_desc, prepared)
-                    if agreement is not None and agreement >= self._nd.DETAIL_NCC:
-                        candidate.verified, candidate.score, candidate.check = True, round(agreement, 4), "detail"
-                        counters["eval_verified"] += 1
-                        counters["eval_detail_accepted"] += 1
-                        return candidate
-                corpus_desc = corpus_desc or self._nd.descriptor(image, prepared=prepared)
-            except Exception as err:  # noqa: BLE001 - an image without a descriptor cannot confirm a match
-                log.warning("corpus row %d: no descriptor, candidates left unverified: %s", ranked[0].row, err)
+            # the corpus side: thumbnail first, keypoints only once the model is asked
+            prepared = prepared or _corpus_side(ranked[0].row, self._nd.prepare, image)
+            if prepared is None:
+                return None
+            if self.settings.detail_check and candidate.main_distance <= self.settings.threshold:
+                agreement = self._nd.detail_agreement(eval_desc, prepared)
+                if agreement is not None and agreement >= self._nd.DETAIL_NCC:
+                    candidate.verified, candidate.score, candidate.check = True, round(agreement, 4), "detail"
+                    counters["eval_verified"] += 1
+                    counters["eval_detail_accepted"] += 1
+                    return candidate
+            corpus_desc = corpus_desc or _corpus_side(ranked[0].row, self._nd.descriptor, image, prepared=prepared)
+            if corpus_desc is None:
                 return None
             counters["eval_verify_calls"] += 1
             same, score = self._nd.verify(eval_desc, corpus_desc, distance=candidate.distance, n_bits=self.n_bits)
@@ -329,6 +330,15 @@ class EvalMatcher:
                 return candidate
             if candidate.distance <= self.settings.threshold:
                 counters["eval_pHash_match_overruled"] += 1  # pHash alone would have rejected it
+        return None
+
+
+def _corpus_side(row: int, make: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`make(*args, **kwargs)`, or None (logged) when the corpus image cannot be described: no match then."""
+    try:
+        return make(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 - a bad corpus image leaves its candidates unverified, the run goes on
+        log.warning("corpus row %d: no descriptor, candidates left unverified: %s", row, err)
         return None
 
 
