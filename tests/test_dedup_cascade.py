@@ -194,3 +194,26 @@ def test_search_ranks_by_distance_then_label_with_variants_counted_once() -> Non
     for row, q in enumerate(int(h) for h in base[:10]):
         assert got[row] == reference(q), row
     assert sum(len(v) for v in got.values()) > 1000  # the test exercises ties, not a handful of hits
+
+
+def test_a_corpus_image_that_cannot_be_described_leaves_its_candidates_unverified(
+    index: pa.Table, real_images: dict[str, bytes], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    chelsea = decode_rgb(real_images["chelsea.jpg"])
+    corpus = [chelsea, chelsea.copy()]
+    broken = corpus[1]
+
+    def prepare(img: Image.Image) -> nd.Prepared:
+        if img is broken:
+            raise ValueError("cannot describe")
+        return real_prepare(img)
+
+    real_prepare = nd.prepare
+    monkeypatch.setattr(nd, "prepare", prepare)
+    matcher = EvalMatcher(index, MatchSettings(8, 16, 8, True), 64)
+    with caplog.at_level("WARNING", logger="curate.dedup_matcher"):
+        got = matcher.match(from_ints([phash_int(img) for img in corpus]), lambda rows: {r: corpus[r] for r in rows})
+    assert got.matches[0] is not None and matcher.labels[got.matches[0].item] == "demo:chelsea.jpg"
+    assert got.matches[1] is None
+    assert "corpus row 1: no descriptor, candidates left unverified: cannot describe" in caplog.text
