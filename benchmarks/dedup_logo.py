@@ -226,25 +226,25 @@ def evaluate(d: GenData, f: Fitted, threshold: int) -> dict:
     truth = d.truth & ~d.ambiguous
     valid = ~d.ambiguous
     not_flip = np.array([t != "flip" for t in d.corpus_transforms])
-    cascade = np.zeros(d.truth.shape, bool)
-    cheap = np.zeros(d.truth.shape, bool)
     i, j = d.pairs[:, 0], d.pairs[:, 1]
+    in_reach = (d.loose <= threshold) & valid
+
+    def on_pairs(decided: np.ndarray) -> np.ndarray:
+        """Per-candidate-pair decisions as an (eval, corpus) matrix, within the candidate threshold."""
+        out = np.zeros(d.truth.shape, bool)
+        out[i, j] = decided
+        return out & in_reach
+
     passed = d.fine[i, j] + f.alpha * d.loose[i, j] <= f.limit
-    cheap[i, j] = passed
     prob = B.logistic(f.model, d.features)
     low = d.features[:, nd.FEATURE_NAMES.index("low_info")] > 0.5
     model_says = d.comparable & (prob >= np.where(low, f.low_info_cut, f.cut))
     # the matcher's detail check (dedup.detail_check, on by default): within the plain threshold, both detailed
     detail_says = (d.plain[i, j] <= PLAIN_THRESHOLD) & (np.nan_to_num(d.detail, nan=-1.0) >= nd.DETAIL_NCC)
-    cascade[i, j] = passed & (model_says | detail_says)
-    model_only = np.zeros(d.truth.shape, bool)
-    model_only[i, j] = passed & model_says
-    model_only &= (d.loose <= threshold) & valid
-    by_detail = np.zeros(d.truth.shape, bool)
-    by_detail[i, j] = passed & detail_says
-    by_detail &= (d.loose <= threshold) & valid
-    cascade &= (d.loose <= threshold) & valid
-    cheap &= (d.loose <= threshold) & valid
+    cheap = on_pairs(passed)
+    cascade = on_pairs(passed & (model_says | detail_says))
+    model_only = on_pairs(passed & model_says)
+    by_detail = on_pairs(passed & detail_says)
 
     def summary(pred: np.ndarray) -> dict:
         tp, fp = int((pred & truth).sum()), int((pred & ~truth & valid).sum())
@@ -274,7 +274,7 @@ def evaluate(d: GenData, f: Fitted, threshold: int) -> dict:
 
     plain8 = (d.plain <= 8) & valid
     plain_t = (d.plain <= threshold) & valid
-    negatives_in_reach = (d.loose <= threshold) & ~truth & valid
+    negatives_in_reach = in_reach & ~truth
     return {
         "plain_phash_8": {**summary(plain8), "per_transform": by(plain8, "transform"), "per_kind": by(plain8, "kind")},
         f"plain_phash_{threshold}": summary(plain_t),

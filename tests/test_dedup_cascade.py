@@ -159,7 +159,7 @@ def test_detail_check_confirms_detailed_copies_without_keypoints(
     assert second is not None and matcher.labels[second.item] == "demo:chelsea.jpg" and second.check == "model"
     assert got.matches[2] is None
     # keypoints were computed for the rows the detail check left open, never for the first
-    assert len(described) == sum(1 for row in (1, 2) if any(c.row == row and c.check for c in got.candidates))
+    assert len(described) == sum(1 for row in (1, 2) if any(c.row == row and c.check == "model" for c in got.candidates))
 
     off = EvalMatcher(index, MatchSettings(8, 16, 8, True, detail_check=False), 64)
     plain = off.match(hashes, lambda rows: {r: corpus[r] for r in rows})
