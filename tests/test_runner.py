@@ -370,3 +370,26 @@ def test_tar_samples_with_different_fields_get_nulls(tmp_path: Path) -> None:
     assert [r["extra"] for r in rows] == [None, 3, None]
     assert [r["input_status"] for r in rows] == [None, "ok", None]
     assert [r["image"] for r in rows] == [b"x", b"y", None]
+
+
+def _worker_env() -> dict[str, str | None]:
+    import os
+
+    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+
+
+def test_local_workers_keep_glibc_malloc_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dask's MALLOC_TRIM_THRESHOLD_=65536 (which makes every decoded image page-fault in anew) is not set in our
+    LocalCluster's workers; Dask's other pre-spawn variables are, and a value the user exported still applies."""
+    from curate.pipeline.cluster import open_client
+    from curate.pipeline.config import ClusterConfig
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    cfg = ClusterConfig(n_workers=1, processes=True, dashboard=False)
+    with open_client(cfg, False, echo=lambda _line: None) as (client, _placement):
+        (env,) = client.run(_worker_env).values()
+    assert env == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
+    with open_client(cfg, False, echo=lambda _line: None) as (client, _placement):
+        (env,) = client.run(_worker_env).values()
+    assert env["MALLOC_TRIM_THRESHOLD_"] == "1048576"
