@@ -89,11 +89,37 @@ class Candidate:
 
 @dataclass
 class MatchResult:
-    """Per corpus row: the accepted candidate (or None); every candidate in rank order; the counters."""
+    """Per corpus row: the accepted candidate (or None); the candidates a check decided (each row's in rank
+    order: cheap-check refusals within ``threshold``, then those the detail check or the model judged; without
+    verification, each row's match); the counters. Candidates no check looked at are not listed."""
 
     matches: list[Candidate | None]
     candidates: list[Candidate]
     counters: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+@dataclass(frozen=True)
+class _Ranked:
+    """All candidates of a batch as parallel arrays, each row's ranked by (distance, label).
+
+    Row ``rows[k]``'s candidates are ``[bounds[k], bounds[k + 1])``; `hit` is the searched hash each came
+    through (main or variant), `main_distance` the distance to the item's main hash.
+    """
+
+    rows: np.ndarray
+    bounds: np.ndarray
+    item: np.ndarray
+    distance: np.ndarray
+    hit: np.ndarray
+    main_distance: np.ndarray
+
+    @staticmethod
+    def empty() -> _Ranked:
+        none = np.zeros(0, dtype=np.int64)
+        return _Ranked(none, np.zeros(1, dtype=np.int64), none, none, none, none)
+
+    def candidate(self, row: int, i: int) -> Candidate:
+        return Candidate(row, int(self.item[i]), int(self.distance[i]), int(self.main_distance[i]))
 
 
 class _Labels:
@@ -214,53 +240,59 @@ class EvalMatcher:
 
     def search(self, hashes: np.ndarray) -> dict[int, list[tuple[int, int]]]:
         """row -> [(eval item, distance), ...] ranked by (distance, label); rows without candidates absent."""
-        return {row: [(item, d) for item, d, _h in found] for row, found in self._search(hashes).items()}
+        ranked = self._ranked(hashes)
+        pairs = list(zip(ranked.item.tolist(), ranked.distance.tolist(), strict=True))
+        bounds = ranked.bounds.tolist()
+        return {row: pairs[a:b] for row, a, b in zip(ranked.rows.tolist(), bounds, bounds[1:], strict=False)}
 
-    def _search(self, hashes: np.ndarray) -> dict[int, list[tuple[int, int, int]]]:
-        """row -> [(eval item, distance, searched hash it came through), ...] ranked by (distance, label)."""
+    def _ranked(self, hashes: np.ndarray) -> _Ranked:
+        """Every (row, eval item) candidate as parallel arrays, ranked per row by (distance, label)."""
         found = self.search_index.search(hashes, self.settings.search_threshold)
         query = np.asarray(found.query, dtype=np.int64)
         if len(query) == 0:
-            return {}
+            return _Ranked.empty()
         hit = np.asarray(found.index, dtype=np.int64)
         distance = np.asarray(found.distance, dtype=np.int64)
         item = self.owner[hit].astype(np.int64)
-        # nearest hash per (row, eval item): main and variants of one item count once (the first found of equals)
-        order = np.lexsort((np.arange(len(query)), distance, item, query))
-        query, item, distance, hit = query[order], item[order], distance[order], hit[order]
-        first = np.r_[True, (query[1:] != query[:-1]) | (item[1:] != item[:-1])]
-        query, item, distance, hit = query[first], item[first], distance[first], hit[first]
+        if len(self.hashes) > len(self.main_hashes):
+            # nearest hash per (row, eval item): main and variants of one item count once (the first found of equals)
+            order = np.lexsort((np.arange(len(query)), distance, item, query))
+            query, item, distance, hit = query[order], item[order], distance[order], hit[order]
+            first = np.r_[True, (query[1:] != query[:-1]) | (item[1:] != item[:-1])]
+            query, item, distance, hit = query[first], item[first], distance[first], hit[first]
         # per row by (distance, label)
         order = np.lexsort((self._label_rank[item], distance, query))
         query, item, distance, hit = query[order], item[order], distance[order], hit[order]
         starts = np.flatnonzero(np.r_[True, query[1:] != query[:-1]])
-        triples = list(zip(item.tolist(), distance.tolist(), hit.tolist(), strict=True))
-        bounds = [*starts.tolist(), len(query)]
-        return {int(query[a]): triples[a:b] for a, b in zip(bounds, bounds[1:], strict=False)}
-
-    def match(self, hashes: np.ndarray, load_images: ImageLoader | None = None) -> MatchResult:
-        """Match corpus hashes ``(n, words)``; `load_images` supplies image bytes for verification."""
         from curate.stages.phash_dedup.phash import hamming
 
-        ranked = self._search(hashes)
+        main_distance = hamming(hashes[query], self.main_hashes[item])
+        return _Ranked(query[starts], np.r_[starts, len(query)], item, distance, hit, main_distance)
+
+    def match(self, hashes: np.ndarray, load_images: ImageLoader | None = None) -> MatchResult:
+        """Match corpus hashes ``(n, words)``; `load_images` supplies image bytes for verification.
+
+        Candidates are kept as arrays; a :class:`Candidate` object is made only for the ones a check decides
+        (and, without verification, for each row's match), so a row with thousands of pHash collisions costs
+        array operations, not objects.
+        """
+        ranked = self._ranked(hashes)
         result = MatchResult([None] * len(hashes), [])
-        images: Mapping[int, bytes | Image.Image | None] = {}
-        if self.settings.verify and ranked:
-            if load_images is None:
-                raise ValueError("verification needs the corpus images: pass load_images")
-            images = load_images(list(ranked))
-        pair_rows = np.array([row for row, items in ranked.items() for _ in items], dtype=np.int64)
-        pair_items = np.array([item for items in ranked.values() for item, _d, _h in items], dtype=np.int64)
-        main_distances = iter(hamming(hashes[pair_rows], self.main_hashes[pair_items]).tolist())
-        for row, items in ranked.items():
-            result.counters["eval_candidate_rows"] += 1
-            row_candidates = [Candidate(row, item, d, next(main_distances)) for item, d, _h in items]
-            result.candidates.extend(row_candidates)
-            if self.settings.verify:
-                via = [h for _item, _d, h in items]
-                result.matches[row] = self._verify(row_candidates, via, images.get(row), result.counters)
-            else:
-                result.matches[row] = row_candidates[0]
+        result.counters["eval_candidate_rows"] += len(ranked.rows)
+        if not len(ranked.rows):
+            return result
+        if not self.settings.verify:
+            for row, a in zip(ranked.rows.tolist(), ranked.bounds[:-1].tolist(), strict=False):
+                candidate = ranked.candidate(row, a)
+                result.matches[row] = candidate
+                result.candidates.append(candidate)
+            return result
+        if load_images is None:
+            raise ValueError("verification needs the corpus images: pass load_images")
+        images = load_images(ranked.rows.tolist())
+        bounds = ranked.bounds.tolist()
+        for row, a, b in zip(ranked.rows.tolist(), bounds, bounds[1:], strict=False):
+            result.matches[row] = self._verify(ranked, row, a, b, images.get(row), result)
         return result
 
     def _decode(self, row: int, data: bytes | Image.Image | None) -> Image.Image | None:
@@ -275,49 +307,52 @@ class EvalMatcher:
             log.warning("corpus row %d: image does not decode, candidates left unverified: %s", row, err)
             return None
 
-    def _verify(
-        self, ranked: list[Candidate], via: list[int], data: bytes | Image.Image | None,
-        counters: collections.Counter[str],
-    ) -> Candidate | None:
-        """The nearest candidate the cascade confirms, or None. Fine code and descriptor made once per row."""
+    def _verify(self, ranked: _Ranked, row: int, a: int, b: int, data: bytes | Image.Image | None,
+                result: MatchResult) -> Candidate | None:
+        """The nearest of the row's candidates ``ranked[a:b]`` the cascade confirms, or None. Fine code and
+        descriptor made once per row; the candidates a check decides are added to ``result.candidates``."""
         assert self._nd is not None
-        image = self._decode(ranked[0].row, data)
+        counters = result.counters
+        image = self._decode(row, data)
         if image is None:
             return None
-        unsure = ranked
+        threshold = self.settings.threshold
+        unsure = np.arange(a, b)
         if self.fine is not None:
             corpus_fine = np.frombuffer(self._nd.fine_code(image), dtype=np.uint64)
-            fine_distance = np.bitwise_count(self.fine[np.asarray(via)] ^ corpus_fine).sum(axis=1)
-            distances = np.array([c.distance for c in ranked])
-            keep = self._nd.cheap_check(fine_distance, distances)
-            counters["eval_cheap_checks"] += len(ranked)
+            fine_distance = np.bitwise_count(self.fine[ranked.hit[a:b]] ^ corpus_fine).sum(axis=1)
+            keep = self._nd.cheap_check(fine_distance, ranked.distance[a:b])
+            counters["eval_cheap_checks"] += b - a
             counters["eval_cheap_passed"] += int(keep.sum())
-            unsure = [c for c, k in zip(ranked, keep.tolist(), strict=True) if k]
-            for candidate, k in zip(ranked, keep.tolist(), strict=True):
-                if not k:
-                    candidate.verified, candidate.score, candidate.check = False, 0.0, "cheap"
-                    if candidate.distance <= self.settings.threshold:
-                        counters["eval_pHash_match_overruled"] += 1
-        if not unsure or self.descriptors is None:
+            unsure = unsure[keep]
+            # refusals of what pHash alone would have matched: counted, and kept for the report
+            for i in np.flatnonzero(~keep & (ranked.distance[a:b] <= threshold)).tolist():
+                refused = ranked.candidate(row, a + i)
+                refused.verified, refused.score, refused.check = False, 0.0, "cheap"
+                result.candidates.append(refused)
+                counters["eval_pHash_match_overruled"] += 1
+        if not len(unsure) or self.descriptors is None:
             return None
         prepared: Any = None
         corpus_desc: bytes | None = None
-        for candidate in unsure[: self.settings.max_candidates]:
+        for i in unsure[: self.settings.max_candidates].tolist():
+            candidate = ranked.candidate(row, i)
             eval_desc = self.descriptors.get(candidate.item)
             if eval_desc is None:
                 continue
             # the corpus side: thumbnail first, keypoints only once the model is asked
-            prepared = prepared or _corpus_side(ranked[0].row, self._nd.prepare, image)
+            prepared = prepared or _corpus_side(row, self._nd.prepare, image)
             if prepared is None:
                 return None
-            if self.settings.detail_check and candidate.main_distance <= self.settings.threshold:
+            result.candidates.append(candidate)
+            if self.settings.detail_check and candidate.main_distance <= threshold:
                 agreement = self._nd.detail_agreement(eval_desc, prepared)
                 if agreement is not None and agreement >= self._nd.DETAIL_NCC:
                     candidate.verified, candidate.score, candidate.check = True, round(agreement, 4), "detail"
                     counters["eval_verified"] += 1
                     counters["eval_detail_accepted"] += 1
                     return candidate
-            corpus_desc = corpus_desc or _corpus_side(ranked[0].row, self._nd.descriptor, image, prepared=prepared)
+            corpus_desc = corpus_desc or _corpus_side(row, self._nd.descriptor, image, prepared=prepared)
             if corpus_desc is None:
                 return None
             counters["eval_verify_calls"] += 1
@@ -325,10 +360,10 @@ class EvalMatcher:
             candidate.verified, candidate.score, candidate.check = bool(same), float(score), "model"
             if candidate.verified:
                 counters["eval_verified"] += 1
-                if candidate.distance > self.settings.threshold:
+                if candidate.distance > threshold:
                     counters["eval_verified_beyond_threshold"] += 1
                 return candidate
-            if candidate.distance <= self.settings.threshold:
+            if candidate.distance <= threshold:
                 counters["eval_pHash_match_overruled"] += 1  # pHash alone would have rejected it
         return None
 
