@@ -60,7 +60,7 @@ def worker_environ() -> dict[str, Any]:
     OS at once. That setting also switches off glibc's adaptive mmap threshold: every allocation over 128 KiB
     (each decoded photo, its resize buffers) is then mapped fresh and page-faulted in, then unmapped again.
     For a download-heavy worker that was ~600 page faults and ~1.4 ms of kernel CPU per image (measured: 866k
-    vs 240k faults for 1,000 images, benchmarks/results/e2e_vs_img2dataset.json). Without the variable, glibc
+    vs 240k faults for 1,000 images by `perf stat`, docs/download.md Performance). Without the variable, glibc
     keeps its defaults (what a plain Python process, img2dataset's workers included, gets). A value the user
     exported still reaches the workers: they inherit the client's environment.
     """
