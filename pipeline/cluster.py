@@ -73,6 +73,7 @@ def worker_environ() -> dict[str, Any]:
 
 def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
     import dask
+    from distributed import LocalCluster
 
     cpu = os.cpu_count() or 1
     n_workers = cfg.n_workers or max(1, cpu // cfg.threads_per_worker)
@@ -80,35 +81,29 @@ def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
     network = {"host": "127.0.0.1"} if cfg.processes else {}
     # Nannies read their pre-spawn environment when built (also for workers restarted later).
     with dask.config.set({"distributed.nanny.pre-spawn-environ": worker_environ()}):
-        return _start_local_cluster(cfg, gpu_workers, n_workers, network)
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=cfg.threads_per_worker,
+            processes=cfg.processes,
+            memory_limit=cfg.memory_limit,
+            # Dask serves a dashboard regardless; keep it on loopback (None would mean 0.0.0.0:8787).
+            dashboard_address="127.0.0.1:0",
+            silence_logs=logging.ERROR,
+            # With GPU workers beside them, CPU workers advertise CPU so CPU stages never occupy a GPU worker.
+            resources={"CPU": cfg.threads_per_worker} if gpu_workers and cfg.processes else None,
+            **network,
+        )
+        if gpu_workers and cfg.processes:
+            import copy
 
-
-def _start_local_cluster(cfg: Any, gpu_workers: int, n_workers: int, network: dict[str, str]) -> Any:
-    from distributed import LocalCluster
-
-    cluster = LocalCluster(
-        n_workers=n_workers,
-        threads_per_worker=cfg.threads_per_worker,
-        processes=cfg.processes,
-        memory_limit=cfg.memory_limit,
-        # Dask serves a dashboard regardless; keep it on loopback (None would mean 0.0.0.0:8787).
-        dashboard_address="127.0.0.1:0",
-        silence_logs=logging.ERROR,
-        # With GPU workers beside them, CPU workers advertise CPU so CPU stages never occupy a GPU worker.
-        resources={"CPU": cfg.threads_per_worker} if gpu_workers and cfg.processes else None,
-        **network,
-    )
-    if gpu_workers and cfg.processes:
-        import copy
-
-        for i in range(gpu_workers):
-            name, spec = next(iter(cluster.new_worker_spec().items()))
-            spec = copy.deepcopy(spec)
-            spec["options"]["resources"] = {"GPU": 1}  # and no CPU: only GPU stages run here
-            spec["options"]["env"] = {"CUDA_VISIBLE_DEVICES": str(i)}
-            spec["options"]["nthreads"] = 1
-            cluster.worker_spec[f"gpu-{i}"] = spec
-        cluster.sync(cluster._correct_state)
+            for i in range(gpu_workers):
+                name, spec = next(iter(cluster.new_worker_spec().items()))
+                spec = copy.deepcopy(spec)
+                spec["options"]["resources"] = {"GPU": 1}  # and no CPU: only GPU stages run here
+                spec["options"]["env"] = {"CUDA_VISIBLE_DEVICES": str(i)}
+                spec["options"]["nthreads"] = 1
+                cluster.worker_spec[f"gpu-{i}"] = spec
+            cluster.sync(cluster._correct_state)
     return cluster
 
 

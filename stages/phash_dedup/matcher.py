@@ -278,9 +278,9 @@ class EvalMatcher:
         """
         ranked = self._ranked(hashes)
         result = MatchResult([None] * len(hashes), [])
-        result.counters["eval_candidate_rows"] += len(ranked.rows)
         if not len(ranked.rows):
             return result
+        result.counters["eval_candidate_rows"] += len(ranked.rows)
         if not self.settings.verify:
             for row, a in zip(ranked.rows.tolist(), ranked.bounds[:-1].tolist(), strict=False):
                 candidate = ranked.candidate(row, a)
