@@ -387,6 +387,28 @@ def test_lexicon_policy_falls_back_to_the_detector_for_unknown_words() -> None:
     assert not LanguageFilter(replace(config, short_caption_policy="lenient")).is_english("yellow tulips")
 
 
+def test_lexicon_parsed_on_demand_equals_the_whole_file() -> None:
+    """Words are parsed on first lookup (set-up cost); every entry must equal an eager parse of its line."""
+    import gzip
+
+    from curate.stages.clean_captions import lexicon
+
+    lexicon.load.cache_clear()
+    words = lexicon.load()
+    checked = 0
+    with gzip.open(lexicon.LEXICON_PATH, "rt", encoding="utf-8") as f:
+        for line in f:
+            word, en, others = line.rstrip("\n").split("\t")
+            expected = {lang: round(float(en) - float(value), 2)
+                        for lang, _, value in (item.partition(":") for item in others.split(",") if item)}
+            assert words.get(word) == expected, word
+            checked += 1
+    assert checked == len(words) > 40_000
+    assert words.get("qqqxz") is None and "qqqxz" not in words
+    assert lexicon.english_margin(["yellow", "tulips"], words) is not None
+    assert lexicon.english_margin(["yellow", "qqqxz"], words) is None
+
+
 @pytest.mark.parametrize(
     ("caption", "reason"),
     [
