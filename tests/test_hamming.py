@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -72,7 +75,7 @@ def test_many_identical_codes_overflow_the_first_output_buffer() -> None:
     base = _random_codes(rng, 3, 64)
     index = _flip(rng, np.repeat(base, 400, axis=0), 64, 3)
     query = _flip(rng, np.repeat(base, 50, axis=0), 64, 3)
-    found = HammingIndex(index, 64, 6).search(query, n_threads=2)
+    found = HammingIndex(index, 64, 6, brute_force_max=0).search(query, n_threads=2)
     expected = brute_force_pairs(query, index, 6)
     assert len(expected) > 4 * len(query) * 10
     assert found.as_set() == expected.as_set() and len(found) == len(expected)
@@ -80,11 +83,29 @@ def test_many_identical_codes_overflow_the_first_output_buffer() -> None:
 
 def test_index_serves_any_threshold_up_to_its_maximum() -> None:
     query, index = _planted(11, 800, 1200, 64, 10)
-    idx = HammingIndex(index, 64, 10)
-    for t in (0, 3, 7, 10):
-        assert idx.search(query, t).as_set() == brute_force_pairs(query, index, t).as_set()
-    with pytest.raises(ValueError, match="threshold"):
-        idx.search(query, 11)
+    for brute_force_max in (0, len(index)):  # the compiled kernel, and the numpy scan of small indexes
+        idx = HammingIndex(index, 64, 10, brute_force_max=brute_force_max)
+        assert idx.brute_force == (brute_force_max > 0)
+        for t in (0, 3, 7, 10):
+            found, expected = idx.search(query, t), brute_force_pairs(query, index, t)
+            assert found.as_set() == expected.as_set()
+            assert np.array_equal(found.query, expected.query) and np.array_equal(found.index, expected.index)
+        with pytest.raises(ValueError, match="threshold"):
+            idx.search(query, 11)
+
+
+def test_small_index_search_does_not_load_the_compiled_kernel() -> None:
+    """A small eval set must not cost every worker numba's import and kernel load (~0.7 s CPU)."""
+    code = (
+        "import sys, numpy as np\n"
+        "from curate.stages.phash_dedup.hamming import BRUTE_FORCE_MAX_INDEX, HammingIndex\n"
+        "x = np.arange(1, BRUTE_FORCE_MAX_INDEX + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)\n"
+        "found = HammingIndex(x, 64, 16).search(x[:50])\n"
+        "assert len(found) >= 50\n"
+        "print('numba' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_self_pairs_lists_each_pair_once() -> None:

@@ -32,6 +32,10 @@ import numpy as np
 
 MAX_KEY_BITS = 24  # dense bucket tables: 2^24 int64 offsets = 128 MiB per block at most
 _MAX_PROBES_PER_BLOCK = 1 << 20  # masks enumerated per block; guards against silly plans
+#: Indexes of at most this many hashes are searched by a numpy scan of all of them (~10 ns per hash and query row,
+#: <= ~0.1 ms per row) instead of the compiled kernel, whose first use costs ~0.7 s CPU per process (importing numba
+#: and loading the cached machine code): a small eval set (hundreds of images) would pay that in every worker.
+BRUTE_FORCE_MAX_INDEX = 8192
 
 
 @dataclass(frozen=True)
@@ -289,11 +293,16 @@ class HammingIndex:
     """Multi-index hash table over `hashes` for exact range queries up to `max_threshold` bits.
 
     Build once (e.g. per worker for an eval index), then :meth:`search` any number of query
-    batches with any threshold ``<= max_threshold``.
+    batches with any threshold ``<= max_threshold``. An index of at most `brute_force_max` hashes is
+    searched by :func:`brute_force_pairs` (same result; see :data:`BRUTE_FORCE_MAX_INDEX`).
     """
 
-    def __init__(self, hashes: np.ndarray, n_bits: int, max_threshold: int, expected_queries: int = 100_000) -> None:
+    def __init__(
+        self, hashes: np.ndarray, n_bits: int, max_threshold: int, expected_queries: int = 100_000,
+        brute_force_max: int = BRUTE_FORCE_MAX_INDEX,
+    ) -> None:
         self.hashes = as_words(hashes)
+        self.brute_force = len(self.hashes) <= brute_force_max
         self.n_bits = n_bits
         if self.hashes.shape[1] != (n_bits + 63) // 64:
             raise ValueError(f"{n_bits}-bit hashes need {(n_bits + 63) // 64} words, got {self.hashes.shape[1]}")
@@ -341,6 +350,8 @@ class HammingIndex:
             raise ValueError(f"query has {q.shape[1]} words per hash, index {self.hashes.shape[1]}")
         if len(q) == 0 or len(self) == 0:
             return Pairs.empty()
+        if self.brute_force:
+            return brute_force_pairs(q, self.hashes, t)
         q_keys = _block_keys(q, self.plan.blocks)
         q_order = np.ascontiguousarray(np.argsort(q_keys, axis=0, kind="stable").T)
         q_sorted = q[q_order]  # (blocks, n, words): each block's queries in probe order, read sequentially
@@ -385,7 +396,7 @@ def range_search(
     """All pairs (query row, index row) within `threshold` bits, sorted; identical to brute force.
 
     `method`: ``auto`` (multi-index hashing on the larger side, or brute force when the cost model
-    says it is cheaper), ``mih`` or ``brute``.
+    says it is cheaper), ``mih`` (the compiled kernel, whatever the sizes) or ``brute``.
     """
     q = as_words(query)
     x = as_words(index)
@@ -402,9 +413,10 @@ def range_search(
     if method == "brute":
         return brute_force_pairs(q, x, threshold)
     if len(q) > len(x):  # index the larger side: fewer probes for the same candidates
-        found = HammingIndex(q, n_bits, threshold, expected_queries=len(x)).search(x, threshold, n_threads)
+        found = HammingIndex(q, n_bits, threshold, expected_queries=len(x), brute_force_max=0).search(
+            x, threshold, n_threads)
         return Pairs(found.index, found.query, found.distance).sorted()
-    return HammingIndex(x, n_bits, threshold, expected_queries=len(q)).search(q, threshold, n_threads)
+    return HammingIndex(x, n_bits, threshold, expected_queries=len(q), brute_force_max=0).search(q, threshold, n_threads)
 
 
 def self_pairs(hashes: np.ndarray, threshold: int, n_bits: int = 64, method: str = "auto") -> Pairs:
