@@ -162,6 +162,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="10000,100000,1000000")
     parser.add_argument("--thresholds", default="10,12,16")
     parser.add_argument("--rows", type=int, default=0, help="limit the corpus batch (0 = all)")
+    parser.add_argument("--max-candidates", default="8",
+                        help="dedup.max_candidates settings; runs other than 8 are saved as 'items@threshold/max{k}'")
+    parser.add_argument("--merge", action="store_true",
+                        help="add these runs to the saved JSON (each run records its date) instead of replacing it")
     parser.add_argument("--rates-only", action="store_true",
                         help="only the collision rates (real records vs padded index), added to the existing JSON")
     args = parser.parse_args()
@@ -194,8 +198,8 @@ def main() -> None:
         return
     for n in [int(s) for s in args.sizes.split(",")]:
         table, source = padded_table(records, n, rng)
-        for t in [int(s) for s in args.thresholds.split(",")]:
-            settings = MatchSettings(threshold=8, candidate_threshold=t, max_candidates=8, verify=True)
+        for t, k in [(int(s), int(m)) for s in args.thresholds.split(",") for m in args.max_candidates.split(",")]:
+            settings = MatchSettings(threshold=8, candidate_threshold=t, max_candidates=k, verify=True)
             rss0 = _rss_bytes()
             t0 = time.process_time()
             matcher = EvalMatcher(table, settings, 64)
@@ -214,7 +218,8 @@ def main() -> None:
             cand_real = sum(sum(1 for item, _d in items if real_rows[item]) for items in ranked.values())
             cand_all = sum(len(items) for items in ranked.values())
             row = {
-                "items": n, "candidate_threshold": t, "corpus_rows": len(corpus),
+                "items": n, "candidate_threshold": t, "max_candidates": k, "corpus_rows": len(corpus),
+                "date": time.strftime("%Y-%m-%d"), "loadavg_after": [round(x, 2) for x in os.getloadavg()],
                 "cpu_ms_per_row": round(match_s * 1000 / len(corpus), 3),
                 "search_cpu_ms_per_row": round(search_s * 1000 / len(corpus), 3),
                 "candidates_per_row": round(cand_all / len(corpus), 2),
@@ -233,8 +238,13 @@ def main() -> None:
                 "rss_growth_bytes_per_item": round(rss / n, 1),
             }
             print(json.dumps(row), flush=True)
-            results[f"{n}@{t}"] = row
+            results[f"{n}@{t}" if k == 8 else f"{n}@{t}/max{k}"] = row
             del matcher
+    if args.merge and RESULTS.exists():
+        saved = json.loads(RESULTS.read_text())
+        saved["runs"].update(results)
+        RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+        return
     out = {
         "benchmark": "dedup_cost",
         "machine": {"platform": platform.platform(), "python": platform.python_version(),

@@ -298,6 +298,75 @@ def evaluate(d: GenData, f: Fitted, threshold: int) -> dict:
     }
 
 
+MAX_CANDIDATES = (1, 2, 3, 8)  # dedup.max_candidates settings the row-level view compares (8 is the default)
+
+
+def replay_matches(d: GenData, f: Fitted, threshold: int, max_candidates: int) -> tuple[dict[int, int], int, int]:
+    """(corpus row -> accepted eval item, model calls, rows with candidates): `EvalMatcher.match` replayed."""
+    pair_index = {(int(a), int(b)): k for k, (a, b) in enumerate(d.pairs)}
+    prob = B.logistic(f.model, d.features)
+    low = d.features[:, nd.FEATURE_NAMES.index("low_info")] > 0.5
+    model_says = d.comparable & (prob >= np.where(low, f.low_info_cut, f.cut))
+    detail_ok = np.nan_to_num(d.detail, nan=-1.0) >= nd.DETAIL_NCC
+    name_rank = np.argsort(np.argsort(np.array(d.eval_names, dtype=object)))
+    matches: dict[int, int] = {}
+    model_calls = rows_with_candidates = 0
+    for j in range(len(d.corpus_names)):
+        items = np.flatnonzero(d.loose[:, j] <= threshold)
+        if not len(items):
+            continue
+        rows_with_candidates += 1
+        items = items[np.lexsort((name_rank[items], d.loose[items, j]))]
+        passed = [int(i) for i in items if d.fine[i, j] + f.alpha * d.loose[i, j] <= f.limit]
+        for i in passed[:max_candidates]:
+            k = pair_index[(i, j)]
+            if d.plain[i, j] <= PLAIN_THRESHOLD and detail_ok[k]:
+                matches[j] = i
+                break
+            model_calls += 1
+            if model_says[k]:
+                matches[j] = i
+                break
+    return matches, model_calls, rows_with_candidates
+
+
+def row_level(d: GenData, f: Fitted, threshold: int, max_candidates: int) -> dict:
+    """What the stage does per corpus row, replayed on the collected measurements.
+
+    Per row: candidates are the eval items within `threshold` of the row's hash (nearest of main and variant
+    hashes), ranked by (distance, eval name) as `EvalMatcher` ranks them by (distance, label); the cheap check
+    drops some; the first `max_candidates` left are judged in that order (detail check within the plain
+    threshold, else the model) and the first accepted one is the row's match. A row counts as positive when
+    it derives from some eval image (the stage removes it whichever eval item it matches); a flagged row
+    whose accepted item is an ambiguous Tux Paint variant of its own drawing is left out, as in `evaluate`.
+    `model_calls_per_row` (verify calls) is the cost driver.
+    """
+    matches, model_calls, rows_with_candidates = replay_matches(d, f, threshold, max_candidates)
+    positive = d.truth.any(axis=0)
+    not_flip = np.array([t != "flip" for t in d.corpus_transforms])
+    tp = fp = right_item = left_out = 0
+    found = np.zeros(len(d.corpus_names), bool)
+    for j, accepted in matches.items():
+        if positive[j]:
+            tp += 1
+            found[j] = True
+            right_item += int(d.truth[accepted, j])
+        elif d.ambiguous[accepted, j]:
+            left_out += 1
+        else:
+            fp += 1
+    n = len(d.corpus_names)
+    return {
+        "positive_rows": int(positive.sum()), "tp": tp, "fp": fp, "left_out_ambiguous": left_out,
+        "precision": round(tp / (tp + fp), 4) if tp + fp else 1.0,
+        "recall": round(tp / max(1, int(positive.sum())), 4),
+        "recall_without_mirrors": round(float(found[positive & not_flip].mean()), 4),
+        "matched_the_right_item": round(right_item / max(1, tp), 4),
+        "rows_with_candidates_share": round(rows_with_candidates / n, 4),
+        "model_calls_per_row": round(model_calls / n, 3),
+    }
+
+
 def machine() -> dict:
     return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
             "loadavg": [round(x, 2) for x in os.getloadavg()],
@@ -346,7 +415,13 @@ def main() -> None:
     parser.add_argument("--final", action="store_true", help="all three folds, once; writes the results JSON")
     parser.add_argument("--write-model", action="store_true", help="with --final: ship the fold fitted without graphics")
     parser.add_argument("--thresholds", default="10,12,16")
+    parser.add_argument("--rows", action="store_true",
+                        help="all three folds, row level per dedup.max_candidates (1, 2, 3, 8), added to the results "
+                             "JSON under folds.*.row_level; changes nothing else (no model, no pair-level numbers)")
     args = parser.parse_args()
+    if args.rows:
+        row_report([int(t) for t in args.thresholds.split(",")])
+        return
     B.fetch_debs()
     thresholds = [int(t) for t in args.thresholds.split(",")]
     names = GENERATORS if args.final else ("debian", "product")
@@ -388,6 +463,67 @@ def main() -> None:
             fitted = fit(train)
             n_pos = sum(int(d.truth.sum()) for d in train)
             write_model(fitted, sum(len(d.pairs) + COLLISIONS for d in train), n_pos)
+
+
+def check_replay(d: GenData, thresholds: list[int]) -> dict:
+    """Run the real `EvalMatcher` on the held-back generator (whose fold's model and cheap rule are the shipped
+    ones) and compare its per-row matches and verify calls with :func:`replay_matches`."""
+    import pyarrow as pa
+    from dedup_cost import padded_table
+
+    from curate.stages.phash_dedup.matcher import DescriptorStore, EvalMatcher, MatchSettings
+    from curate.stages.phash_dedup.phash import from_ints
+
+    fitted = fit([collect(n) for n in GENERATORS if n != d.name])
+    if (fitted.alpha, round(fitted.limit)) != (nd.CHEAP_ALPHA, nd.CHEAP_LIMIT):
+        raise SystemExit("the shipped cheap rule is not this fold's: rerun --final --write-model first")
+    evals, corpus = build(d.name, SEED)
+    records = []
+    for e in evals:
+        codes = nd.variant_codes(e.image)
+        records.append({"hashes": [h for h, _ in codes], "fine": b"".join(fc for _, fc in codes),
+                        "descriptor": nd.descriptor(e.image, with_mirror=True)})
+    table, _source = padded_table(records, len(records), np.random.default_rng(0))
+    table = table.set_column(table.schema.get_field_index("item_id"), "item_id", pa.array(d.eval_names))
+    store = DescriptorStore(pa.chunked_array([pa.array([r["descriptor"] for r in records], pa.binary())]))
+    hashes = from_ints([B.phash_int(c.image) for c in corpus])
+    out = {}
+    for t in thresholds:
+        for k in (1, max(MAX_CANDIDATES)):
+            matcher = EvalMatcher(table, MatchSettings(threshold=PLAIN_THRESHOLD, candidate_threshold=t,
+                                                       max_candidates=k, verify=True), 64)
+            matcher.descriptors = store
+            real = matcher.match(hashes, lambda rows: {r: corpus[r].image for r in rows})
+            got = {j: hit.item for j, hit in enumerate(real.matches) if hit is not None}
+            replay, calls, _rows = replay_matches(d, fitted, t, k)
+            out[f"{t}/{k}"] = {"matches": len(got), "identical_matches": got == replay,
+                               "verify_calls": [int(real.counters["eval_verify_calls"]), calls]}
+            print(f"replay check {d.name} {t}/{k}: {out[f'{t}/{k}']}", flush=True)
+    return out
+
+
+def row_report(thresholds: list[int]) -> None:
+    data = {n: collect(n) for n in GENERATORS}
+    saved = json.loads(RESULTS.read_text())
+    saved["row_level_replay_check"] = {
+        "what": f"EvalMatcher.match on generator {HELD_BACK} (shipped model = its fold) vs replay_matches: "
+                "per-row matches and verify calls (EvalMatcher's, the replay's)",
+        "by_setting": check_replay(data[HELD_BACK], thresholds)}
+    for held in GENERATORS:
+        fitted = fit([data[n] for n in GENERATORS if n != held])
+        levels = {}
+        for t in thresholds:
+            for k in MAX_CANDIDATES:
+                r = levels[f"{t}/{k}"] = row_level(data[held], fitted, t, k)
+                print(f"held out {held:9s} candidate_threshold={t:2d} max_candidates={k} P={r['precision']:.4f} "
+                      f"R={r['recall']:.3f} Rnm={r['recall_without_mirrors']:.3f} fp={r['fp']} "
+                      f"model calls/row={r['model_calls_per_row']:.3f} right item={r['matched_the_right_item']:.3f}",
+                      flush=True)
+        saved["folds"][held]["row_level"] = {
+            "what": "per corpus row, replayed as EvalMatcher decides (benchmarks/dedup_logo.py row_level); keys "
+                    "'candidate_threshold/max_candidates'",
+            "date": time.strftime("%Y-%m-%d"), "by_setting": levels}
+    RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 if __name__ == "__main__":
