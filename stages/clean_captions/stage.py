@@ -29,13 +29,16 @@ import unicodedata
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import pyarrow as pa
 
 from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, option
 from curate.pipeline.stage import Stage
+
+if TYPE_CHECKING:  # the word list is loaded only when the lexicon policy is on
+    from curate.stages.clean_captions.lexicon import Lexicon
 
 JunkAction = Literal["strip", "reject", "keep"]
 ShortCaptionPolicy = Literal["lexicon", "lenient", "accept", "reject", "detect"]
@@ -753,7 +756,7 @@ class LanguageFilter:
         self.config = config
         self.allowed = frozenset(config.languages)
         self.identifier = identifier if identifier is not None else make_identifier(config.language_backend)
-        self.lexicon: dict[str, dict[str, float]] | None = None
+        self.lexicon: Lexicon | None = None
         if config.short_caption_policy == "lexicon" and "en" in self.allowed:
             from curate.stages.clean_captions.lexicon import load
 
