@@ -15,8 +15,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 DESCRIPTION = """\
 curate turns raw web image-text pairs (LAION-style URL + caption tables, or WebDataset tars) into a small,
-clean CLIP training set: download -> clean captions -> pHash dedup against eval sets -> CLIP similarity
-filter -> curated Parquet + WebDataset shards, on Dask.
+clean CLIP training set: clean captions -> download -> pHash dedup against eval sets -> CLIP similarity
+filter -> curated Parquet + WebDataset shards, on Dask (captions first: a row they reject is never downloaded).
 
 Exit codes: 0 ok, 1 run failure, 2 bad config or usage."""
 

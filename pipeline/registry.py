@@ -35,8 +35,8 @@ class StageEntry:
 
 
 STAGES: tuple[StageEntry, ...] = (
-    StageEntry("download", "curate.stages.download:DownloadStage", "Download stage."),
     StageEntry("captions", "curate.stages.clean_captions:CleanCaptionsStage", "Caption cleaning stage."),
+    StageEntry("download", "curate.stages.download:DownloadStage", "Download stage."),
     StageEntry("dedup", "curate.stages.phash_dedup:PhashDedupStage", "pHash eval-set dedup stage."),
     StageEntry("clip", "curate.stages.clip_filter:ClipFilterStage", "CLIP similarity filter stage."),
 )

@@ -11,9 +11,12 @@ import io
 import json
 import tarfile
 from pathlib import Path
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from curate.pipeline import columns as C
 from curate.pipeline import registry
@@ -102,10 +105,31 @@ def test_engine_imports_no_stage_and_stages_import_no_other_stage() -> None:
 
 def test_registry_entries_resolve_to_stages_with_class_level_contracts() -> None:
     sections = [r.section for r in registry.registered()]
-    assert sections == ["download", "captions", "dedup", "clip"]
+    # captions first: it needs no image, so a row it rejects is never downloaded (next test)
+    assert sections == ["captions", "download", "dedup", "clip"]
     for stage in registry.registered():
         assert stage.cls.name and stage.cls.config_class is not object
         assert all(isinstance(f, type(C.ENGINE_SCHEMA.field(0))) for f in stage.cls.adds)
+
+
+def test_rows_whose_caption_is_rejected_are_never_downloaded(
+    tmp_path: Path, http_server: Any, route: Any, real_images: dict[str, bytes]
+) -> None:
+    server = http_server({f"/{name}": route(body=real_images[name]) for name in ("chelsea.jpg", "coffee.jpg")})
+    rows = [{"url": server.url("chelsea.jpg"), "caption": "A ginger tabby cat looking to the side on a sofa"},
+            {"url": server.url("coffee.jpg"), "caption": "IMG_1234.JPG"}]  # a file name: rejected by captions
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    config = {
+        "input": {"path": str(tmp_path / "in.parquet")}, "output": {"path": str(tmp_path / "run")},
+        "cluster": {"processes": False, "n_workers": 1, "dashboard": False},
+        "download": {"allowed_networks": ["127.0.0.1/32"], "retries": 0},
+        "dedup": {"enabled": False}, "clip": {"enabled": False},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "config.yaml"), "--no-progress"]) == 0
+    assert server.hits == {"/chelsea.jpg": 1}
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["kept"] == 1 and stats["rejected"] == {"clean_captions": {"filename": 1}}
 
 
 def test_contract_facts_cannot_be_overridden_by_properties() -> None:
