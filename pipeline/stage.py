@@ -190,7 +190,9 @@ class Stage(Generic[ConfigT]):
 
         `image` is exactly what the row's image bytes hold after that stage (EXIF-transposed; alpha
         matted on white where the bytes are JPEG), so the value must not depend on how it was obtained. Called
-        only after :meth:`setup`; must be thread-safe and cheap (it runs once per image). The value arrives in
+        only after :meth:`setup`, once per image on the producer's threads; must be thread-safe. Per-row work that
+        needs the pixels belongs here rather than in a second decode (dedup matches eval candidates here), but
+        rows a stage between producer and consumer turns down have then been worked on for nothing. The value arrives in
         the internal column ``columns.pixel_column(name)``; rows where it is null (no producer ran, or the
         producer failed) are the stage's to decode.
         """

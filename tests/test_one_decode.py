@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from curate.pipeline import columns as C
@@ -122,3 +123,44 @@ def test_pixel_columns_never_reach_the_outputs(tmp_path: Path, real_images: dict
     stats = json.loads((run / "stats.json").read_text())
     counters = stats["stages"]["phash_dedup"]["counters"]
     assert counters["hashed_from_decoded_pixels"] == len(CAPTIONS)
+
+
+def test_eval_verification_runs_on_the_download_decode(
+    tmp_path: Path, real_images: dict[str, bytes], demo_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With verification, rows with eval candidates are matched from the download stage's pixels: the same
+    decisions as decoding the stored bytes (kept byte for byte here, so the pixels are identical), no decode."""
+    from curate.stages.phash_dedup import evalsets, phash
+
+    index = tmp_path / "demo.parquet"
+    evalsets.hash_evalset(str(demo_dir / "evalset"), str(index), name="demo", workers=1)
+    chelsea = Image.open(io.BytesIO(real_images["chelsea.jpg"]))
+    mirrored = io.BytesIO()
+    chelsea.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored, "JPEG", quality=90)
+    images = [*real_images.values(), mirrored.getvalue()]
+    outputs = {}
+    for upstream in (True, False):
+        down, dedup = _stages(tmp_path, DownloadConfig(), DedupConfig(indexes=(str(index),),
+                                                                     hash_decoded_pixels=upstream))
+        downloaded = down.process(_table(images))
+        if upstream:
+            assert downloaded.schema.field("pixels.phash_dedup").type == pa.struct(
+                [("phash", pa.string()), ("item", pa.int64()), ("distance", pa.int32()), ("score", pa.float64()),
+                 ("check", pa.string()), ("counters", pa.map_(pa.string(), pa.int64()))])
+
+            def no_decode(data: bytes) -> Image.Image:
+                raise AssertionError("a row was decoded again")
+
+            monkeypatch.setattr(phash, "decode_rgb", no_decode)
+        scored = dedup.score(downloaded)
+        monkeypatch.undo()
+        assert not [c for c in scored.column_names if c.startswith(C.PIXELS_PREFIX)]
+        counters = dict(dedup.counters)
+        assert counters.pop("matched_from_decoded_pixels", 0) == (len(images) if upstream else 0)
+        assert counters.pop("hashed_from_decoded_pixels") == (len(images) if upstream else 0)
+        columns = ("phash", "eval_match", "eval_distance", C.STATUS, C.REJECT_REASON, C.ERROR_MESSAGE)
+        outputs[upstream] = ({c: scored.column(c).to_pylist() for c in columns}, counters)
+    assert outputs[True] == outputs[False]
+    matched = {m for m in outputs[True][0]["eval_match"] if m}
+    assert {"demo:animal/chelsea_text.jpg", "demo:food/coffee_blur.jpg"} <= matched
+    assert outputs[True][1]["eval_verify_calls"] > 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -276,17 +277,19 @@ def _probe(
 
 
 _KERNEL: Callable[..., int] | None = None
+_KERNEL_LOCK = threading.Lock()  # download threads may make the first single-row search at once
 
 
 def _kernel() -> Callable[..., int]:
     """Compile (or load from numba's on-disk cache) the probe loop; numba is imported only here."""
     global _KERNEL, _popcount64
-    if _KERNEL is None:
-        import numba
+    with _KERNEL_LOCK:
+        if _KERNEL is None:
+            import numba
 
-        _popcount64 = numba.njit(nogil=True, cache=True)(_popcount64)
-        _KERNEL = numba.njit(nogil=True, cache=True, boundscheck=False)(_probe)
-    return _KERNEL
+            _popcount64 = numba.njit(nogil=True, cache=True)(_popcount64)
+            _KERNEL = numba.njit(nogil=True, cache=True, boundscheck=False)(_probe)
+        return _KERNEL
 
 
 class HammingIndex:

@@ -43,9 +43,26 @@ if TYPE_CHECKING:
     from curate.stages.phash_dedup.matcher import EvalMatcher
 
 
+#: What the download stage hands over for a row when eval candidates are verified: the row's pHash and the eval
+#: match decided from the very pixels it decoded (so a row with candidates is not decoded a second time here).
+#: `item` is a row of this worker's merged eval index (null: no match); `counters` are the matcher's for the row.
+MATCHED_PIXELS = pa.struct([
+    pa.field("phash", pa.string()),
+    pa.field("item", pa.int64()),
+    pa.field("distance", pa.int32()),
+    pa.field("score", pa.float64()),
+    pa.field("check", pa.string()),
+    pa.field("counters", pa.map_(pa.string(), pa.int64())),
+])
+
 #: (dedup config, run) -> [matcher, stage instances using it], per worker process
 _MATCHERS: dict[tuple[Any, ...], list[Any]] = {}
 _MATCHERS_LOCK = threading.Lock()
+
+
+def _verifies(config: DedupConfig) -> bool:
+    """Are eval candidates confirmed with the second signal (which needs the corpus row's pixels)?"""
+    return config.verify and bool(config.indexes or config.eval_sets)
 
 
 def uniform_collision_rate(threshold: int, n_bits: int) -> float:
@@ -81,7 +98,7 @@ class DedupConfig:
     max_candidates: int = option(8, help="With `verify`: at most this many eval candidates per row are verified (nearest first); each costs one verify call (about 5 ms, plus ~7 ms once per row for its descriptor). See docs/dedup.md, cost at scale.", range=(1, None))
     detail_check: bool = option(True, help="With `verify`: a candidate within `threshold` of the eval image's own hash is confirmed without the keypoint model when neither picture is low-information and their thumbnails' fine detail agrees where it stands (docs/dedup.md, detail check); false = every candidate goes to the model.")
     hash_size: int = option(8, help="pHash side: the hash has hash_size² bits (8 → 64 bits, 16 hex digits). Eval indexes must use the same.", range=(2, 32))
-    hash_decoded_pixels: bool = option(True, help="pHash the pixels the download stage already decoded (just before it encodes them) instead of decoding the stored bytes again: one decode per image. Rows whose stored bytes are re-encoded may then differ from a hash of the stored file by JPEG noise (measured in docs/dedup.md); false = always decode and hash the stored bytes.")
+    hash_decoded_pixels: bool = option(True, help="pHash the pixels the download stage already decoded (just before it encodes them) instead of decoding the stored bytes again, and with `verify` match eval candidates from them too: one decode per image. Rows whose stored bytes are re-encoded may then differ from a hash of the stored file by JPEG noise (measured in docs/dedup.md); false = always decode and hash the stored bytes.")
     hash_mode: Literal["exact", "fast"] = option("exact", help="`exact`: bit-identical to imagehash.phash. `fast`: JPEG draft decoding + batched DCT, several times faster, agreement with imagehash documented in docs/dedup.md.")
     cache_dir: str = option("", help="Cache folder for indexes of `eval_sets` ('' = $XDG_CACHE_HOME/curate/evalsets, else ~/.cache/curate/evalsets).", path=True)
     within_corpus: bool = option(False, help="Also drop duplicates inside the corpus (run-wide pass): same image bytes (sha256) and pHash within `within_corpus_threshold`.")
@@ -129,14 +146,33 @@ class PhashDedupStage(Stage[DedupConfig]):
 
     @classmethod
     def pixel_type(cls, config: DedupConfig) -> pa.DataType | None:
-        return pa.string() if config.hash_decoded_pixels else None
+        if not config.hash_decoded_pixels:
+            return None
+        return MATCHED_PIXELS if _verifies(config) else pa.string()
 
-    def from_pixels(self, image: Any) -> str:
-        """The row's pHash (hex) from pixels decoded upstream: RGB first, as the engine's decode gives them."""
+    def from_pixels(self, image: Any) -> str | dict[str, Any]:
+        """The row's pHash (hex) from pixels decoded upstream: RGB first, as the engine's decode gives them.
+
+        With verification, the row's eval match too (:data:`MATCHED_PIXELS`): the cascade needs the pixels of
+        rows with candidates, and here it has them without decoding the stored bytes again. Same matcher, same
+        per-row decision as :meth:`score` would make from these pixels; it runs on the producer's threads.
+        """
         from curate.stages.phash_dedup.phash import phash_image, to_hex
 
         rgb = image if image.mode == "RGB" else image.convert("RGB")
-        return to_hex(phash_image(rgb, self._params)[None, :], self._params.n_bits)[0]
+        words = phash_image(rgb, self._params)[None, :]
+        hex_value = to_hex(words, self._params.n_bits)[0]
+        if not _verifies(self.config):
+            return hex_value
+        if self._matcher is None:
+            raise StageError("no eval matcher: the stage is not set up")  # null: score() decodes the row
+        found = self._matcher.match(words, lambda _rows: {0: rgb})
+        hit = found.matches[0]
+        return {
+            "phash": hex_value, "item": None if hit is None else hit.item,
+            "distance": None if hit is None else hit.distance, "score": None if hit is None else hit.score,
+            "check": None if hit is None else hit.check, "counters": dict(found.counters),
+        }
 
     @classmethod
     def report_parts(cls, section: dict[str, Any]) -> Any:
@@ -171,7 +207,7 @@ class PhashDedupStage(Stage[DedupConfig]):
 
         cfg = self.config
         self._params = PhashParams(hash_size=cfg.hash_size, mode=cfg.hash_mode)
-        if cfg.verify and (cfg.indexes or cfg.eval_sets):
+        if _verifies(cfg):
             try:
                 from curate.stages.phash_dedup import nearduplicate
             except ImportError as err:
@@ -287,9 +323,15 @@ class PhashDedupStage(Stage[DedupConfig]):
         reasons: list[str | None] = [None] * n
         messages: list[str | None] = [None] * n
         statuses: list[str] = [C.STATUS_REJECTED] * n
-        # One decode per image: hashes computed upstream from the decoded pixels; the rest are decoded here.
+        # One decode per image: hashes (and, with verification, eval matches) computed upstream from the decoded
+        # pixels; the other rows are decoded here.
         pixel_col = C.pixel_column(self.name)
-        given = table.column(pixel_col).to_pylist() if pixel_col in table.column_names else [None] * n
+        given: list[Any] = [None] * n
+        if pixel_col in table.column_names:
+            given = table.column(pixel_col).to_pylist()
+            table = table.drop_columns([pixel_col])  # done with it: not carried into a persisted pass
+        matched_upstream = {i: v for i, v in enumerate(given) if isinstance(v, dict)}
+        given = [v["phash"] if isinstance(v, dict) else v for v in given]
         todo = [i for i in range(n) if given[i] is None]
         hashed = np.zeros((n, params.n_words), dtype=np.uint64)
         errors: list[str | None] = [None] * n
@@ -311,19 +353,26 @@ class PhashDedupStage(Stage[DedupConfig]):
         match: list[str | None] = [None] * n
         distance: list[int | None] = [None] * n
         if self._matcher is not None and ok.any():
-            rows = np.flatnonzero(ok)
-            found = self._matcher.match(hashed[rows], lambda wanted: {q: images[rows[q]] for q in wanted})
-            self.counters.update(found.counters)
-            for q, hit in enumerate(found.matches):
-                if hit is None:
-                    continue
-                row = int(rows[q])
-                label = self._matcher.labels[hit.item]
-                note = ("" if hit.score is None else f", verified by detail agreement {hit.score:.2f}"
-                        if hit.check == "detail" else f", verified (probability {hit.score:.2f})")
-                match[row], distance[row] = label, hit.distance
+            hits: dict[int, tuple[int, int, float | None, str | None]] = {}  # row -> item, distance, score, check
+            for row, value in matched_upstream.items():
+                self.counters.update(dict(value["counters"]))
+                if value["item"] is not None:
+                    hits[row] = (value["item"], value["distance"], value["score"], value["check"])
+            self.counters["matched_from_decoded_pixels"] += len(matched_upstream)
+            rows = np.array([i for i in np.flatnonzero(ok).tolist() if i not in matched_upstream], dtype=np.int64)
+            if len(rows):
+                found = self._matcher.match(hashed[rows], lambda wanted: {q: images[rows[q]] for q in wanted})
+                self.counters.update(found.counters)
+                for q, hit in enumerate(found.matches):
+                    if hit is not None:
+                        hits[int(rows[q])] = (hit.item, hit.distance, hit.score, hit.check)
+            for row, (item, dist, score, check) in sorted(hits.items()):
+                label = self._matcher.labels[item]
+                note = ("" if score is None else f", verified by detail agreement {score:.2f}"
+                        if check == "detail" else f", verified (probability {score:.2f})")
+                match[row], distance[row] = label, dist
                 reasons[row] = "eval_duplicate"
-                messages[row] = f"matches eval image {label} at pHash distance {hit.distance}{note}"
+                messages[row] = f"matches eval image {label} at pHash distance {dist}{note}"
         table = C.set_column(table, "phash", phash_col)
         table = C.set_column(table, "eval_match", match)
         table = C.set_column(table, "eval_distance", distance)
