@@ -16,7 +16,8 @@ Two curate configurations, each compared with the same img2dataset download-only
 
 * **(a) download-only**: curate download + write (captions, dedup, clip disabled). Issue 13's target:
   img2dataset wall / curate wall >= 1.5.
-* **(b) download + clean captions + phash_dedup + write** (clip disabled) against an eval index of
+* **(b) clean captions + download + phash_dedup + write** (clip disabled; captions run first, so rows whose
+  caption is rejected are never fetched: ~16% of these URLs) against an eval index of
   `--eval-items` (360) other crops/rescales of the *same* source photos as the corpus: a stress case for the
   dedup stage (many rows get pHash candidates, each verified with the near-duplicate descriptor). The index is
   built once with `curate hash-evalset`, before any timing. Target: img2dataset (download-only) wall /
@@ -400,9 +401,12 @@ def run_curate(curate_bin: str, cfg: str, input_path: Path, work: Path, tag: str
     done = sorted(p.stat().st_mtime - t0 for p in (out_dir / "_work" / "done").glob("*.json"))
     rejected = stats.get("rejected", {})
     download_failed = sum(rejected.get("download", {}).values()) + sum(rejected.get("input", {}).values())
+    # rows turned down before the download stage (captions run first) are never fetched
+    not_fetched = sum(sum(rejected.get(name, {}).values()) for name in ("clean_captions",))
     res.update({
         "input_rows": stats["input_rows"],
-        "download_success": stats["input_rows"] - download_failed,
+        "not_fetched_caption_rejected": not_fetched,
+        "download_success": stats["input_rows"] - not_fetched - download_failed,
         "success": stats.get("samples_in_shards", stats["kept"]),
         "kept": stats["kept"],
         "rejected": rejected,
@@ -521,6 +525,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "cpu_rusage_vs_polled": [round(r["cpu_s"] / max(1e-9, r["cpu_s_polled_lower_bound"]), 3) for r in runs],
         "success": [r["success"] for r in runs],
         "download_success": [r["download_success"] for r in runs],
+        "not_fetched_caption_rejected": [r.get("not_fetched_caption_rejected", 0) for r in runs],
+        "requests_served": [r.get("requests_served") for r in runs],
         "input_rows": runs[0]["input_rows"] if runs else None,
         "peak_tree_rss_mib_max": round(max(r["peak_tree_rss_mib"] for r in runs), 1) if runs else None,
         "first_request_s_median": round(median([r["first_request_s"] or float("nan") for r in runs]), 2),
@@ -645,7 +651,8 @@ def main() -> None:
     warnings = []
     i2d_ok = summary["img2dataset"]["download_success"]
     for c in configs:
-        ours = summary[f"curate_{c}"]["download_success"]
+        ours = [ok + skipped for ok, skipped in zip(summary[f"curate_{c}"]["download_success"],
+                                                    summary[f"curate_{c}"]["not_fetched_caption_rejected"], strict=True)]
         if abs(median(ours) - median(i2d_ok)) > 0.01 * n_urls:
             warnings.append(f"download successes differ: img2dataset {i2d_ok} vs curate {c} {ours}")
         for r in results[f"curate_{c}"]:
