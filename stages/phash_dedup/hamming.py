@@ -283,13 +283,14 @@ _KERNEL_LOCK = threading.Lock()  # download threads may make the first single-ro
 def _kernel() -> Callable[..., int]:
     """Compile (or load from numba's on-disk cache) the probe loop; numba is imported only here."""
     global _KERNEL, _popcount64
-    with _KERNEL_LOCK:
-        if _KERNEL is None:
-            import numba
+    if _KERNEL is None:  # the lock only while loading: every search, one per row on the download threads, gets here
+        with _KERNEL_LOCK:
+            if _KERNEL is None:
+                import numba
 
-            _popcount64 = numba.njit(nogil=True, cache=True)(_popcount64)
-            _KERNEL = numba.njit(nogil=True, cache=True, boundscheck=False)(_probe)
-        return _KERNEL
+                _popcount64 = numba.njit(nogil=True, cache=True)(_popcount64)
+                _KERNEL = numba.njit(nogil=True, cache=True, boundscheck=False)(_probe)
+    return _KERNEL
 
 
 class HammingIndex:
