@@ -402,7 +402,7 @@ def run_curate(curate_bin: str, cfg: str, input_path: Path, work: Path, tag: str
     rejected = stats.get("rejected", {})
     download_failed = sum(rejected.get("download", {}).values()) + sum(rejected.get("input", {}).values())
     # rows turned down before the download stage (captions run first) are never fetched
-    not_fetched = sum(sum(rejected.get(name, {}).values()) for name in ("clean_captions",))
+    not_fetched = sum(rejected.get("clean_captions", {}).values())
     res.update({
         "input_rows": stats["input_rows"],
         "not_fetched_caption_rejected": not_fetched,
