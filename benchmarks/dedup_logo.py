@@ -11,9 +11,13 @@ Protocol (what was looked at): `graphics` is the held-back generator. While buil
 `--dev` runs were made, which fit on one of {debian, product} and report on the other. `--final` runs
 all three folds once and writes benchmarks/results/dedup_logo.json; with `--write-model` it also writes
 the model fitted on debian + product (the fold that reports on `graphics`) into nearduplicate.py.
+`graphics` has since been looked at more than once (docs/dedup.md lists when), so a fourth generator,
+`desktops` (benchmarks/near_dup_desktops.py), was built after the model was fixed and is judged once with
+the shipped model: `--pristine` (it refuses to run a second time).
 
     python benchmarks/dedup_logo.py --dev      # debian <-> product only
     python benchmarks/dedup_logo.py --final [--write-model]
+    python benchmarks/dedup_logo.py --pristine # the one look at `desktops`
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+import near_dup_desktops as D  # noqa: E402
 import near_dup_eval as B  # noqa: E402
 import near_dup_sets as S  # noqa: E402
 
@@ -43,6 +48,9 @@ CACHE = REPO / "benchmarks" / "_work" / "logo"
 RESULTS = REPO / "benchmarks" / "results" / "dedup_logo.json"
 GENERATORS = ("debian", "product", "graphics")
 HELD_BACK = "graphics"
+#: Kept back from every fit *and* every look while building the cascade: evaluated once with the shipped model
+#: (`--pristine`, benchmarks/near_dup_desktops.py)
+PRISTINE = "desktops"
 SEED = 0
 WIDEST = 16  # candidate threshold the data is collected at (the stage default)
 COLLISIONS = 600
@@ -85,6 +93,8 @@ class GenData:
 def build(name: str, seed: int) -> tuple[list[B.Item], list[B.CorpusItem]]:
     if name == "debian":
         return B.build_dataset(False, seed)
+    if name == PRISTINE:
+        return D.build_desktops(seed)
     return S.GENERATORS[name](seed)
 
 
@@ -418,7 +428,15 @@ def main() -> None:
     parser.add_argument("--rows", action="store_true",
                         help="all three folds, row level per dedup.max_candidates (1, 2, 3, 8), added to the results "
                              "JSON under folds.*.row_level; changes nothing else (no model, no pair-level numbers)")
+    parser.add_argument("--pristine", action="store_true",
+                        help=f"the one look at generator {PRISTINE!r} with the shipped model (added to the results "
+                             "JSON under 'pristine'; refuses to run again unless --force)")
+    parser.add_argument("--force", action="store_true", help="with --pristine: look again")
     args = parser.parse_args()
+    if args.pristine:
+        B.fetch_debs()
+        pristine([int(t) for t in args.thresholds.split(",")], args.force)
+        return
     if args.rows:
         row_report([int(t) for t in args.thresholds.split(",")])
         return
@@ -465,7 +483,58 @@ def main() -> None:
             write_model(fitted, sum(len(d.pairs) + COLLISIONS for d in train), n_pos)
 
 
-def check_replay(d: GenData, thresholds: list[int]) -> dict:
+def shipped() -> Fitted:
+    """The cheap rule and model that nearduplicate.py ships, as a :class:`Fitted`."""
+    m = nd.MODEL
+    model = (np.array(m.mean), np.array(m.scale), np.array(m.weights), m.bias)
+    return Fitted(float(nd.CHEAP_ALPHA), float(nd.CHEAP_LIMIT), model, m.threshold, m.low_info_threshold,
+                  tuple(g for g in GENERATORS if g != HELD_BACK))
+
+
+def pristine(thresholds: list[int], force: bool) -> None:
+    """The one look at the pristine generator: the shipped cascade, pair and row level, and the real matcher."""
+    saved = json.loads(RESULTS.read_text())
+    if "pristine" in saved and not force:
+        raise SystemExit(f"{RESULTS.name} already has the pristine look; it is made once (--force to redo it)")
+    # the shipped constants must be the graphics fold's fit (debian + product), or this is not the shipped model
+    refit = fit([collect(n) for n in GENERATORS if n != HELD_BACK])
+    ship = shipped()
+    if (refit.alpha, round(refit.limit)) != (ship.alpha, ship.limit) or not np.allclose(
+            refit.model[2], ship.model[2], rtol=1e-4, atol=1e-5) or abs(refit.cut - ship.cut) > 1e-4:
+        raise SystemExit("nearduplicate.py's model is not the debian + product fit: rerun --final --write-model")
+    d = collect(PRISTINE)
+    pairs = {t: evaluate(d, ship, t) for t in thresholds}
+    rows = {f"{t}/{k}": row_level(d, ship, t, k) for t in thresholds for k in MAX_CANDIDATES}
+    for t in thresholds:
+        r = pairs[t]
+        print(f"pristine {PRISTINE} T={t:2d} plain8 P={r['plain_phash_8']['precision']:.3f} "
+              f"R={r['plain_phash_8']['recall_without_mirrors']:.3f} | cascade P={r['cascade']['precision']:.4f} "
+              f"R={r['cascade']['recall']:.3f} Rnm={r['cascade']['recall_without_mirrors']:.3f} "
+              f"fp={r['cascade']['fp']} cand_recall={r['candidate_recall']:.3f}", flush=True)
+    print(json.dumps(pairs[16]["cascade"]["per_transform"]))
+    print(json.dumps(pairs[16]["cascade"]["per_kind"]))
+    for key, r in rows.items():
+        print(f"rows {key}: P={r['precision']:.4f} Rnm={r['recall_without_mirrors']:.3f} fp={r['fp']} "
+              f"calls/row={r['model_calls_per_row']:.3f}", flush=True)
+    saved["pristine"] = {
+        "generator": PRISTINE, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
+        "what": "benchmarks/near_dup_desktops.py (wallpapers of gnome-backgrounds, mate-backgrounds, "
+                "ukui-wallpapers; torchvision transformations), never used for fitting or looked at before this "
+                "run; judged once with the shipped cheap rule and model (the debian + product fit)",
+        "dataset": {"eval_images": dict(Counter(d.eval_groups)), "corpus_images": len(d.corpus_names),
+                    "positive_pairs": int(d.truth.sum()),
+                    "hard_negatives": sum(t == "distractor" for t in d.corpus_transforms),
+                    "timings_ms": d.timings_ms},
+        "by_candidate_threshold": pairs,
+        "row_level": {"what": "per corpus row, replayed as EvalMatcher decides; keys "
+                              "'candidate_threshold/max_candidates'", "by_setting": rows},
+        "row_level_replay_check": check_replay(d, thresholds, ship),
+    }
+    RESULTS.write_text(json.dumps(saved, indent=2) + "\n")
+    print(f"saved {RESULTS}")
+
+
+def check_replay(d: GenData, thresholds: list[int], fitted: Fitted | None = None) -> dict:
     """Run the real `EvalMatcher` on the held-back generator (whose fold's model and cheap rule are the shipped
     ones) and compare its per-row matches and verify calls with :func:`replay_matches`."""
     import pyarrow as pa
@@ -474,7 +543,7 @@ def check_replay(d: GenData, thresholds: list[int]) -> dict:
     from curate.stages.phash_dedup.matcher import DescriptorStore, EvalMatcher, MatchSettings
     from curate.stages.phash_dedup.phash import from_ints
 
-    fitted = fit([collect(n) for n in GENERATORS if n != d.name])
+    fitted = fitted or fit([collect(n) for n in GENERATORS if n != d.name])
     if (fitted.alpha, round(fitted.limit)) != (nd.CHEAP_ALPHA, nd.CHEAP_LIMIT):
         raise SystemExit("the shipped cheap rule is not this fold's: rerun --final --write-model first")
     evals, corpus = build(d.name, SEED)
