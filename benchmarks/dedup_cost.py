@@ -169,6 +169,9 @@ def main() -> None:
     parser.add_argument("--rates-only", action="store_true",
                         help="only the collision rates (real records vs padded index), added to the existing JSON")
     args = parser.parse_args()
+    import cv2
+
+    cv2.setNumThreads(1)  # as the stage's workers run it (PhashDedupStage.setup)
     B.fetch_debs()
     records, build = real_pool()
     print("real pool:", build, flush=True)
