@@ -237,18 +237,6 @@ def test_block_scores_equal_the_plain_loop() -> None:
         assert np.allclose(got, expected, atol=1e-5), trial
 
 
-def _orb_describing_all(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The former `_orb`: describe every detected keypoint, then keep the spread subset."""
-    import cv2
-
-    orb = cv2.ORB_create(nfeatures=5 * nd._MAX_KEYPOINTS, fastThreshold=10, edgeThreshold=15, patchSize=15)
-    keypoints, descriptors = orb.detectAndCompute(work, None)
-    if descriptors is None or not keypoints:
-        return np.zeros((0, 2), dtype=np.float16), np.zeros((0, nd._ORB_DESCRIPTOR_BYTES), dtype=np.uint8)
-    order = nd._spread(keypoints, work.shape[1], work.shape[0])
-    return np.array([keypoints[i].pt for i in order], dtype=np.float16), descriptors[order]
-
-
 def test_describing_only_the_kept_keypoints_gives_the_same_bytes(photos: dict[str, Image.Image], demo_dir: Path) -> None:
     pictures = [*photos.values(), _cutout(demo_dir, "chelsea.jpg", (640, 480), (200, 150, 420, 330)),
                 photos["coffee.jpg"].resize((90, 60)), Image.new("RGB", (200, 200), (40, 90, 160))]
@@ -257,7 +245,7 @@ def test_describing_only_the_kept_keypoints_gives_the_same_bytes(photos: dict[st
         work = np.asarray(nd._fit(nd.prepare(img).gray, nd._KEYPOINT_SIDE), dtype=np.uint8)
         for side in (work, np.ascontiguousarray(work[:, ::-1])):
             positions, descriptors = nd._orb(side)
-            expected_positions, expected_descriptors = _orb_describing_all(side)
+            expected_positions, expected_descriptors = nd._orb_describing_all(side)  # the former way
             assert positions.dtype == np.float16 and descriptors.dtype == np.uint8
             assert np.array_equal(positions, expected_positions)
             assert np.array_equal(descriptors, expected_descriptors)

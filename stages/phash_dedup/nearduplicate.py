@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -240,29 +240,39 @@ def _is_low_info(img: Image.Image, thumb: np.ndarray) -> bool:
     return flat_share >= _LOW_INFO_FLAT_SHARE or std < _LOW_INFO_MIN_STD or min(img.size) < _MIN_SIDE
 
 
-def _orb(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(float16 positions (n, 2), uint8 ORB descriptors (n, 32)) of at most _MAX_KEYPOINTS spread keypoints."""
+_NO_KEYPOINTS = np.zeros((0, 2), dtype=np.float16), np.zeros((0, _ORB_DESCRIPTOR_BYTES), dtype=np.uint8)
+
+
+def _orb_detector() -> Any:
     import cv2
 
-    empty = np.zeros((0, 2), dtype=np.float16), np.zeros((0, _ORB_DESCRIPTOR_BYTES), dtype=np.uint8)
-    orb = cv2.ORB_create(nfeatures=5 * _MAX_KEYPOINTS, fastThreshold=10, edgeThreshold=15, patchSize=15)
-    # Detect all, describe only the spread subset: the same bytes as describing all ~1,000 and keeping 200
-    # (checked on 620 pictures and their mirrors; tests/test_nearduplicate.py), ~12% less ORB time.
+    return cv2.ORB_create(nfeatures=5 * _MAX_KEYPOINTS, fastThreshold=10, edgeThreshold=15, patchSize=15)
+
+
+def _orb(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(float16 positions (n, 2), uint8 ORB descriptors (n, 32)) of at most _MAX_KEYPOINTS spread keypoints."""
+    # Detect all, describe only the spread subset: the same bytes as :func:`_orb_describing_all` (checked on 620
+    # pictures and their mirrors; tests/test_nearduplicate.py), ~12% less ORB time.
+    orb = _orb_detector()
     keypoints = orb.detect(work, None)
     if not keypoints:
-        return empty
+        return _NO_KEYPOINTS
     chosen = [keypoints[i] for i in _spread(keypoints, work.shape[1], work.shape[0])]
     for rank, keypoint in enumerate(chosen):
         keypoint.class_id = rank  # compute() may reorder keypoints (by pyramid level)
     described, descriptors = orb.compute(work, chosen)
-    if descriptors is not None and len(described) == len(chosen):
-        ordering = np.argsort([keypoint.class_id for keypoint in described], kind="stable")
-        positions = np.array([described[i].pt for i in ordering], dtype=np.float16)
-        return positions, np.ascontiguousarray(descriptors[ordering])
-    # compute() dropped a keypoint (never seen): describe them all, as before, and keep the same subset
-    keypoints, descriptors = orb.detectAndCompute(work, None)
+    if descriptors is None or len(described) != len(chosen):
+        return _orb_describing_all(work)  # compute() dropped a keypoint (never seen): keep the bytes as they were
+    ordering = np.argsort([keypoint.class_id for keypoint in described], kind="stable")
+    positions = np.array([described[i].pt for i in ordering], dtype=np.float16)
+    return positions, np.ascontiguousarray(descriptors[ordering])
+
+
+def _orb_describing_all(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """What :func:`_orb` returns, the slow way: describe every detected keypoint, then keep the spread subset."""
+    keypoints, descriptors = _orb_detector().detectAndCompute(work, None)
     if descriptors is None or not keypoints:
-        return empty
+        return _NO_KEYPOINTS
     order = _spread(keypoints, work.shape[1], work.shape[0])
     positions = np.array([keypoints[i].pt for i in order], dtype=np.float16)
     return positions, np.ascontiguousarray(descriptors[order])
