@@ -12,7 +12,8 @@ tuned on. It shares no source and no transformation code with the other three:
   variants of one design (gnome `*-l`/`*-d`, the Ubuntu MATE colourways, the MATE stripes) are left out
   rather than counted either way, as the Tux Paint variants are in `debian`; pictures that are blank once
   composited on white (transparent overlays) are dropped.
-* transformations: torchvision.transforms.v2.functional on tensors (and Pillow only to draw text), with
+* transformations: torchvision.transforms.v2.functional on tensors (Pillow only draws the text and encodes
+  the JPEGs, as every set stores its corpus), with
   ranges of their own and four kinds no other set has: `perspective`, `occlude` (a flat sticker over 6-12%
   of the picture), `sharpen_posterize` and `squeeze` (aspect ratio changed by 10-25%). The Elephants
   wallpaper's two larger renditions in the package are real copies of it (`rendition`).
@@ -24,13 +25,13 @@ tuned on. It shares no source and no transformation code with the other three:
 
 from __future__ import annotations
 
-import io
 import random
 import subprocess
 from pathlib import Path
 
 import numpy as np
 from near_dup_eval import CorpusItem, Item  # type: ignore[import-not-found]
+from near_dup_sets import _as_jpeg  # type: ignore[import-not-found]
 from PIL import Image, ImageDraw, ImageFont
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,14 +88,8 @@ def _fit(img: Image.Image, side: int) -> Image.Image:
                       Image.Resampling.LANCZOS)
 
 
-def _jpeg(img: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-
-
 def tv_copies(img: Image.Image, rng: random.Random) -> list[tuple[str, Image.Image]]:
-    """One copy per transformation, all with torchvision.transforms.v2.functional (text drawn with Pillow)."""
+    """One copy per transformation, with torchvision.transforms.v2.functional (text and JPEG with Pillow)."""
     import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
@@ -202,9 +197,9 @@ def tv_copies(img: Image.Image, rng: random.Random) -> list[tuple[str, Image.Ima
     copies = []
     for name, tensor in out:
         if name == "jpeg":
-            copies.append((name, _jpeg(img, rng.randint(8, 30))))
+            copies.append((name, _as_jpeg(img, rng.randint(8, 30))))
         else:
-            copies.append((name, _jpeg(to_pil(tensor), 88)))
+            copies.append((name, _as_jpeg(to_pil(tensor), 88)))
     return copies
 
 
@@ -240,5 +235,5 @@ def build_desktops(seed: int) -> tuple[list[Item], list[CorpusItem]]:
         if family == "elephants":
             for path in renditions:
                 copy = _fit(_on_white(path), rng.randint(640, 1280))
-                corpus.append(CorpusItem(f"{name}~rendition-{path.stem}", name, "rendition", group, _jpeg(copy, 88)))
+                corpus.append(CorpusItem(f"{name}~rendition-{path.stem}", name, "rendition", group, _as_jpeg(copy, 88)))
     return evals, corpus
