@@ -57,6 +57,11 @@ class ClusterConfig:
     processes: bool = option(True, help="LocalCluster with worker processes (false = threads in this process).")
     dashboard: bool = option(True, help="Print the link of the Dask dashboard (served on a free 127.0.0.1 port).")
     gpu_workers: int = option(0, help="LocalCluster workers that advertise `GPU=1` (0 = one per visible CUDA device).", range=(0, None))
+    worker_profiler: bool = option(
+        False,
+        help="Dask's statistical profiler in the LocalCluster's workers (the dashboard's Profile page). Off by "
+        "default: it samples every thread's stack every 10 ms, and a download worker has dozens of threads.",
+    )
 
     def validate(self, key_path: str) -> None:
         if self.memory_limit != "auto":

@@ -372,15 +372,18 @@ def test_tar_samples_with_different_fields_get_nulls(tmp_path: Path) -> None:
     assert [r["image"] for r in rows] == [b"x", b"y", None]
 
 
-def _worker_env() -> dict[str, str | None]:
+def _worker_env(dask_worker: Any) -> dict[str, Any]:
     import os
 
-    return {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+    env: dict[str, Any] = {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")}
+    env["profiling"] = "profile" in dask_worker.periodic_callbacks
+    return env
 
 
-def test_local_workers_keep_glibc_malloc_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_workers_keep_glibc_malloc_defaults_and_skip_the_profiler(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dask's MALLOC_TRIM_THRESHOLD_=65536 (which makes every decoded image page-fault in anew) is not set in our
-    LocalCluster's workers; Dask's other pre-spawn variables are, and a value the user exported still applies."""
+    LocalCluster's workers; Dask's other pre-spawn variables are, and a value the user exported still applies.
+    Dask's stack-sampling profiler runs in the workers only when `cluster.worker_profiler` asks for it."""
     from curate.pipeline.cluster import open_client
     from curate.pipeline.config import ClusterConfig
 
@@ -388,8 +391,10 @@ def test_local_workers_keep_glibc_malloc_defaults(monkeypatch: pytest.MonkeyPatc
     cfg = ClusterConfig(n_workers=1, processes=True, dashboard=False)
     with open_client(cfg, False, echo=lambda _line: None) as (client, _placement):
         (env,) = client.run(_worker_env).values()
-    assert env == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}
+    assert env == {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1", "profiling": False}
     monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1048576")
+    cfg = ClusterConfig(n_workers=1, processes=True, dashboard=False, worker_profiler=True)
     with open_client(cfg, False, echo=lambda _line: None) as (client, _placement):
         (env,) = client.run(_worker_env).values()
     assert env["MALLOC_TRIM_THRESHOLD_"] == "1048576"
+    assert env["profiling"] is True
