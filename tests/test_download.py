@@ -145,6 +145,23 @@ def test_reduced_scale_decoding_stays_close_to_full_decoding(big_photo: bytes) -
     assert off.use_draft is False
 
 
+def test_draft_margin_sets_the_decode_scale(big_photo: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1280 -> 256: margin 2 (default) asks libjpeg for >= 512 px (1/2 scale), margin 1 for >= 256 px (1/4 scale);
+    the output size is the same and the pixels stay close to a full decode's."""
+    from curate.pipeline.images import OpenedImage
+
+    decoded: list[tuple[int, int]] = []
+    original = OpenedImage.decode
+    monkeypatch.setattr(OpenedImage, "decode", lambda self: decoded.append(self.image.size) or original(self))
+    full = process_image(big_photo, ImageSpec(image_size=256, use_draft=False))
+    default = process_image(big_photo, ImageSpec(image_size=256))
+    tight = process_image(big_photo, ImageSpec(image_size=256, draft_margin=1.0))
+    assert decoded == [(1280, 1280), (640, 640), (320, 320)]
+    assert (full.width, full.height) == (default.width, default.height) == (tight.width, tight.height) == (256, 256)
+    assert psnr(pixels(tight.data), pixels(full.data)) > 25.0
+    assert make_stage(jpeg_draft_margin=1.0)._spec.draft_margin == 1.0
+
+
 def test_center_crop_resamples_only_the_kept_region_without_changing_pixels(big_photo: bytes) -> None:
     wide = Image.open(io.BytesIO(big_photo)).convert("RGB").crop((0, 0, 1280, 640))
     reference = wide.resize((512, 256), Image.Resampling.BOX).crop((128, 0, 384, 256))
@@ -298,16 +315,19 @@ def test_decode_rgb_guard_and_draft(real_images: dict[str, bytes], big_photo: by
 
 def test_fetch_options_and_image_spec_come_from_the_config() -> None:
     cfg = DownloadConfig(timeout=3.0, connect_timeout=2.0, max_per_host=3, ca_bundle="ca.pem", robots_tokens=("x",),
-                         max_image_pixels=1000, fast_jpeg_decode=False, quality=80, resize_mode="border")
+                         max_image_pixels=1000, fast_jpeg_decode=False, quality=80, resize_mode="border",
+                         jpeg_draft_margin=1.5)
     options, spec = cfg.fetch_options(), cfg.image_spec()
     names = {f.name for f in dataclasses.fields(DownloadConfig)}
     for f in dataclasses.fields(FetchOptions):
         expected = getattr(cfg, f.name) if f.name in names else f.default
         assert getattr(options, f.name) == expected, f.name
     for f in dataclasses.fields(ImageSpec):
-        source = {"max_pixels": "max_image_pixels", "use_draft": "fast_jpeg_decode"}.get(f.name, f.name)
+        source = {"max_pixels": "max_image_pixels", "use_draft": "fast_jpeg_decode",
+                  "draft_margin": "jpeg_draft_margin"}.get(f.name, f.name)
         assert getattr(spec, f.name) == getattr(cfg, source), f.name
-    assert (options.ca_bundle, spec.max_pixels, spec.use_draft, spec.quality) == ("ca.pem", 1000, False, 80)
+    assert (options.ca_bundle, spec.max_pixels, spec.use_draft, spec.quality, spec.draft_margin) == (
+        "ca.pem", 1000, False, 80, 1.5)
     with pytest.raises(TypeError, match="has no field"):  # a config option renamed away fails loudly
         options_from(FetchOptions, cfg)
 

@@ -54,7 +54,6 @@ EXIF_MAX_CHARS = 16 * 1024  # the whole JSON; a camera's useful tags take 1-3 KB
 EXIF_VALUE_MAX_CHARS = 1024  # longer printable values are blobs (embedded profiles, padding)
 # "no EXIF found" is the normal case for web images: exifread's warnings would flood worker logs.
 logging.getLogger("exifread").setLevel(logging.ERROR)
-_DRAFT_GAP = 2  # reduced-scale JPEG decoding keeps at least this multiple of the target size
 
 
 class ImageFiltered(Exception):
@@ -85,6 +84,7 @@ class ImageSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     input_formats: tuple[str, ...] = DEFAULT_INPUT_FORMATS
     use_draft: bool = True
+    draft_margin: float = 2.0  # reduced-scale JPEG decoding keeps at least this multiple of the planned size
 
 
 @dataclass(frozen=True)
@@ -172,10 +172,12 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
     planned = _planned_size(original_w, original_h, spec)
     downscale = planned is not None and planned[0] < original_w
     if spec.use_draft and downscale and planned is not None:
-        # Decode at 1/2, 1/4 or 1/8 scale while keeping at least twice the planned size (Pillow's
-        # own reducing_gap practice in thumbnail()): libjpeg's scaled IDCT is a coarse filter, the
-        # final resize from >= 2x does the real antialiasing.
-        opened.draft((planned[0] * _DRAFT_GAP, planned[1] * _DRAFT_GAP))
+        # Decode at 1/2, 1/4 or 1/8 scale while keeping at least `draft_margin` times the planned size (2, the
+        # default, is Pillow's own practice in thumbnail()): libjpeg's scaled IDCT is a coarse filter, the final
+        # resize from there does the antialiasing. A margin of 1 saves a third of the decode + resize CPU for
+        # visibly more aliasing on textures (docs/download.md, benchmarks/jpeg_draft.py).
+        margin = spec.draft_margin
+        opened.draft((math.ceil(planned[0] * margin), math.ceil(planned[1] * margin)))
     img = opened.decode()
 
     geometry_changed = False

@@ -1,0 +1,177 @@
+"""Component benchmark: reduced-scale JPEG decoding in the download stage, quality against CPU.
+
+`download.fast_jpeg_decode` lets libjpeg decode a JPEG that will be shrunk at 1/2, 1/4 or 1/8 scale, keeping at
+least `download.jpeg_draft_margin` times the output size; the configured filter (`downscale_interpolation`,
+default `area`) does the rest. This measures what the margin costs and saves, per image, on the stage's own
+function (`curate.stages.download.resize.process_image`, one thread, no network: a component figure, not the
+CLI's wall time):
+
+* CPU ms per image of `process_image` (decode + resize + JPEG encode; best of 3 alternating rounds);
+* fidelity of the pixels it stores (before the JPEG encode, so that encoder noise does not mask the resize) against
+  two references made from a *full* decode of the same file: Pillow's Lanczos, and an exact area average
+  (OpenCV INTER_AREA on float pixels, which is img2dataset's filter without its uint8 rounding). PSNR mean and 5th
+  percentile (the most textured pictures).
+
+Settings: margin 2 with `area` (the default), margin 1.5 and 1 with `area`, margin 1 with `hamming` (a wider
+filter for the short remaining shrink), and no reduced-scale decode at all (`fast_jpeg_decode: false`).
+
+Two picture sets, resized to keep_ratio 256 and 512 (`resize_only_if_bigger: false`):
+
+* `photos`: the first 300 JPEGs of the end-to-end benchmark's corpus (scikit-image photos randomly cropped,
+  300-1,200 px, q80-95; benchmarks/e2e_vs_img2dataset.py makes them);
+* `wallpapers`: every design of Debian's `plasma-workspace-wallpapers` and `gnome-backgrounds` (one file per design,
+  the largest), each saved as JPEG q90 with a long side of 480, 800, 1,200, 1,800 and 2,600 px (fetched with
+  `apt-get download` into benchmarks/_work/wallpapers, never committed).
+
+    python benchmarks/jpeg_draft.py            # writes benchmarks/results/jpeg_draft.json
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "benchmarks" / "_work" / "wallpapers"
+RESULT = REPO / "benchmarks" / "results" / "jpeg_draft.json"
+PACKAGES = ("plasma-workspace-wallpapers", "gnome-backgrounds")
+LONG_SIDES = (480, 800, 1200, 1800, 2600)
+SIZES = (256, 512)
+SETTINGS: dict[str, dict[str, Any]] = {
+    "margin 2, area (default)": {"draft_margin": 2.0},
+    "margin 1.5, area": {"draft_margin": 1.5},
+    "margin 1, area": {"draft_margin": 1.0},
+    "margin 1, hamming": {"draft_margin": 1.0, "downscale_interpolation": "hamming"},
+    "full decode, area": {"use_draft": False},
+}
+
+
+def photos() -> list[bytes]:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from e2e_vs_img2dataset import corpus_files
+
+    return [p.read_bytes() for p in corpus_files(5000, os.cpu_count() or 2)[:300]]
+
+
+def wallpapers() -> list[bytes]:
+    WORK.mkdir(parents=True, exist_ok=True)
+    sources: list[Path] = []
+    for package in PACKAGES:
+        target = WORK / package
+        if not (target / "usr").is_dir():
+            debs = sorted(WORK.glob(f"{package}_*.deb"))
+            if not debs:
+                subprocess.run(["apt-get", "download", package], cwd=WORK, check=True, capture_output=True)
+                debs = sorted(WORK.glob(f"{package}_*.deb"))
+            subprocess.run(["dpkg", "-x", str(debs[-1]), str(target)], check=True)
+        files = [p for p in (target / "usr").rglob("*") if p.suffix.lower() in (".jpg", ".png", ".webp")
+                 and "screenshot" not in p.name and p.stat().st_size > 10_000]
+        designs: dict[str, Path] = {}
+        for path in sorted(files):
+            # plasma: usr/share/wallpapers/DESIGN/contents/images*/WxH.ext; gnome: one file per design (-l/-d pairs)
+            parts = path.relative_to(target).parts
+            design = parts[3] if "wallpapers" in parts else path.stem.removesuffix("-l").removesuffix("-d")
+            if design not in designs or path.stat().st_size > designs[design].stat().st_size:
+                designs[design] = path
+        sources += [designs[d] for d in sorted(designs)]
+    out: list[bytes] = []
+    for path in sources:
+        try:
+            img = Image.open(path).convert("RGB")
+        except Exception:  # a format this Pillow cannot read
+            continue
+        for side in LONG_SIDES:
+            scale = side / max(img.size)
+            if scale > 1:
+                continue
+            small = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))),
+                               Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            small.save(buf, "JPEG", quality=90)
+            out.append(buf.getvalue())
+    return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / max(1e-9, float(((a - b) ** 2).mean()))))
+
+
+def measure(datas: list[bytes], size: int) -> dict[str, Any]:
+    import cv2
+
+    from curate.stages.download.resize import ImageSpec, process_image
+
+    cv2.setNumThreads(1)
+    specs = {name: ImageSpec(image_size=size, resize_only_if_bigger=False, **kw) for name, kw in SETTINGS.items()}
+    refs = []
+    for data in datas:
+        full = Image.open(io.BytesIO(data)).convert("RGB")
+        size_out = process_image(data, specs["full decode, area"]).pixels.size  # type: ignore[union-attr]
+        refs.append((np.asarray(full.resize(size_out, Image.Resampling.LANCZOS)).astype(np.float32),
+                     cv2.resize(np.asarray(full).astype(np.float32), size_out, interpolation=cv2.INTER_AREA)))
+    seconds: dict[str, list[float]] = {name: [] for name in specs}
+    result: dict[str, Any] = {}
+    for rnd in range(3):
+        order = list(specs.items()) if rnd % 2 == 0 else list(specs.items())[::-1]
+        for name, spec in order:
+            t0 = time.process_time()
+            outs = [process_image(data, spec) for data in datas]
+            seconds[name].append(time.process_time() - t0)
+            if rnd == 0:
+                lanczos, area = [], []
+                for out, (ref_l, ref_a) in zip(outs, refs, strict=True):
+                    pixels = np.asarray(out.pixels.convert("RGB")).astype(np.float32)  # type: ignore[union-attr]
+                    lanczos.append(psnr(pixels, ref_l))
+                    area.append(psnr(pixels, ref_a))
+                result[name] = {
+                    "psnr_vs_lanczos": {"mean": round(float(np.mean(lanczos)), 2),
+                                        "p5": round(float(np.percentile(lanczos, 5)), 2)},
+                    "psnr_vs_area": {"mean": round(float(np.mean(area)), 2),
+                                     "p5": round(float(np.percentile(area, 5)), 2)},
+                }
+    for name in specs:
+        result[name]["cpu_ms_per_image"] = round(min(seconds[name]) / len(datas) * 1000, 2)
+    base = result["margin 2, area (default)"]["cpu_ms_per_image"]
+    for name in specs:
+        result[name]["cpu_vs_default"] = round(result[name]["cpu_ms_per_image"] / base, 3)
+    return result
+
+
+def main() -> None:
+    sets = {"photos": photos(), "wallpapers": wallpapers()}
+    results: dict[str, Any] = {}
+    for set_name, datas in sets.items():
+        pixels = sorted(np.prod(Image.open(io.BytesIO(d)).size) for d in datas)
+        results[set_name] = {"images": len(datas), "median_megapixels": round(float(pixels[len(pixels) // 2]) / 1e6, 3)}
+        for size in SIZES:
+            results[set_name][f"keep_ratio_{size}"] = found = measure(datas, size)
+            for name, row in found.items():
+                print(f"{set_name:10s} {size}  {name:26s} {row['cpu_ms_per_image']:6.2f} ms "
+                      f"({row['cpu_vs_default']:.2f}x)  PSNR vs Lanczos {row['psnr_vs_lanczos']['mean']:.1f} / "
+                      f"p5 {row['psnr_vs_lanczos']['p5']:.1f}, vs area {row['psnr_vs_area']['mean']:.1f} / "
+                      f"p5 {row['psnr_vs_area']['p5']:.1f}", flush=True)
+    RESULT.write_text(json.dumps({
+        "benchmark": "jpeg_draft",
+        "what": "component: process_image (decode + resize + encode) CPU per image, one thread, and PSNR of the stored "
+                "pixels against full-decode references, by reduced-scale decode margin and filter",
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                    "note": "2-core shared sandbox VM: CPU figures are best of 3 alternating rounds"},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": SETTINGS,
+        "results": results,
+    }, indent=1, default=str) + "\n")
+    print(f"saved {RESULT}")
+
+
+if __name__ == "__main__":
+    main()
