@@ -162,7 +162,7 @@ class DownloadConfig:
         2.0,
         help="With fast_jpeg_decode, the reduced-scale decode keeps at least this multiple of the output size. "
         "2 (Pillow thumbnail()'s margin) leaves the antialiasing to the resize filter; 1 decodes at the smallest "
-        "scale that covers the output: about a third less decode + resize CPU, more aliasing on fine textures "
+        "scale that covers the output: about a third less CPU per image, more aliasing on fine textures "
         "(docs/download.md).",
         range=(1, 8),
     )
