@@ -21,7 +21,7 @@ Two picture sets, resized to keep_ratio 256 and 512 (`resize_only_if_bigger: fal
   300-1,200 px, q80-95; benchmarks/e2e_vs_img2dataset.py makes them);
 * `wallpapers`: every design of Debian's `plasma-workspace-wallpapers` and `gnome-backgrounds` (one file per design,
   the largest), each saved as JPEG q90 with a long side of 480, 800, 1,200, 1,800 and 2,600 px (fetched with
-  `apt-get download` into benchmarks/_work/wallpapers, never committed).
+  `apt-get download` into the folders benchmarks/near_dup_eval.py and near_dup_desktops.py use, never committed).
 
     python benchmarks/jpeg_draft.py            # writes benchmarks/results/jpeg_draft.json
 """
@@ -32,7 +32,6 @@ import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -42,9 +41,7 @@ import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-WORK = REPO / "benchmarks" / "_work" / "wallpapers"
 RESULT = REPO / "benchmarks" / "results" / "jpeg_draft.json"
-PACKAGES = ("plasma-workspace-wallpapers", "gnome-backgrounds")
 LONG_SIDES = (480, 800, 1200, 1800, 2600)
 SIZES = (256, 512)
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -64,16 +61,16 @@ def photos() -> list[bytes]:
 
 
 def wallpapers() -> list[bytes]:
-    WORK.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import near_dup_desktops
+    import near_dup_eval
+
+    # the folders the near-duplicate benchmarks unpack these packages into (fetched once for all of them)
+    targets = {"plasma-workspace-wallpapers": (near_dup_eval.DATA / "plasma", near_dup_eval.DATA),
+               "gnome-backgrounds": (near_dup_desktops.WORK / "gnome-backgrounds", near_dup_desktops.WORK)}
     sources: list[Path] = []
-    for package in PACKAGES:
-        target = WORK / package
-        if not (target / "usr").is_dir():
-            debs = sorted(WORK.glob(f"{package}_*.deb"))
-            if not debs:
-                subprocess.run(["apt-get", "download", package], cwd=WORK, check=True, capture_output=True)
-                debs = sorted(WORK.glob(f"{package}_*.deb"))
-            subprocess.run(["dpkg", "-x", str(debs[-1]), str(target)], check=True)
+    for package, (folder, downloads) in targets.items():
+        target = near_dup_eval.unpack_deb(package, folder, downloads)
         files = [p for p in (target / "usr").rglob("*") if p.suffix.lower() in (".jpg", ".png", ".webp")
                  and "screenshot" not in p.name and p.stat().st_size > 10_000]
         designs: dict[str, Path] = {}

@@ -26,11 +26,10 @@ tuned on. It shares no source and no transformation code with the other three:
 from __future__ import annotations
 
 import random
-import subprocess
 from pathlib import Path
 
 import numpy as np
-from near_dup_eval import CorpusItem, Item  # type: ignore[import-not-found]
+from near_dup_eval import CorpusItem, Item, unpack_deb  # type: ignore[import-not-found]
 from near_dup_sets import _as_jpeg  # type: ignore[import-not-found]
 from PIL import Image, ImageDraw, ImageFont
 
@@ -49,16 +48,8 @@ TRANSFORMS = ("crop", "rotate", "blur", "text", "blur_text", "colour", "rescale"
 
 def fetch() -> list[Path]:
     """The wallpaper files (apt-get download + dpkg -x once into benchmarks/_work/desktops)."""
-    WORK.mkdir(parents=True, exist_ok=True)
     for package in PACKAGES:
-        target = WORK / package
-        if (target / "usr").is_dir():
-            continue
-        debs = sorted(WORK.glob(f"{package}_*.deb"))
-        if not debs:
-            subprocess.run(["apt-get", "download", package], cwd=WORK, check=True, capture_output=True)
-            debs = sorted(WORK.glob(f"{package}_*.deb"))
-        subprocess.run(["dpkg", "-x", str(debs[-1]), str(target)], check=True)
+        unpack_deb(package, WORK / package, WORK)
     return sorted(p for package in PACKAGES for p in (WORK / package).rglob("*")
                   if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") and p.stat().st_size > 1000)
 

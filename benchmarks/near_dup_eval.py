@@ -84,17 +84,22 @@ class CorpusItem:
 
 
 # -- data ----------------------------------------------------------------------------------------
+def unpack_deb(package: str, target: Path, downloads: Path) -> Path:
+    """`apt-get download` a Debian package into `downloads` and `dpkg -x` it into `target`, each only once."""
+    if not (target / "usr").is_dir():
+        downloads.mkdir(parents=True, exist_ok=True)
+        debs = sorted(downloads.glob(f"{package}_*.deb"))
+        if not debs:
+            subprocess.run(["apt-get", "download", package], cwd=downloads, check=True)
+            debs = sorted(downloads.glob(f"{package}_*.deb"))
+        subprocess.run(["dpkg", "-x", str(debs[-1]), str(target)], check=True)
+    return target
+
+
 def fetch_debs() -> None:
     """apt-get download + dpkg -x the two Debian packages into benchmarks/data/ (ignored by git)."""
-    DATA.mkdir(parents=True, exist_ok=True)
     for package, folder in (("plasma-workspace-wallpapers", "plasma"), ("tuxpaint-stamps-default", "tux")):
-        if (DATA / folder / "usr").is_dir():
-            continue
-        debs = sorted(DATA.glob(f"{package}_*.deb"))
-        if not debs:
-            subprocess.run(["apt-get", "download", package], cwd=DATA, check=True)
-            debs = sorted(DATA.glob(f"{package}_*.deb"))
-        subprocess.run(["dpkg", "-x", str(debs[-1]), str(DATA / folder)], check=True)
+        unpack_deb(package, DATA / folder, DATA)
 
 
 def drawing_family(name: str) -> str | None:
