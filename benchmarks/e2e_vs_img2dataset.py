@@ -47,11 +47,14 @@ first/last partition done marker, manifest written, process exit).
     python benchmarks/e2e_vs_img2dataset.py                 # 5,000 URLs, 3 repeats, a and b (~10 min)
     python benchmarks/e2e_vs_img2dataset.py --quick         # 1,000 URLs, 1 repeat (smoke test)
     python benchmarks/e2e_vs_img2dataset.py --only a --repeats 5 --urls 2000
+    python benchmarks/e2e_vs_img2dataset.py --only a --set download.jpeg_draft_margin=1   # an operating point
 
 Set up img2dataset (it pins opencv<5 and pandas<3, hence its own venv):
     python3 -m venv /work/i2d-venv && /work/i2d-venv/bin/pip install img2dataset
 
-Results: benchmarks/results/e2e_vs_img2dataset.json (not written by --quick unless --output is given).
+Results: benchmarks/results/e2e_vs_img2dataset.json (not written by --quick unless --output is given). Runs with
+--set go to benchmarks/results/e2e_operating_points.json, one entry per set of settings, and never replace the
+default results.
 For the download stage alone (no CLI, no Dask) see benchmarks/download_vs_img2dataset.py (a component benchmark).
 """
 
@@ -79,6 +82,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "e2e_vs_img2dataset.json"
+# Runs with --set (settings other than the defaults) go here, one entry per set of overrides, so that the default
+# figures above are never replaced by an operating point's.
+OPERATING_POINTS = REPO / "benchmarks" / "results" / "e2e_operating_points.json"
 SCRATCH = REPO / "benchmarks" / "_work"
 CACHE = SCRATCH / "e2e_cache"
 SHARD_ROWS = 500
@@ -375,7 +381,22 @@ def curate_config(cfg: str, input_path: Path, out_dir: Path, index: Path | None,
     if cfg == "b":
         assert index is not None
         config["dedup"]["indexes"] = [str(index)]
+    for dotted, value in getattr(args, "set", None) or []:
+        section, key = dotted.split(".", 1)
+        if cfg == "a" and section in ("captions", "dedup"):
+            continue  # (a) has them disabled
+        config.setdefault(section, {})[key] = value
     return config
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`section.key=value` (value read as YAML: 1, 2.5, true, hamming) for --set."""
+    import yaml
+
+    dotted, sep, value = text.partition("=")
+    if not sep or "." not in dotted:
+        raise argparse.ArgumentTypeError(f"expected section.key=value, got {text!r}")
+    return dotted.strip(), yaml.safe_load(value)
 
 
 def _file_time(path: Path, t0_epoch: float) -> float | None:
@@ -564,12 +585,16 @@ def main() -> None:
     parser.add_argument("--i2d-python", default="/work/i2d-venv/bin/python", help="python of img2dataset's venv")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds per subprocess")
     parser.add_argument("--keep", action="store_true", help="keep the work folder and run directories")
+    parser.add_argument("--set", type=parse_override, action="append", metavar="SECTION.KEY=VALUE",
+                        help="a curate setting other than the default, for both configurations (repeatable): an "
+                             f"operating point; its results are added to {OPERATING_POINTS.relative_to(REPO)} under "
+                             "the overrides instead of replacing the default results")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"results JSON (default {RESULTS.relative_to(REPO)}; --quick writes none unless given)")
     args = parser.parse_args()
     n_urls = args.urls or (1000 if args.quick else 5000)
     repeats = args.repeats or (1 if args.quick else 3)
-    output = args.output or (None if args.quick else RESULTS)
+    output = args.output or (None if args.quick else OPERATING_POINTS if args.set else RESULTS)
     configs = [args.only] if args.only else ["a", "b"]
 
     i2d_version = check_img2dataset(args.i2d_python)
@@ -673,7 +698,8 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine,
         "command": "python benchmarks/e2e_vs_img2dataset.py" + (f" --urls {n_urls}" if n_urls != 5000 else "")
-                   + (f" --repeats {repeats}" if repeats != 3 else "") + (f" --only {args.only}" if args.only else ""),
+                   + (f" --repeats {repeats}" if repeats != 3 else "") + (f" --only {args.only}" if args.only else "")
+                   + "".join(f" --set {k}={json.dumps(v)}" for k, v in args.set or []),
         "setup": {
             "urls": n_urls, "repeats": repeats, "distinct_bytes_per_url": True,
             "jpeg_bytes_median": sizes[len(sizes) // 2], "jpeg_bytes_total_mib": round(sum(sizes) / 2**20, 1),
@@ -682,6 +708,7 @@ def main() -> None:
             "shard_rows": SHARD_ROWS, "resize": RESIZE, "retries": 0, "timeout_s": 10,
             "img2dataset_version": i2d_version,
             "curate_command": "curate run CONFIG.yaml",
+            "curate_overrides": {k: v for k, v in args.set or []},
             "curate_config_a": curate_config("a", Path("URLS.parquet"), Path("RUN_DIR"), None, args),
             "curate_config_b": curate_config("b", Path("URLS.parquet"), Path("RUN_DIR"), Path("INDEX.parquet"),
                                              args) if "b" in configs else None,
@@ -717,6 +744,14 @@ def main() -> None:
         print(f"WARNING: {w}")
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
+        if args.set:  # one entry per set of overrides, next to the others
+            key = " ".join(f"{k}={json.dumps(v)}" for k, v in args.set) + f" [{'+'.join(configs)}]"
+            saved = json.loads(output.read_text()) if output.exists() else {
+                "benchmark": "e2e_vs_img2dataset operating points",
+                "what": "the same benchmark with curate settings other than the defaults (--set); each entry is "
+                        "one invocation with its own img2dataset baseline, alternating as usual", "points": {}}
+            saved["points"][key] = report
+            report = saved
         output.write_text(json.dumps(report, indent=2) + "\n")
         print(f"saved {output}")
 
