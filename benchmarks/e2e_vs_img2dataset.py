@@ -750,7 +750,8 @@ def main() -> None:
                 "benchmark": "e2e_vs_img2dataset operating points",
                 "what": "the same benchmark with curate settings other than the defaults (--set); each entry is "
                         "one invocation with its own img2dataset baseline, alternating as usual", "points": {}}
-            saved["points"][key] = report
+            n = sum(1 for k in saved["points"] if k == key or k.startswith(key + " #"))
+            saved["points"][key if n == 0 else f"{key} #{n + 1}"] = report  # a rerun is added, never replaces
             report = saved
         output.write_text(json.dumps(report, indent=2) + "\n")
         print(f"saved {output}")
