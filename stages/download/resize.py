@@ -175,7 +175,7 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
         # Decode at 1/2, 1/4 or 1/8 scale while keeping at least `draft_margin` times the planned size (2, the
         # default, is Pillow's own practice in thumbnail()): libjpeg's scaled IDCT is a coarse filter, the final
         # resize from there does the antialiasing. A margin of 1 saves about a third of process_image's CPU for
-        # more aliasing on fine textures (5th-percentile PSNR 3-4 dB lower: docs/download.md, benchmarks/jpeg_draft.py).
+        # more aliasing on fine textures (5th-percentile PSNR 3.0-4.6 dB lower: docs/download.md, benchmarks/jpeg_draft.py).
         margin = spec.draft_margin
         opened.draft((math.ceil(planned[0] * margin), math.ceil(planned[1] * margin)))
     img = opened.decode()
