@@ -168,11 +168,9 @@ class PhashDedupStage(Stage[DedupConfig]):
             raise StageError("no eval matcher: the stage is not set up")  # null: score() decodes the row
         found = self._matcher.match(words, lambda _rows: {0: rgb})
         hit = found.matches[0]
-        return {
-            "phash": hex_value, "item": None if hit is None else hit.item,
-            "distance": None if hit is None else hit.distance, "score": None if hit is None else hit.score,
-            "check": None if hit is None else hit.check, "counters": dict(found.counters),
-        }
+        item, distance, score, check = (None,) * 4 if hit is None else (hit.item, hit.distance, hit.score, hit.check)
+        return {"phash": hex_value, "item": item, "distance": distance, "score": score, "check": check,
+                "counters": dict(found.counters)}
 
     @classmethod
     def report_parts(cls, section: dict[str, Any]) -> Any:
