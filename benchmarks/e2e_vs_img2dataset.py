@@ -596,6 +596,7 @@ def main() -> None:
     repeats = args.repeats or (1 if args.quick else 3)
     output = args.output or (None if args.quick else OPERATING_POINTS if args.set else RESULTS)
     configs = [args.only] if args.only else ["a", "b"]
+    overrides = [f"{k}={json.dumps(v)}" for k, v in args.set or []]  # as --set takes them back
 
     i2d_version = check_img2dataset(args.i2d_python)
     curate_bin = find_curate()
@@ -699,7 +700,7 @@ def main() -> None:
         "machine": machine,
         "command": "python benchmarks/e2e_vs_img2dataset.py" + (f" --urls {n_urls}" if n_urls != 5000 else "")
                    + (f" --repeats {repeats}" if repeats != 3 else "") + (f" --only {args.only}" if args.only else "")
-                   + "".join(f" --set {k}={json.dumps(v)}" for k, v in args.set or []),
+                   + "".join(f" --set {o}" for o in overrides),
         "setup": {
             "urls": n_urls, "repeats": repeats, "distinct_bytes_per_url": True,
             "jpeg_bytes_median": sizes[len(sizes) // 2], "jpeg_bytes_total_mib": round(sum(sizes) / 2**20, 1),
@@ -708,7 +709,7 @@ def main() -> None:
             "shard_rows": SHARD_ROWS, "resize": RESIZE, "retries": 0, "timeout_s": 10,
             "img2dataset_version": i2d_version,
             "curate_command": "curate run CONFIG.yaml",
-            "curate_overrides": {k: v for k, v in args.set or []},
+            "curate_overrides": dict(args.set or []),
             "curate_config_a": curate_config("a", Path("URLS.parquet"), Path("RUN_DIR"), None, args),
             "curate_config_b": curate_config("b", Path("URLS.parquet"), Path("RUN_DIR"), Path("INDEX.parquet"),
                                              args) if "b" in configs else None,
@@ -745,7 +746,7 @@ def main() -> None:
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         if args.set:  # one entry per set of overrides, next to the others
-            key = " ".join(f"{k}={json.dumps(v)}" for k, v in args.set) + f" [{'+'.join(configs)}]"
+            key = " ".join(overrides) + f" [{'+'.join(configs)}]"
             saved = json.loads(output.read_text()) if output.exists() else {
                 "benchmark": "e2e_vs_img2dataset operating points",
                 "what": "the same benchmark with curate settings other than the defaults (--set); each entry is "
