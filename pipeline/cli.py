@@ -7,9 +7,10 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from curate.pipeline import __version__, console, registry
-from curate.pipeline.configspec import ConfigError
-from curate.pipeline.runlock import RunLocked
+from curate.pipeline import __version__
+
+# Only the standard library above: the engine is imported inside main(), where a Ctrl-C during the imports (half a
+# second of pyarrow and the stages) still ends with the one-line message, not a traceback.
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -39,6 +40,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from curate.pipeline import registry
+
     parser = argparse.ArgumentParser(prog="curate", description=DESCRIPTION, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"curate {__version__}")
@@ -139,6 +142,19 @@ PIPELINE_COMMANDS = ("run", "demo")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # at any point: imports, parsing, cluster start, the run, the final writes
+        _close_clusters_quietly()
+        print("curate: interrupted; re-run the same command to resume", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    from curate.pipeline import console
+    from curate.pipeline.configspec import ConfigError
+    from curate.pipeline.runlock import RunLocked
+
     parser = build_parser()
     args = parser.parse_args(argv)
     console.configure(args.verbose)
@@ -159,10 +175,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"curate: {err}", file=sys.stderr)
             return EXIT_USAGE
         print(f"curate: run failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        _close_clusters_quietly()
-        print("curate: interrupted; re-run the same command to resume", file=sys.stderr)
         return EXIT_FAILED
     except Exception as err:
         logging.getLogger("curate").debug("run failed", exc_info=True)

@@ -84,7 +84,8 @@ def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
     # that was ~8% of a download worker's Python time (py-spy). Nannies hand this config to their workers.
     settings = {"distributed.nanny.pre-spawn-environ": worker_environ(),
                 "distributed.worker.profile.enabled": cfg.worker_profiler}
-    with dask.config.set(settings):
+    held_back = _ctrl_c_held_back() if cfg.processes else contextlib.nullcontext()
+    with dask.config.set(settings), held_back:
         cluster = LocalCluster(
             n_workers=n_workers,
             threads_per_worker=cfg.threads_per_worker,
@@ -111,6 +112,32 @@ def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
     return cluster
 
 
+@contextlib.contextmanager
+def _ctrl_c_held_back() -> Iterator[None]:
+    """Block SIGINT in this thread while the LocalCluster starts: for the worker processes, not the client.
+
+    The cluster's event-loop thread is started here and inherits the mask, and so do the worker processes it
+    spawns (a signal mask survives fork and exec): a Ctrl-C while a worker still imports its modules, before
+    `_prepare_local_worker` runs, stays pending there instead of printing that worker's traceback. The client still
+    gets its KeyboardInterrupt: through another of its threads at once, or when the mask is restored here.
+    """
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks
+        yield
+        return
+    from multiprocessing import resource_tracker
+
+    # Started later from the loop thread, the tracker would unblock SIGINT there (it blocks, spawns, then
+    # unblocks rather than restoring the mask); once running, it is left alone.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _prepare_local_worker(verbose: bool) -> None:
     """In each LocalCluster worker process: the console's log format, and Ctrl-C left to the client.
 
@@ -122,6 +149,8 @@ def _prepare_local_worker(verbose: bool) -> None:
     from curate.pipeline import console
 
     console.configure(verbose)
+    # Workers spawned under _ctrl_c_held_back have SIGINT blocked already; this also covers one whose event loop
+    # was started earlier in the client's process (and ignoring drops a Ctrl-C still pending there).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 

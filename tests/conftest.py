@@ -127,11 +127,13 @@ def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @dataclass
 class DemoImageServer:
     """configs/demo/ on 127.0.0.1: `base_url + "/images/astronaut.jpg"`. `delay` (s) slows every response so
-    that a test can kill a run mid-download; `hits` counts requests."""
+    that a test can kill a run mid-download; `hits` counts requests, `paths` lists them (a run of an earlier
+    test may still be finishing its downloads)."""
 
     base_url: str = ""
     delay: float = 0.0
     hits: int = 0
+    paths: list[str] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -149,6 +151,7 @@ def demo_image_server() -> Iterator[DemoImageServer]:
         def do_GET(self) -> None:  # noqa: N802 (http.server API)
             with state.lock:
                 state.hits += 1
+                state.paths.append(self.path)
             if state.delay:
                 time.sleep(state.delay)
             body = files.get(self.path.split("?", 1)[0])
