@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from curate.pipeline import __version__
 
@@ -116,6 +117,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@contextlib.contextmanager
+def _first_ctrl_c_only() -> Iterator[None]:
+    """The first Ctrl-C stops the run (KeyboardInterrupt); later ones are ignored until the process exits.
+
+    Pressed again while Dask closes the cluster, a second KeyboardInterrupt would cancel that close half-way, and
+    the thread closing the same cluster beside it would then wait for it forever (seen: a run that never exited).
+    The stop itself is bounded by the closes' own timeouts. Left as it is where SIGINT is not Python's default
+    (ignored by a background shell job, or a handler of the caller's) and off the main thread.
+    """
+    import signal
+    import threading
+
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    fired = False
+
+    def first(_signum: int, _frame: object) -> None:
+        nonlocal fired
+        if fired:  # a second Ctrl-C close behind the first can run this again before SIG_IGN is in place
+            return
+        fired = True
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, first)
+    try:
+        yield
+    finally:
+        if not fired:  # no Ctrl-C came: as before
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def _close_clusters_quietly() -> None:
     """After Ctrl-C, close what Dask still has open now, silently, instead of at exit with a traceback of a
     half-started cluster."""
@@ -123,7 +159,6 @@ def _close_clusters_quietly() -> None:
     if spec is None:
         return
     import atexit
-    import contextlib
     import io
 
     with contextlib.suppress(Exception, KeyboardInterrupt), contextlib.redirect_stderr(io.StringIO()):
@@ -142,12 +177,13 @@ PIPELINE_COMMANDS = ("run", "demo")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:  # at any point: imports, parsing, cluster start, the run, the final writes
-        _close_clusters_quietly()
-        print("curate: interrupted; re-run the same command to resume", file=sys.stderr)
-        return EXIT_FAILED
+    with _first_ctrl_c_only():
+        try:
+            return _main(argv)
+        except KeyboardInterrupt:  # at any point: imports, parsing, cluster start, the run, the final writes
+            print("curate: interrupted; re-run the same command to resume", file=sys.stderr)
+            _close_clusters_quietly()
+            return EXIT_FAILED
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -191,15 +191,23 @@ def open_client(cfg: Any, wants_gpu: bool, *, client: Any = None,
         echo(f"curate: Dask dashboard {c.dashboard_link}")
     try:
         yield c, placement_of(c)
-    finally:
-        # Workers take a second or so to exit: let them while the client writes stats, manifest and report. A
-        # non-daemon thread, so the process still waits for them before it exits.
-        threading.Thread(target=_close_local, args=(c, cluster), name="curate-cluster-close").start()
+    except BaseException:
+        # A failed or interrupted run: nothing left to overlap the close with, and closing here means no second
+        # close runs beside this one (after Ctrl-C, the CLI closes whatever Dask still has open).
+        _close_local(c, cluster)
+        raise
+    # Workers take a second or so to exit: let them while the client writes stats, manifest and report. A
+    # non-daemon thread, so the process still waits for them before it exits.
+    threading.Thread(target=_close_local, args=(c, cluster), name="curate-cluster-close").start()
+
+
+# Closing a LocalCluster takes a second or two; this bounds a close that hangs (the process waits for it at exit).
+CLOSE_TIMEOUT_S = 30.0
 
 
 def _close_local(client: Any, cluster: Any) -> None:
     try:
         client.close()
-        cluster.close()
+        cluster.close(timeout=CLOSE_TIMEOUT_S)
     except Exception as err:  # the run's outputs are written; a worker that will not stop is not a failure
         log.warning("closing the local Dask cluster: %r", err)
