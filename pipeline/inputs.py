@@ -21,6 +21,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import PurePosixPath
@@ -130,6 +131,40 @@ def _select_files(files: list[str], fmt: str) -> list[str]:
     if fmt == "tsv":
         wanted |= {".txt"}
     return [f for f in files if PurePosixPath(f).suffix.lower() in wanted]
+
+
+#: fsspec `info()` keys that change when a file is rewritten (local, S3, GCS/Azure, HTTP), first present one used
+_MODIFIED_KEYS = ("mtime", "LastModified", "last_modified", "updated", "ETag", "etag")
+
+
+def source_stamp(path: str) -> dict[str, Any]:
+    """Size and modification marker of one input file, as its filesystem reports them (for a resume's check
+    that the input is the one the run was planned from). After a glob, remote listings come from fsspec's cache."""
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    info = fs.info(fs_path)
+    modified = next((info[k] for k in _MODIFIED_KEYS if info.get(k) is not None), None)
+    return {"size": info.get("size"), "modified": None if modified is None else str(modified)}
+
+
+def input_changes(planned: Sequence[str], stamps: Sequence[dict[str, Any]], files: Sequence[str]) -> str | None:
+    """What differs between the files a run was planned from (with their stamps) and `files` now, or None."""
+    if list(planned) != list(files):
+        before, now = set(planned), set(files)
+        added = [f for f in files if f not in before]
+        removed = [f for f in planned if f not in now]
+        parts = ([f"{len(added)} new (first {added[0]})"] if added else []) + (
+            [f"{len(removed)} gone (first {removed[0]})"] if removed else [])
+        return "the input files are not the planned ones: " + (", ".join(parts) or "another order")
+    for path, stamp in zip(planned, stamps, strict=True):
+        try:
+            now = source_stamp(path)
+        except (OSError, ValueError) as err:
+            return f"{path} cannot be read: {err}"
+        if now["size"] != stamp.get("size"):
+            return f"{path} changed size ({stamp.get('size')} -> {now['size']} bytes)"
+        if now["modified"] != stamp.get("modified"):
+            return f"{path} was modified ({stamp.get('modified')} -> {now['modified']})"
+    return None
 
 
 def resolve_input(input_cfg: Any) -> tuple[list[str], str]:

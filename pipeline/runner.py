@@ -516,8 +516,9 @@ class Runner:
 
         Returns the client's one instance of each enabled stage (preflight now, run-wide decisions later).
         """
-        inputs.resolve_input(self.config.input)
+        files, _fmt = inputs.resolve_input(self.config.input)
         _check_resume_compatible(self.config, self.layout, record=False)
+        self._check_input_unchanged(files)
         context = RunContext(self.layout.root, self.layout.work)
         stages = {spec.section: spec.cls(spec.config, context) for spec in stage_specs(self.config)}
         for stage in stages.values():  # fail fast, before a cluster starts, on what the user must fix
@@ -558,6 +559,25 @@ class Runner:
         # A marker without its shard list (a run folder of an older curate) cannot feed the manifest: redo it.
         return "shards" in done or not self.config.write.enabled
 
+    def _check_input_unchanged(self, files: Sequence[str]) -> None:
+        """A resume must read the input the run was planned from: partitions are matched to it by number, so new
+        or edited files would mix old and new rows. A plan of an older curate records no stamps: not checked."""
+        cached = self.layout.plan
+        if not storage.exists(cached):
+            return
+        try:
+            data = storage.read_json(cached)
+        except storage.CorruptFile:
+            return  # the run reports it, with its way out, when it reads the plan
+        if "source_stamps" not in data:
+            return
+        change = inputs.input_changes(data["sources"], data["source_stamps"], files)
+        if change is not None:
+            raise ConfigError(
+                "input.path",
+                f"{change} since this run was planned (resuming would mix old and new rows): use a new output.path, "
+                "or, if the content is the same (a copy, a touch), delete _work/plan.json there to plan again")
+
     def _plan(self) -> inputs.InputPlan:
         cached = self.layout.plan
         if storage.exists(cached):
@@ -570,9 +590,11 @@ class Runner:
             return inputs.InputPlan(parts, data["total_rows"], tuple(data["sources"]), data["format"],
                                     data.get("malformed_lines", 0))
         plan = inputs.plan_input(self.config.input, self.layout.input_dir)
+        stamps = [inputs.source_stamp(source) for source in plan.sources]
         storage.write_json(cached, {"partitions": [p.__dict__ for p in plan.partitions],
                                     "total_rows": plan.total_rows, "sources": list(plan.sources),
-                                    "format": plan.format, "malformed_lines": plan.malformed_lines})
+                                    "source_stamps": stamps, "format": plan.format,
+                                    "malformed_lines": plan.malformed_lines})
         return plan
 
     def _run_partitions(self, todo: list[inputs.PartitionSpec], plan: inputs.InputPlan, specs: list[StageSpec],

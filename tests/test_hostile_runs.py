@@ -139,6 +139,40 @@ def test_rerun_after_deleting_work_with_a_smaller_limit_leaves_only_the_new_plan
                                                                                  "part-00001.parquet"]
 
 
+def test_resume_refuses_input_files_changed_since_the_plan(
+        tmp_path: Path, demo_image_server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Partitions are matched to the plan by number: a resume over edited input would mix old and new rows."""
+    config = _config(tmp_path, demo_image_server.base_url, rows=6)
+    assert main(["run", str(config), "--no-progress"]) == 0
+    corpus = tmp_path / "corpus.csv"
+    original, stat = corpus.read_bytes(), corpus.stat()
+    extra = b"http://127.0.0.1:9/new.jpg,one more row\n"
+    corpus.write_bytes(original + extra)  # appended to in place
+    for argv in (["run", str(config), "--no-progress"], ["validate", str(config)]):
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        size = f"({len(original)} -> {len(original) + len(extra)} bytes)"
+        assert f"input.path: {corpus} changed size {size}" in err, err
+        assert "delete _work/plan.json there" in err and "new output.path" in err
+    corpus.write_bytes(original)  # the same bytes again, but rewritten: refused as well (it cannot be told apart)
+    os.utime(corpus, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    capsys.readouterr()
+    assert main(["run", str(config), "--no-progress"]) == 2
+    assert f"{corpus} was modified" in capsys.readouterr().err
+    (tmp_path / "run" / "_work" / "plan.json").unlink()  # the way out when the content is the same
+    assert main(["run", str(config), "--no-progress"]) == 0
+    assert _consistent(tmp_path / "run")["input_rows"] == 6
+
+
+def test_input_changes_names_files_added_and_gone() -> None:
+    from curate.pipeline.inputs import input_changes
+
+    change = input_changes(["a.parquet", "b.parquet"], [{}, {}], ["a.parquet", "c.parquet", "d.parquet"])
+    assert change == "the input files are not the planned ones: 2 new (first c.parquet), 1 gone (first b.parquet)"
+    assert input_changes(["a", "b"], [{}, {}], ["b", "a"]) == "the input files are not the planned ones: another order"
+
+
 # -- hostile and broken configs -----------------------------------------------------------------------
 
 BASE = "input: {path: in.parquet}\noutput: {path: out}\n"
