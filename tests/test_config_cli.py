@@ -132,4 +132,4 @@ def test_wheel_contains_every_subpackage(tmp_path: Path) -> None:
     assert not any("faultserver" in n for n in names)  # a test fixture, not part of the package
     assert "curate/stages/clean_captions/en_lexicon.txt.gz" in names  # package data the stage loads
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "curate = curate.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "curate = curate.pipeline.cli:entry" in zipfile.ZipFile(wheel).read(entry_points).decode()

@@ -332,6 +332,27 @@ def test_ctrl_c_while_starting_up_prints_the_same_one_line(monkeypatch: pytest.M
     assert main(["run", "c.yaml"]) == 1
     assert capsys.readouterr().err == "curate: interrupted; re-run the same command to resume\n"
 
+INTERRUPT_IN_EXEC = """
+import sys
+import curate.pipeline.cli as cli
+
+def interrupted():
+    exec("raise KeyboardInterrupt")  # as a Ctrl-C inside a dataclass's or namedtuple's generated code
+
+cli.build_parser = interrupted
+sys.argv = ["curate", "run", "c.yaml"]
+cli.entry()
+"""
+
+
+def test_ctrl_c_through_exec_still_exits_1_under_python_m(tmp_path: Path) -> None:
+    """CPython marks a KeyboardInterrupt that passed through exec'd source text as unhandled even once caught,
+    and `python -m` then ends the process with SIGINT (exit -2) unless the command exits on its own."""
+    (tmp_path / "interrupt_probe.py").write_text(INTERRUPT_IN_EXEC)
+    done = subprocess.run([sys.executable, "-m", "interrupt_probe"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert (done.returncode, done.stderr) == (1, "curate: interrupted; re-run the same command to resume\n")
+
 WORKER_SIGINT = """
 import signal
 from curate.pipeline.cluster import open_client
