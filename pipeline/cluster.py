@@ -209,5 +209,6 @@ def _close_local(client: Any, cluster: Any) -> None:
     try:
         client.close()
         cluster.close(timeout=CLOSE_TIMEOUT_S)
-    except Exception as err:  # the run's outputs are written; a worker that will not stop is not a failure
+    except Exception as err:  # the run's outcome is settled (outputs written, or its own error raised): a worker
+        # that will not stop does not change it
         log.warning("closing the local Dask cluster: %r", err)
