@@ -135,7 +135,11 @@ class DownloadConfig:
     resize_only_if_bigger: bool = option(
         True, help="Only shrink: images whose relevant side is <= image_size are not resized, cropped or padded."
     )
-    downscale_interpolation: Interpolation = option("area", help="Filter used when shrinking (`area` = box).")
+    downscale_interpolation: Interpolation = option(
+        "area",
+        help="Filter used when shrinking. `area` approximates OpenCV's INTER_AREA (img2dataset's default) with "
+        "Pillow's hamming filter; `box` is Pillow's box filter, which aliases at non-integer factors.",
+    )
     upscale_interpolation: Interpolation = option("lanczos", help="Filter used when enlarging.")
     min_width: int = option(0, help="Reject (`too_small`) images narrower than this, pixels, before resizing.", range=(0, None))
     min_height: int = option(0, help="Reject (`too_small`) images shorter than this, pixels, before resizing.", range=(0, None))
@@ -159,11 +163,10 @@ class DownloadConfig:
         "least `jpeg_draft_margin` times the output size: much cheaper for big photos; false = always decode fully.",
     )
     jpeg_draft_margin: float = option(
-        2.0,
-        help="With fast_jpeg_decode, the reduced-scale decode keeps at least this multiple of the output size. "
-        "2 (Pillow thumbnail()'s margin) leaves the antialiasing to the resize filter; 1 decodes at the smallest "
-        "scale that covers the output: about a third less CPU per image, more aliasing on fine textures "
-        "(docs/download.md).",
+        1.5,
+        help="With fast_jpeg_decode, the reduced-scale decode keeps at least this multiple of the output size, "
+        "leaving the antialiasing to the resize filter; 1 decodes at the smallest scale that covers the output: "
+        "less CPU per image, more aliasing on fine textures (docs/download.md).",
         range=(1, 8),
     )
     output_format: OutputFormat = option("jpg", help="Encoding of stored images: jpg, png or webp.")
