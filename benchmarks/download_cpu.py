@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import io
 import json
+import math
 import os
 import platform
 import random
@@ -96,28 +97,36 @@ def curate_steps(paths: list[Path], repeats: int) -> dict[str, float]:
     from PIL import Image
 
     from curate.pipeline.images import open_image
-    from curate.stages.download.resize import ImageSpec, _encode, _planned_size, original_exif, process_image
+    from curate.stages.download.resize import (
+        _FILTERS,
+        ImageSpec,
+        _encode,
+        _planned_size,
+        original_exif,
+        process_image,
+    )
 
     spec = ImageSpec(resize_mode="keep_ratio", image_size=256, resize_only_if_bigger=False)
     datas = [p.read_bytes() for p in paths]
+    shrink = _FILTERS[spec.downscale_interpolation]  # the stage's filter and draft margin, at their defaults
 
     def decode(draft: bool) -> Callable[[bytes], Image.Image]:
         def run(data: bytes) -> Image.Image:
             opened = open_image(data)
             planned = _planned_size(*opened.size, spec)
             if draft and planned is not None and planned[0] < opened.size[0]:
-                opened.draft((planned[0] * 2, planned[1] * 2))
+                opened.draft((math.ceil(planned[0] * spec.draft_margin), math.ceil(planned[1] * spec.draft_margin)))
             return opened.decode()
         return run
 
     drafted = [decode(True)(d) for d in datas]
-    resized = [img.resize(_planned_size(*img.size, spec) or img.size, Image.Resampling.BOX) for img in drafted]
+    resized = [img.resize(_planned_size(*img.size, spec) or img.size, shrink) for img in drafted]
     processed = [process_image(d, spec) for d in datas]
     return {
         "open_header_ms": best_ms(open_image, datas, repeats),
         "decode_full_ms": best_ms(decode(False), datas, repeats),
         "decode_draft_ms": best_ms(decode(True), datas, repeats),
-        "resize_ms": best_ms(lambda img: img.resize(_planned_size(*img.size, spec) or img.size, Image.Resampling.BOX),
+        "resize_ms": best_ms(lambda img: img.resize(_planned_size(*img.size, spec) or img.size, shrink),
                              drafted, repeats),
         "encode_ms": best_ms(lambda img: _encode(img, spec), resized, repeats),
         "process_image_ms": best_ms(lambda d: process_image(d, spec), datas, repeats),
