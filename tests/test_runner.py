@@ -380,6 +380,31 @@ def _worker_env(dask_worker: Any) -> dict[str, Any]:
     return env
 
 
+def test_workers_allocate_arrow_buffers_with_malloc_unless_a_pool_is_chosen(
+        tmp_path: Path, tar_input: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Arrow's mimalloc pool re-faulted its huge pages for every partition; a task switches its process to the
+    system allocator, once, and leaves a pool chosen with ARROW_DEFAULT_MEMORY_POOL alone."""
+    try:
+        mimalloc = pa.mimalloc_memory_pool()
+    except NotImplementedError:
+        pytest.skip("this pyarrow has no mimalloc pool")
+    previous = pa.default_memory_pool()
+    try:
+        pa.set_memory_pool(mimalloc)
+        monkeypatch.setattr(runner_mod, "_ARROW_POOL_CHOSEN", False)
+        monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
+        run_with(monkeypatch, {"captions": RejectBadCaptions}, config_for(tmp_path, tar_input))
+        assert pa.default_memory_pool().backend_name == "system"
+
+        pa.set_memory_pool(mimalloc)
+        monkeypatch.setattr(runner_mod, "_ARROW_POOL_CHOSEN", False)
+        monkeypatch.setenv("ARROW_DEFAULT_MEMORY_POOL", "mimalloc")
+        runner_mod._use_system_allocator()
+        assert pa.default_memory_pool().backend_name == "mimalloc"
+    finally:
+        pa.set_memory_pool(previous)
+
+
 def test_local_workers_keep_glibc_malloc_defaults_and_skip_the_profiler(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dask's MALLOC_TRIM_THRESHOLD_=65536 (which makes every decoded image page-fault in anew) is not set in our
     LocalCluster's workers; Dask's other pre-spawn variables are, and a value the user exported still applies.
