@@ -7,8 +7,9 @@ real JPEGs from a loopback server with 30 ms latency, `curate run CONFIG.yaml --
 repeat; the order of the variants flips every repeat. Measured per run: wall, and CPU of the whole process tree
 (getrusage of the reaped children) per input row.
 
-A variant is `NAME:K=V,K=V,...`: `cfg.SECTION.KEY=VALUE` sets a config key (VALUE read as YAML), any other
-`K=V` an environment variable of the curate process. The baseline is the defaults.
+A variant is `NAME:K=V,K=V,...`: `cfg.SECTION.KEY=VALUE` sets a config key (VALUE read as YAML), as the e2e
+benchmark's `--set SECTION.KEY=VALUE` does (and like it, the disabled captions/dedup sections are left alone), any
+other `K=V` an environment variable of the curate process. The baseline is the defaults.
 
     python benchmarks/settings_ab.py --variant "box-margin2:cfg.download.downscale_interpolation=box,cfg.download.jpeg_draft_margin=2"
     python benchmarks/settings_ab.py --variant "mimalloc:ARROW_DEFAULT_MEMORY_POOL=mimalloc" --output benchmarks/results/ab_arrow_pool.json
@@ -49,9 +50,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, str], dict[str, Any]]:
         if not eq:
             raise argparse.ArgumentTypeError(f"expected K=V in {text!r}, got {item!r}")
         if key.startswith("cfg."):
-            if key.count(".") != 2:
-                raise argparse.ArgumentTypeError(f"expected cfg.SECTION.KEY, got {key!r}")
-            config[key[4:]] = yaml.safe_load(value)
+            dotted, parsed = e2e.parse_override(item.removeprefix("cfg."))
+            config[dotted] = parsed
         else:
             env[key] = value
     return name, env, config
@@ -85,10 +85,8 @@ def main() -> None:
             e2e.write_input(input_path, srv.base_url, files)
             for rep in range(args.repeats):
                 for name, env_add, config_add in variants if rep % 2 == 0 else variants[::-1]:
+                    shape.set = list(config_add.items())  # applied by curate_config, as the e2e benchmark's --set
                     config = e2e.curate_config("a", input_path, work / f"run-{name}-{rep}", None, shape)
-                    for dotted, value in config_add.items():
-                        section, key = dotted.split(".")
-                        config.setdefault(section, {})[key] = value
                     config_path = work / f"{name}.yaml"
                     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
                     cpu0, t0 = e2e._children_cpu_s(), time.perf_counter()
