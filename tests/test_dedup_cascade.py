@@ -196,6 +196,33 @@ def test_search_ranks_by_distance_then_label_with_variants_counted_once() -> Non
     assert sum(len(v) for v in got.values()) > 1000  # the test exercises ties, not a handful of hits
 
 
+def test_ranking_rows_in_chunks_gives_what_one_batch_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The matcher searches and ranks a few rows at a time (sized by pairs per row): any split, same answer."""
+    from curate.stages.phash_dedup import matcher as matcher_module
+
+    rng = np.random.default_rng(4)
+    n = 2000
+    base = rng.integers(0, 2**63, 30, dtype=np.uint64)
+    main = base[rng.integers(0, len(base), n)] ^ (np.uint64(1) << rng.integers(0, 64, n).astype(np.uint64))
+    variants = [[f"{int(v):016x}" for v in base[rng.integers(0, len(base), int(k))]] for k in rng.integers(0, 4, n)]
+    table = pa.table({
+        "eval_set": ["set"] * n, "item_id": [f"img{i:05d}" for i in rng.permutation(n)],
+        "phash": [f"{int(h):016x}" for h in main], "variant_hashes": variants,
+    })
+    matcher = EvalMatcher(table, MatchSettings(threshold=8, candidate_threshold=12, max_candidates=8, verify=True), 64)
+    # rows with many candidates, rows with none (random hashes), in runs, so chunk edges fall on both kinds
+    picks = [int(base[i % len(base)]) if (i // 7) % 3 else int(rng.integers(0, 2**63)) for i in range(300)]
+    queries = from_ints(picks)
+    monkeypatch.setattr(matcher_module, "_FIRST_RANKED_ROWS", 10_000)
+    monkeypatch.setattr(matcher_module, "_MAX_RANKED_ROWS", 10_000)
+    one_batch = matcher.search(queries)
+    monkeypatch.setattr(matcher_module, "_FIRST_RANKED_ROWS", 3)
+    monkeypatch.setattr(matcher_module, "_RANKED_PAIRS_PER_CHUNK", 200)  # ~1-3 rows per chunk after the first
+    in_chunks = matcher.search(queries)
+    assert in_chunks == one_batch
+    assert len(one_batch) > 150 and any(row not in one_batch for row in range(300))
+
+
 def test_a_corpus_image_that_cannot_be_described_leaves_its_candidates_unverified(
     index: pa.Table, real_images: dict[str, bytes], monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

@@ -81,6 +81,20 @@ def test_many_identical_codes_overflow_the_first_output_buffer() -> None:
     assert found.as_set() == expected.as_set() and len(found) == len(expected)
 
 
+def test_one_query_with_more_pairs_than_several_buffers_resumes_where_it_stopped() -> None:
+    """A single query colliding with thousands of hashes (a flat picture against a large eval index): the
+    output grows several times and the search goes on from the query that did not fit, in every block."""
+    rng = np.random.default_rng(9)
+    base = _random_codes(rng, 2, 64)
+    index = _flip(rng, np.repeat(base, 3000, axis=0), 64, 4)
+    query = np.concatenate([_flip(rng, np.repeat(base, 3, axis=0), 64, 2), _random_codes(rng, 5, 64)])
+    found = HammingIndex(index, 64, 10, brute_force_max=0).search(query, n_threads=1)
+    expected = brute_force_pairs(query, index, 10)
+    assert len(expected) > 4 * 1024  # the first buffer (1,024 pairs) fills more than twice
+    assert np.array_equal(found.query, expected.query) and np.array_equal(found.index, expected.index)
+    assert np.array_equal(found.distance, expected.distance)
+
+
 def test_index_serves_any_threshold_up_to_its_maximum() -> None:
     query, index = _planted(11, 800, 1200, 64, 10)
     for brute_force_max in (0, len(index)):  # the compiled kernel, and the numpy scan of small indexes

@@ -235,20 +235,24 @@ def _probe(
     q_sorted_hashes: Any, q_keys: Any, q_order: Any, start: int, stop: int,
     sorted_hashes: Any, sorted_ids: Any, offsets: Any, offset_base: Any,
     index_keys: Any, masks: Any, mask_start: Any, radii: Any, threshold: int,
-    out_q: Any, out_i: Any, out_d: Any,
-) -> int:
-    """Probe-and-verify loop; returns the pair count (may exceed the output capacity).
+    out_q: Any, out_i: Any, out_d: Any, count: int, resume_block: int, resume_position: int,
+) -> tuple[int, int, int]:
+    """Probe-and-verify loop from (`resume_block`, `resume_position`), writing pairs after the first `count`.
 
     Block-outer, and within a block the queries go in order of their key (`q_order[b, start:stop]`):
     neighbouring queries then probe neighbouring buckets, which keeps the offset table and the
     bucket contents in cache instead of paying a memory miss per probe.
+
+    Returns ``(count, block, position)``: ``block == n_blocks`` when done; otherwise the output is full and
+    the pairs of query ``(block, position)`` were taken back, so the caller grows the output and resumes there.
     """
     n_blocks = q_keys.shape[1]
     n_words = q_sorted_hashes.shape[2]
     capacity = out_q.shape[0]
-    count = 0
-    for b in range(n_blocks):
-        for position in range(start, stop):
+    for b in range(resume_block, n_blocks):
+        first = resume_position if b == resume_block else start
+        for position in range(first, stop):
+            query_count = count  # where this query's pairs start: taken back if they do not all fit
             q = q_order[b, position]
             key = q_keys[q, b]
             base = offset_base[b]
@@ -268,12 +272,13 @@ def _probe(
                             break
                     if seen:
                         continue
-                    if count < capacity:
-                        out_q[count] = q
-                        out_i[count] = j
-                        out_d[count] = dist
+                    if count == capacity:
+                        return query_count, b, position
+                    out_q[count] = q
+                    out_i[count] = j
+                    out_d[count] = dist
                     count += 1
-    return count
+    return count, n_blocks, stop
 
 
 _KERNEL: Callable[..., int] | None = None
@@ -334,6 +339,7 @@ class HammingIndex:
         self._mask_start = np.cumsum([0] + [len(m) for m in masks]).astype(np.int64)
         self._masks = np.concatenate(masks)
         self._radii = np.array([b.radius for b in blocks], dtype=np.int64)
+        self._pairs_per_query = 0.0  # running mean over this index's searches: the output buffers' first size
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -364,21 +370,31 @@ class HammingIndex:
         chunk = max(256, min(65_536, -(-len(q) // (4 * n_threads))))
         starts = list(range(0, len(q), chunk))
 
+        n_blocks = len(self.plan.blocks)
+        pairs_per_query = self._pairs_per_query
+
         def run(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             stop = min(len(q), start + chunk)
-            capacity = max(1024, 4 * (stop - start))
+            capacity = max(1024, int(2 * pairs_per_query * (stop - start)))
+            out_q = np.empty(capacity, np.int64)
+            out_i = np.empty(capacity, np.int64)
+            out_d = np.empty(capacity, np.int32)
+            count, block, position = 0, 0, start
             while True:
-                out_q = np.empty(capacity, np.int64)
-                out_i = np.empty(capacity, np.int64)
-                out_d = np.empty(capacity, np.int32)
-                count = kernel(
+                count, block, position = kernel(
                     q_sorted, q_keys, q_order, start, stop, self._sorted_hashes, self._sorted_ids, self._offsets,
                     self._offset_base, self.keys, self._masks, self._mask_start, self._radii, t,
-                    out_q, out_i, out_d,
+                    out_q, out_i, out_d, count, block, position,
                 )
-                if count <= capacity:
+                if block == n_blocks:
+                    # the next search starts with room for twice this mean (a data race here only costs a resize)
+                    self._pairs_per_query = 0.9 * self._pairs_per_query + 0.1 * count / (stop - start)
                     return out_q[:count], out_i[:count], out_d[:count]
-                capacity = count  # rerun the chunk with room for every pair
+                # Full: grow and go on from the query that did not fit (a query colliding with thousands of
+                # eval hashes is common at large indexes; re-running the whole chunk doubled the search's cost).
+                capacity *= 2
+                out_q, out_i, out_d = (np.concatenate([a[:count], np.empty(capacity - count, a.dtype)])
+                                       for a in (out_q, out_i, out_d))
 
         if n_threads == 1 or len(starts) == 1:
             parts = [run(s) for s in starts]
