@@ -77,6 +77,30 @@ def test_index_carries_fine_codes_for_main_and_variant_hashes(index: pa.Table) -
         assert len(blob) == nd.FINE_CODE_BYTES * (1 + len(variants))
 
 
+def test_matcher_lines_up_each_searched_hash_with_its_own_fine_code() -> None:
+    """Main hashes first, then the variants in index order: the fine codes are cut from the blobs the same way,
+    and blobs that are not whole codes (or disagree with the variants) turn the cheap check off."""
+    n_fine = nd.FINE_CODE_BYTES
+    n_variants = [2, 0, 3, 1]
+    code = {(item, k): bytes([item * 16 + k]) * n_fine for item in range(4) for k in range(4)}
+    table = pa.table({
+        "eval_set": ["s"] * 4, "item_id": [f"i{item}" for item in range(4)],
+        "phash": [f"{item + 1:016x}" for item in range(4)],
+        "variant_hashes": [[f"{(item + 1) << 8 | k:016x}" for k in range(1, n + 1)] for item, n in enumerate(n_variants)],
+        "fine_codes": [b"".join(code[item, k] for k in range(n + 1)) for item, n in enumerate(n_variants)],
+    })
+    matcher = EvalMatcher(table.slice(0), MatchSettings(8, 12, 8, True), 64)
+    assert matcher.fine is not None
+    expected = [code[item, 0] for item in range(4)] + [code[item, k] for item, n in enumerate(n_variants)
+                                                       for k in range(1, n + 1)]
+    assert [row.tobytes() for row in matcher.fine] == expected
+    assert [int(h) for h in matcher.hashes[:, 0]] == [1, 2, 3, 4, 0x101, 0x102, 0x301, 0x302, 0x303, 0x401]
+    ragged = table.set_column(4, "fine_codes", pa.array([b"x" * (n_fine + 1)] + table.column("fine_codes").to_pylist()[1:]))
+    assert EvalMatcher(ragged, MatchSettings(8, 12, 8, True), 64).fine is None
+    short = table.set_column(4, "fine_codes", pa.array([code[item, 0] for item in range(4)]))
+    assert EvalMatcher(short, MatchSettings(8, 12, 8, True), 64).fine is None
+
+
 def test_cheap_check_spares_verify_calls_and_keeps_the_answer(
     index: pa.Table, real_images: dict[str, bytes]
 ) -> None:

@@ -108,6 +108,32 @@ def test_hex_roundtrip_and_ints() -> None:
         P.from_hex(["f" * 9], 34)  # 9 hex digits hold 36 bits
 
 
+def test_hex_columns_parse_like_python_ints() -> None:
+    """from_hex works on the strings' bytes: every bit position, upper case, Arrow columns (sliced, chunked)."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(11)
+    values = [int(v) for v in rng.integers(0, 2**64, 300, dtype=np.uint64)] + [0, 2**64 - 1, 2**63, 1]
+    hexes = [format(v, "016x") for v in values]
+    expected = np.array(values, dtype=np.uint64).reshape(-1, 1)
+    assert np.array_equal(P.from_hex(hexes), expected)
+    assert np.array_equal(P.from_hex([h.upper() for h in hexes]), expected)
+    column = pa.array(["zzzz"] + hexes, pa.string()).slice(1)  # an offset into the buffers
+    assert np.array_equal(P.from_hex(column), expected)
+    chunked = pa.chunked_array([hexes[:100], hexes[100:]], pa.large_string())
+    assert np.array_equal(P.from_hex(chunked), expected)
+    assert P.from_hex(pa.chunked_array([], pa.string())).shape == (0, 1)
+    assert np.array_equal(P.from_hex(["0" * 16 + "f" * 48], 256), np.array([[0, 2**64 - 1, 2**64 - 1, 2**64 - 1]],
+                                                                           dtype=np.uint64))
+    for bad in ("00000000000000g0", "0x00000000000001", " 000000000000001"):
+        with pytest.raises(ValueError, match="not hexadecimal"):
+            P.from_hex(hexes[:3] + [bad])
+    with pytest.raises(ValueError, match="16-hex-digit"):
+        P.from_hex([hexes[0], None])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="16-hex-digit"):
+        P.from_hex(pa.array([hexes[0], None]))
+
+
 def test_undecodable_bytes_are_reported_not_hashed() -> None:
     for mode in ("exact", "fast"):
         words, errors = P.phash_bytes([b"<html>nope</html>", b""], P.PhashParams(mode=mode))

@@ -207,14 +207,14 @@ class EvalMatcher:
         self.n_bits = n_bits
         self.labels = _Labels(index.column("eval_set"), index.column("item_id"))
         n_items = index.num_rows
-        hashes = [from_hex(index.column("phash").to_pylist(), n_bits)]
+        hashes = [from_hex(index.column("phash"), n_bits)]
         owner = [np.arange(n_items, dtype=np.int32)]
         # variants only help when verification can refuse what they bring in
         if settings.verify and "variant_hashes" in index.column_names:
             variants = index.column("variant_hashes")
             lengths = pc.fill_null(pc.list_value_length(variants), 0).to_numpy(zero_copy_only=False)
-            flat = pc.list_flatten(variants).to_pylist()
-            if flat:
+            flat = pc.list_flatten(variants)
+            if len(flat):
                 hashes.append(from_hex(flat, n_bits))
                 owner.append(np.repeat(np.arange(n_items, dtype=np.int32), lengths))
         self.hashes = np.concatenate(hashes)
@@ -419,15 +419,23 @@ def _fine_codes_by_hash(index: pa.Table, n_hashes: int, with_variants: bool) -> 
     column = index.column("fine_codes")
     if column.null_count:
         return None
-    words = FINE_CODE_BYTES // 8
-    blobs = column.to_pylist()
+    blobs = column.combine_chunks().cast(pa.large_binary())
     n_items = len(blobs)
-    out = np.zeros((n_hashes, words), dtype=np.uint64)
-    lengths = [len(b) // FINE_CODE_BYTES for b in blobs]
-    if sum(lengths) != (n_hashes if with_variants else n_items) and with_variants:
+    offsets = np.frombuffer(blobs.buffers()[1], np.int64)[blobs.offset : blobs.offset + n_items + 1]
+    # Each blob is whole codes, main hash's first: cut the data into codes without a Python object per item.
+    if n_items == 0 or np.any((offsets - offsets[0]) % FINE_CODE_BYTES) or np.any(np.diff(offsets) < FINE_CODE_BYTES):
+        return None  # not whole codes: do not guess
+    # one 32-byte item per code (numpy gathers those far faster than rows of a 2-D array)
+    codes = np.frombuffer(blobs.buffers()[2], np.dtype((np.void, FINE_CODE_BYTES)),
+                          count=int(offsets[-1] - offsets[0]) // FINE_CODE_BYTES, offset=int(offsets[0]))
+    first = (offsets[:-1] - offsets[0]) // FINE_CODE_BYTES  # each item's main-hash code
+    if with_variants and len(codes) != n_hashes:
         return None  # variant hashes and fine codes disagree: do not guess
-    out[:n_items] = np.frombuffer(b"".join(b[:FINE_CODE_BYTES] for b in blobs), np.uint64).reshape(n_items, words)
+    words = FINE_CODE_BYTES // 8
+    out = np.empty((n_hashes if with_variants else n_items, words), dtype=np.uint64)
+    out[:n_items] = codes[first].view(np.uint64).reshape(-1, words)
     if with_variants:
-        rest = b"".join(b[FINE_CODE_BYTES:] for b in blobs)
-        out[n_items:] = np.frombuffer(rest, np.uint64).reshape(-1, words)
+        is_variant = np.ones(len(codes), dtype=bool)
+        is_variant[first] = False
+        out[n_items:] = codes[is_variant].view(np.uint64).reshape(-1, words)
     return out
