@@ -37,6 +37,7 @@ _MAX_PROBES_PER_BLOCK = 1 << 20  # masks enumerated per block; guards against si
 #: <= ~0.1 ms per row) instead of the compiled kernel, whose first use costs ~0.7 s CPU per process (importing numba
 #: and loading the cached machine code): a small eval set (hundreds of images) would pay that in every worker.
 BRUTE_FORCE_MAX_INDEX = 8192
+_MAX_FIRST_BUFFER = 1 << 22  # pairs (20 bytes each) a search's output starts with at most
 
 
 @dataclass(frozen=True)
@@ -281,11 +282,11 @@ def _probe(
     return count, n_blocks, stop
 
 
-_KERNEL: Callable[..., int] | None = None
+_KERNEL: Callable[..., tuple[int, int, int]] | None = None
 _KERNEL_LOCK = threading.Lock()  # download threads may make the first single-row search at once
 
 
-def _kernel() -> Callable[..., int]:
+def _kernel() -> Callable[..., tuple[int, int, int]]:
     """Compile (or load from numba's on-disk cache) the probe loop; numba is imported only here."""
     global _KERNEL, _popcount64
     if _KERNEL is None:  # the lock only while loading: every search, one per row on the download threads, gets here
@@ -375,7 +376,9 @@ class HammingIndex:
 
         def run(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             stop = min(len(q), start + chunk)
-            capacity = max(1024, int(2 * pairs_per_query * (stop - start)))
+            # room for twice the mean so far, within bounds: one flat picture's thousands of pairs must not make
+            # the next batch ask for gigabytes up front (the buffer grows when it has to)
+            capacity = int(min(max(1024, 2 * pairs_per_query * (stop - start)), _MAX_FIRST_BUFFER))
             out_q = np.empty(capacity, np.int64)
             out_i = np.empty(capacity, np.int64)
             out_d = np.empty(capacity, np.int32)
