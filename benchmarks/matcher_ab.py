@@ -11,6 +11,8 @@ folder and imported under other names; the rest (nearduplicate, the descriptor s
 those three files differ between A and B.
 
     python benchmarks/matcher_ab.py --rev 1c17d77 1000000@16,12 100000@16   # writes results/matcher_ab.json
+
+Runs against the same revision are merged into the saved JSON (a setting measured again is replaced).
 """
 
 from __future__ import annotations
@@ -104,6 +106,7 @@ def main() -> None:
                 row["cpu_A_over_B_per_repeat"] = [round(a / b, 2) for a, b in
                                                   zip(row["A_cpu_ms_per_row"], row["B_cpu_ms_per_row"], strict=True)]
                 row["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+                row["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
                 print(json.dumps(row), flush=True)
                 runs[f"{items}@{t}"] = row
                 del matchers
@@ -119,6 +122,10 @@ def main() -> None:
                     "note": "shared 2-core sandbox; CPU by time.process_time; compare A and B within a row"},
         "runs": runs,
     }
+    if RESULT.exists():  # settings measured before (against the same revision) are kept; each run has its date
+        saved = json.loads(RESULT.read_text())
+        if saved.get("A") == rev:
+            out["runs"] = {**saved["runs"], **runs}
     RESULT.write_text(json.dumps(out, indent=2) + "\n")
     print("wrote", RESULT)
 
