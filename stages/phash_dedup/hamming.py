@@ -340,7 +340,7 @@ class HammingIndex:
         self._mask_start = np.cumsum([0] + [len(m) for m in masks]).astype(np.int64)
         self._masks = np.concatenate(masks)
         self._radii = np.array([b.radius for b in blocks], dtype=np.int64)
-        self._pairs_per_query = 0.0  # running mean over this index's searches: the output buffers' first size
+        self._pairs_per_query = 0.0  # moving average (weight 0.1 per search): sizes the first output buffer
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -376,7 +376,7 @@ class HammingIndex:
 
         def run(start: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             stop = min(len(q), start + chunk)
-            # room for twice the mean so far, within bounds: one flat picture's thousands of pairs must not make
+            # room for twice the average so far, within bounds: one flat picture's thousands of pairs must not make
             # the next batch ask for gigabytes up front (the buffer grows when it has to)
             capacity = int(min(max(1024, 2 * pairs_per_query * (stop - start)), _MAX_FIRST_BUFFER))
             out_q = np.empty(capacity, np.int64)
@@ -390,7 +390,7 @@ class HammingIndex:
                     out_q, out_i, out_d, count, block, position,
                 )
                 if block == n_blocks:
-                    # the next search starts with room for twice this mean (a data race here only costs a resize)
+                    # fold this chunk into the average (a data race here only costs a resize)
                     self._pairs_per_query = 0.9 * self._pairs_per_query + 0.1 * count / (stop - start)
                     return out_q[:count], out_i[:count], out_d[:count]
                 # Full: grow and go on from the query that did not fit (a query colliding with thousands of
