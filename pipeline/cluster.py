@@ -44,13 +44,38 @@ class Placement:
 
     gpu: bool = False  # some workers advertise GPU: GPU stages ask for GPU=1
     cpu_tagged: bool = False  # some workers advertise CPU: CPU work asks for CPU=1, staying off GPU workers
+    processes_per_host: int = 1  # worker processes on one machine, the most on any (RunContext.processes_per_host)
 
 
 def placement_of(client: Any) -> Placement:
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     resources = [w.get("resources") or {} for w in workers.values()]
     return Placement(gpu=any(r.get("GPU", 0) > 0 for r in resources),
-                     cpu_tagged=any(r.get("CPU", 0) > 0 for r in resources))
+                     cpu_tagged=any(r.get("CPU", 0) > 0 for r in resources),
+                     processes_per_host=processes_per_host(client))
+
+
+def _process_identity() -> tuple[str, int]:
+    import socket
+
+    return socket.gethostname(), os.getpid()
+
+
+def processes_per_host(client: Any) -> int:
+    """The most worker processes on one machine (threads-only workers share one process; 1 when unknown).
+
+    Asked of the workers themselves: the scheduler knows their addresses, not which of them share a machine
+    (a LocalCluster's workers all listen on 127.0.0.1) or a process.
+    """
+    try:
+        identities = set(client.run(_process_identity).values())
+    except Exception as err:  # noqa: BLE001 - only a sizing hint: a cluster that cannot answer gets the default
+        log.debug("worker processes per host unknown: %r", err)
+        return 1
+    per_host: dict[str, int] = {}
+    for host, _pid in identities:
+        per_host[host] = per_host.get(host, 0) + 1
+    return max(per_host.values(), default=1)
 
 
 def worker_environ() -> dict[str, Any]:

@@ -624,6 +624,7 @@ class Runner:
 
         wants_gpu = any(spec.cls.resources(spec.config).gpus > 0 for spec in specs)
         with open_client(self.config.cluster, wants_gpu, client=self._client, echo=self.echo) as (client, placement):
+            context = dataclasses.replace(context, processes_per_host=placement.processes_per_host)
             passes = plan_passes(specs, self.config.write)
             decisions: dict[int, Any] = {}
             failures: list[str] = []

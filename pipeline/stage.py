@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,14 +63,28 @@ class Resources:
 
 @dataclass(frozen=True)
 class RunContext:
-    """Run-wide facts a stage may need: where the run writes, and its scratch folder."""
+    """Run-wide facts a stage may need: where the run writes, its scratch folder, how the cluster shares a machine."""
 
     output_path: str
     work_path: str
+    #: Worker processes on one machine (the most on any machine of the cluster): a stage that sizes its CPU-bound
+    #: work per process divides the machine's CPUs by this (:func:`cpus_per_process`).
+    processes_per_host: int = 1
+
+    def cpus_per_process(self) -> int:
+        """This process's share of the CPUs it may run on, at least 1."""
+        return max(1, usable_cpus() // max(1, self.processes_per_host))
 
     @property
     def work_dir(self) -> Path:
         return Path(self.work_path)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 class StageError(RuntimeError):

@@ -8,7 +8,10 @@ import hashlib
 import io
 import json
 import pickle
+import threading
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -394,6 +397,52 @@ def test_contract_same_rows_same_order_extra_columns(server: FaultServer) -> Non
     assert clone.process(rows(urls[:1])).column(C.STATUS).to_pylist() == ["success"]
     clone.teardown()
     stage.teardown()
+
+
+def test_image_work_runs_at_most_cpu_threads_at_a_time(
+    server: FaultServer, real_images: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """32 download threads wait for the network together, but only `cpu_threads` of them decode, resize and encode
+    (and run the later stages' pixel work) at once; 0 = this process's share of the machine's CPUs."""
+    import curate.stages.download.stage as download_mod
+
+    lock = threading.Lock()
+    state = {"now": 0, "most": 0}
+
+    def counted(real: Any) -> Any:
+        def work(*args: Any, **kwargs: Any) -> Any:
+            with lock:
+                state["now"] += 1
+                state["most"] = max(state["most"], state["now"])
+            try:
+                time.sleep(0.01)  # long enough for the other threads to pile up at the gate
+                return real(*args, **kwargs)
+            finally:
+                with lock:
+                    state["now"] -= 1
+        return work
+
+    monkeypatch.setattr(download_mod, "process_image", counted(download_mod.process_image))
+    monkeypatch.setattr(download_mod, "verify_image", counted(download_mod.verify_image))
+    name = next(iter(real_images))
+    urls = [server.url(f"/{name}")] * 24
+
+    def most_at_once(stage: DownloadStage, table: pa.Table) -> int:
+        state["most"] = 0
+        try:
+            out = stage.process(table)
+        finally:
+            stage.teardown()
+        assert out.column(C.STATUS).to_pylist() == [C.STATUS_SUCCESS] * table.num_rows
+        return state["most"]
+
+    assert most_at_once(make_stage(threads=8, cpu_threads=8), rows(urls)) > 2  # the count sees concurrency
+    assert most_at_once(make_stage(threads=8, cpu_threads=2), rows(urls)) == 2
+    with_bytes = rows([None] * 24, image=[real_images[name]] * 24)  # no network wait at all: the gate alone
+    assert most_at_once(make_stage(threads=8, cpu_threads=2), with_bytes) == 2
+    crowded = RunContext(output_path="", work_path="", processes_per_host=1_000_000)  # share: 1 CPU
+    stage = DownloadStage(DownloadConfig(**{**LOOPBACK, "threads": 8}), crowded)  # type: ignore[arg-type]
+    assert most_at_once(stage, rows(urls)) == 1
 
 
 def test_empty_partition() -> None:

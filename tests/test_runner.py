@@ -423,3 +423,68 @@ def test_local_workers_keep_glibc_malloc_defaults_and_skip_the_profiler(monkeypa
         (env,) = client.run(_worker_env).values()
     assert env["MALLOC_TRIM_THRESHOLD_"] == "1048576"
     assert env["profiling"] is True
+
+
+class RecordsItsContext(Stage[Any]):
+    """Keeps every row; remembers the RunContext each worker-side instance was built with."""
+
+    name = "context_probe"
+    seen: list[Any] = []
+
+    def process(self, table: pa.Table) -> pa.Table:
+        RecordsItsContext.seen.append(self.context)
+        return table
+
+
+def test_stages_on_workers_learn_how_many_worker_processes_share_a_machine(
+    tmp_path: Path, tar_input: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner asks the cluster (placement) and hands the answer to every task's stages: the download stage
+    sizes its image-work gate by it (the machine's CPUs / worker processes on it)."""
+    from curate.pipeline import cluster as cluster_mod
+
+    monkeypatch.setattr(cluster_mod, "processes_per_host", lambda _client: 3)
+    RecordsItsContext.seen = []
+    run_with(monkeypatch, {"captions": RecordsItsContext}, config_for(tmp_path, tar_input))
+    assert RecordsItsContext.seen and {c.processes_per_host for c in RecordsItsContext.seen} == {3}
+
+
+class _FakeClient:
+    def __init__(self, answers: dict[str, tuple[str, int]] | Exception) -> None:
+        self.answers = answers
+
+    def run(self, _function: Any) -> dict[str, tuple[str, int]]:
+        if isinstance(self.answers, Exception):
+            raise self.answers
+        return self.answers
+
+
+def test_worker_processes_per_host_count_processes_not_workers() -> None:
+    from curate.pipeline.cluster import processes_per_host
+
+    two_machines = {"tcp://a:1": ("a", 10), "tcp://a:2": ("a", 11), "tcp://a:3": ("a", 12), "tcp://b:1": ("b", 10)}
+    assert processes_per_host(_FakeClient(two_machines)) == 3
+    threads_only = {"inproc://x/1": ("a", 7), "inproc://x/2": ("a", 7)}  # workers in one process
+    assert processes_per_host(_FakeClient(threads_only)) == 1
+    assert processes_per_host(_FakeClient(OSError("worker gone"))) == 1  # a sizing hint, never a failure
+    assert processes_per_host(_FakeClient({})) == 1
+
+
+def test_cpus_per_process_divides_the_machine_and_never_reaches_zero() -> None:
+    from curate.pipeline.stage import RunContext, usable_cpus
+
+    assert RunContext("", "").cpus_per_process() == usable_cpus()
+    assert RunContext("", "", processes_per_host=usable_cpus()).cpus_per_process() == 1
+    assert RunContext("", "", processes_per_host=10 * usable_cpus() + 1).cpus_per_process() == 1
+
+
+def test_local_cluster_reports_its_worker_processes() -> None:
+    from curate.pipeline.cluster import open_client
+    from curate.pipeline.config import ClusterConfig
+
+    with open_client(ClusterConfig(n_workers=2, processes=True, dashboard=False), False,
+                     echo=lambda _line: None) as (_client, placement):
+        assert placement.processes_per_host == 2
+    with open_client(ClusterConfig(n_workers=2, processes=False, dashboard=False), False,
+                     echo=lambda _line: None) as (_client, placement):
+        assert placement.processes_per_host == 1
