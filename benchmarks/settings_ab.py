@@ -2,7 +2,8 @@
 
 For changes whose effect (a few percent) is smaller than what this shared machine moves between invocations of
 benchmarks/e2e_vs_img2dataset.py (~0.2-0.3 in its ratio), so that only a paired comparison in one invocation can
-resolve them. curate only (no img2dataset): the end-to-end benchmark's download-only config (a) on its corpus of
+resolve them. curate only (no img2dataset): the end-to-end benchmark's download-only config (a), or with
+`--config b` its captions + download + dedup config (b, against the same 360-item eval index), on its corpus of
 real JPEGs from a loopback server with 30 ms latency, `curate run CONFIG.yaml --no-progress` in a subprocess per
 repeat; the order of the variants flips every repeat. Measured per run: wall, and CPU of the whole process tree
 (getrusage of the reaped children) per input row.
@@ -13,6 +14,7 @@ other `K=V` an environment variable of the curate process. The baseline is the d
 
     python benchmarks/settings_ab.py --variant "box-margin2:cfg.download.downscale_interpolation=box,cfg.download.jpeg_draft_margin=2"
     python benchmarks/settings_ab.py --variant "mimalloc:ARROW_DEFAULT_MEMORY_POOL=mimalloc" --output benchmarks/results/ab_arrow_pool.json
+    python benchmarks/settings_ab.py --config b --variant "ungated:cfg.download.cpu_threads=1024"
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def parse_variant(text: str) -> tuple[str, dict[str, str], dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", type=parse_variant, action="append", required=True)
+    parser.add_argument("--config", choices=("a", "b"), default="a",
+                        help="the e2e benchmark's configuration: a = download-only, b = captions + download + dedup")
     parser.add_argument("--urls", type=int, default=3000)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--output", type=Path, default=None, help="JSON to write (default: print only)")
@@ -83,10 +87,13 @@ def main() -> None:
                          max_connections=4096, idle_timeout=30) as srv:
             input_path = work / "urls.parquet"
             e2e.write_input(input_path, srv.base_url, files)
+            index = None
+            if args.config == "b":  # built once, not timed
+                index, _seconds = e2e.build_index(curate_bin, e2e.eval_folder(360, os.cpu_count() or 2, work), work)
             for rep in range(args.repeats):
                 for name, env_add, config_add in variants if rep % 2 == 0 else variants[::-1]:
                     shape.set = list(config_add.items())  # applied by curate_config, as the e2e benchmark's --set
-                    config = e2e.curate_config("a", input_path, work / f"run-{name}-{rep}", None, shape)
+                    config = e2e.curate_config(args.config, input_path, work / f"run-{name}-{rep}", index, shape)
                     config_path = work / f"{name}.yaml"
                     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
                     cpu0, t0 = e2e._children_cpu_s(), time.perf_counter()
@@ -107,22 +114,26 @@ def main() -> None:
     for name, _, _ in variants:
         mine = runs[name]
         paired = [round(m["cpu_ms_per_row"] / b["cpu_ms_per_row"], 3) for m, b in zip(mine, base, strict=True)]
+        paired_wall = [round(m["wall_s"] / b["wall_s"], 3) for m, b in zip(mine, base, strict=True)]
         summary[name] = {
             "cpu_ms_per_row_median": statistics.median(r["cpu_ms_per_row"] for r in mine),
             "wall_s_median": statistics.median(r["wall_s"] for r in mine),
             "cpu_vs_defaults_per_repeat": paired,
             "cpu_vs_defaults_median_of_paired": statistics.median(paired),
+            "wall_vs_defaults_per_repeat": paired_wall,
+            "wall_vs_defaults_median_of_paired": statistics.median(paired_wall),
         }
         print(f"{name:14s} CPU {summary[name]['cpu_ms_per_row_median']:.3f} ms/row (median), vs defaults per "
               f"repeat {paired}, median {summary[name]['cpu_vs_defaults_median_of_paired']}")
     if args.output:
         args.output.write_text(json.dumps({
             "benchmark": "settings_ab",
-            "what": "`curate run` (download-only config of e2e_vs_img2dataset) with the defaults and other settings, "
+            "what": f"`curate run` (config ({args.config}) of e2e_vs_img2dataset) with the defaults and other settings, "
                     "alternating in one invocation; CPU of the process tree per input row",
+            "config": args.config,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine,
-            "command": "python benchmarks/settings_ab.py " + " ".join(
+            "command": f"python benchmarks/settings_ab.py --config {args.config} " + " ".join(
                 f"--variant '{n}:{','.join([*(f'{k}={v}' for k, v in e.items()), *(f'cfg.{k}={v}' for k, v in c.items())])}'"
                 for n, e, c in args.variant),
             "setup": {"urls": args.urls, "repeats": args.repeats, "latency_s": e2e.LATENCY_S,
