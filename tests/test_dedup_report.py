@@ -173,3 +173,60 @@ def test_gallery_renders_in_headless_chromium(
         strip = img.convert("L").crop((0, 480, 1200, 680))
         assert strip.getextrema()[1] - strip.getextrema()[0] > 100
         assert len(np.unique(np.asarray(strip))) > 64
+
+
+def test_one_pass_over_the_corpus_in_chunks_gives_what_one_batch_gives(
+    tmp_path: Path, real_images: dict[str, bytes], index_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The corpus is read once, a chunk at a time (hash, match, thumbnails, images dropped): chunks of 2 samples
+    give the pairs, summary and thumbnails of one chunk holding everything, and no read takes the index's
+    descriptor column whole (at 1M eval items that is ~10-19 GB)."""
+    from curate.stages.phash_dedup import report as report_mod
+
+    images = {**real_images, **{f"again_{n}": d for n, d in real_images.items()}}  # matches in several chunks
+    _write_tar(tmp_path / "corpus.tar", images)
+    passes: list[int] = []
+    real_iter = report_mod.iter_corpus
+
+    def counted(*args: object, **kwargs: object) -> object:
+        passes.append(1)
+        return real_iter(*args, **kwargs)  # type: ignore[arg-type]
+
+    whole_reads: list[object] = []
+    real_read_table = pq.read_table
+
+    def spy(source: object, *args: object, columns: list[str] | None = None, **kwargs: object) -> pa.Table:
+        if columns is None or "descriptor" in columns:
+            whole_reads.append(source)
+        return real_read_table(source, *args, columns=columns, **kwargs)
+
+    monkeypatch.setattr(report_mod, "iter_corpus", counted)
+    monkeypatch.setattr(pq, "read_table", spy)
+    outputs = {}
+    for chunk in (10_000, 2):
+        monkeypatch.setattr(report_mod, "_CHUNK_SAMPLES", chunk)
+        out = tmp_path / f"report-{chunk}"
+        summary = dedup_report(str(tmp_path / "corpus.tar"), [index_path], str(out))
+        thumbs = {p.name: p.read_bytes() for p in sorted((out / "thumbs").iterdir())}
+        outputs[chunk] = ((out / "pairs.json").read_text(), summary, thumbs)
+    assert passes == [1, 1] and whole_reads == []
+    assert outputs[2] == outputs[10_000]
+    pairs = json.loads(outputs[2][0])
+    assert len(pairs) == 6 and {p["key"].removeprefix("again_") for p in pairs} == {k for k, _ in EXPECTED}
+    assert outputs[2][1]["corpus_samples"] == 30
+
+
+def test_a_corpus_thumbnail_left_from_an_earlier_report_is_not_shown_for_a_sample_without_image(
+    tmp_path: Path, real_images: dict[str, bytes], index_path: str
+) -> None:
+    from curate.stages.phash_dedup import phash
+
+    chelsea = phash.phash_int(phash.decode_rgb(real_images["chelsea.jpg"]))
+    pq.write_table(pa.table({"key": ["k0"], "phash": [format(chelsea, "016x")]}), tmp_path / "hashes.parquet")
+    out = tmp_path / "report"
+    (out / "thumbs").mkdir(parents=True)
+    (out / "thumbs" / "corpus-0.jpg").write_bytes(b"a thumbnail of some other corpus")
+    dedup_report(str(tmp_path / "hashes.parquet"), [index_path], str(out), threshold=12, verify=False)
+    assert [p["key"] for p in json.loads((out / "pairs.json").read_text())] == ["k0"]
+    assert not (out / "thumbs" / "corpus-0.jpg").exists()
+    assert "image not available" in (out / "index.html").read_text()

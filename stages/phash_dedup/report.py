@@ -24,12 +24,11 @@ import logging
 import os
 import tarfile  # TarError only: tars are read through curate.pipeline.tario
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -140,8 +139,15 @@ def _run_hashes(source: CorpusSource) -> dict[str, str]:
 
 
 # -- eval side -------------------------------------------------------------------------------------
-def _load_indexes(paths: list[str]) -> tuple[pa.Table, Any, list[dict[str, Any]]]:
+def _load_indexes(paths: list[str], with_descriptors: bool) -> tuple[pa.Table, Any, list[dict[str, Any]], Any]:
+    """(merged index without descriptors, hash params, each index's metadata, descriptor store or None).
+
+    With `with_descriptors`, the descriptors go from each file to the matcher's disk-backed store a batch at a time,
+    as in the dedup stage: a 1M-item index has ~10-19 GB of them, which must never be in RAM at once. The store is
+    None when no index carries any.
+    """
     from curate.stages.phash_dedup import evalsets
+    from curate.stages.phash_dedup.matcher import DescriptorStore
 
     if not paths:
         raise ValueError("dedup-report needs at least one --index INDEX.parquet")
@@ -150,14 +156,30 @@ def _load_indexes(paths: list[str]) -> tuple[pa.Table, Any, list[dict[str, Any]]
     for path in paths:
         if not Path(path).is_file():
             raise ValueError(f"eval index {path!r} does not exist")
-        table = evalsets.load_index(path)
+        table = evalsets.load_index(path, descriptors=False)
         these = evalsets.index_params(table)
         if params is not None and these.hash_size != params.hash_size:
             raise ValueError(f"eval index {path!r}: hash_size {these.hash_size}, the others use {params.hash_size}")
         params = these
         tables.append(table)
         metas.append(evalsets.index_metadata(table))
-    return evalsets.concat_indexes(tables), params, metas
+    store = None
+    if with_descriptors and any(evalsets.has_descriptors(path) for path in paths):
+        present = 0
+
+        def chunks() -> Iterator[pa.Array]:
+            nonlocal present
+            for path, table in zip(paths, tables, strict=True):
+                parts = evalsets.iter_descriptors(path) if evalsets.has_descriptors(path) else [
+                    pa.nulls(table.num_rows, pa.binary())]
+                for part in parts:
+                    present += len(part) - part.null_count
+                    yield part
+
+        store = DescriptorStore(chunks())
+        if not present:
+            store = None
+    return evalsets.concat_indexes(tables), params, metas, store
 
 
 def _read_reference(reference: str) -> bytes | None:
@@ -266,11 +288,11 @@ def dedup_report(
     """
     from curate.stages.phash_dedup.phash import from_hex, phash_bytes, to_hex
 
-    index, params, metas = _load_indexes(list(indexes))
+    index, params, metas, store = _load_indexes(list(indexes), with_descriptors=verify)
     n_bits = params.n_bits
     if page_size < 1:
         raise ValueError(f"page_size must be >= 1, got {page_size}")
-    has_descriptors = "descriptor" in index.column_names and index.column("descriptor").null_count < index.num_rows
+    has_descriptors = store is not None
     if verify and has_descriptors:
         from curate.stages.phash_dedup import nearduplicate as nd
 
@@ -291,73 +313,65 @@ def dedup_report(
     settings = match_settings(threshold, verified_mode, candidate_threshold, max_candidates, n_bits)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    matcher = EvalMatcher(index, settings, n_bits, descriptors=store if verified_mode else None)
 
-    # pass 1: one pHash per corpus sample (stored hashes where they are trustworthy)
+    # One pass over the corpus, a chunk of samples at a time: hash (stored hashes where they are trustworthy),
+    # match, write the thumbnails of the chunk's shown rows, drop its images. Each row's match is its own (the
+    # matcher ranks and verifies per row), so chunking changes nothing; memory stays one chunk plus the pairs.
     stored_hashes = _run_hashes(source) if source.kind == "run" else {}
-    keys: list[str] = []
-    hexes: list[str | None] = []
-    pending: list[tuple[int, bytes]] = []
-    unreadable = 0
+    shown_keys: dict[int, str] = {}
+    matches: list[Candidate] = []
+    samples = unreadable = 0
+    chunk: list[tuple[str, bytes | None, str | None]] = []  # (key, image, trusted stored hex)
 
     def flush() -> None:
         nonlocal unreadable
-        words, errors = phash_bytes([data for _, data in pending], params)
-        for (row, _), value, error in zip(pending, to_hex(words, n_bits), errors, strict=True):
-            hexes[row] = None if error else value
-            unreadable += bool(error)
-        pending.clear()
+        first_row = samples - len(chunk)
+        hexes = [known for _key, _image, known in chunk]
+        todo = [i for i, (_key, image, known) in enumerate(chunk) if known is None and image is not None]
+        unreadable += sum(known is None and image is None for _key, image, known in chunk)
+        if todo:
+            words, errors = phash_bytes([chunk[i][1] for i in todo], params)
+            for i, value, error in zip(todo, to_hex(words, n_bits), errors, strict=True):
+                hexes[i] = None if error else value
+                unreadable += bool(error)
+        hashed = [i for i, h in enumerate(hexes) if h is not None]
+        if hashed:
+            result = matcher.match(from_hex([hexes[i] for i in hashed], n_bits),
+                                   lambda rows: {q: chunk[hashed[q]][1] for q in rows})
+            for candidate in _shown(result.candidates, result.matches, settings.threshold):
+                i = hashed[candidate.row]
+                row = first_row + i
+                if row not in shown_keys:
+                    shown_keys[row] = chunk[i][0]
+                    target = out / _corpus_thumb(row)
+                    if not _thumbnail(chunk[i][1], target, thumb_side):
+                        target.unlink(missing_ok=True)  # not one left from an earlier report in this folder
+                matches.append(replace(candidate, row=row))  # search rows -> corpus rows
+        chunk.clear()
 
-    bar = console.progress_bar("hashing corpus", "image")
+    bar = console.progress_bar("matching corpus", "image")
     for key, image, stored in iter_corpus(source):
         bar.update()
-        row = len(keys)
-        keys.append(key)
+        samples += 1
         known = stored or stored_hashes.get(key)
-        if known and len(known) == params.hex_width and params.mode == "exact":
-            hexes.append(known)
-        elif image is not None:
-            hexes.append(None)
-            pending.append((row, image))
-            if len(pending) >= 256:
-                flush()
-        else:
-            hexes.append(None)
-            unreadable += 1
-    if pending:
+        trusted = known if known and len(known) == params.hex_width and params.mode == "exact" else None
+        chunk.append((key, image, trusted))
+        if len(chunk) >= _CHUNK_SAMPLES:
+            flush()
+    if chunk:
         flush()
     bar.close()
-    if not keys:
+    if not samples:
         raise ValueError(f"corpus {corpus!r} has no samples")
-    hashed_rows = [i for i, h in enumerate(hexes) if h is not None]
-    corpus_words = from_hex([hexes[i] for i in hashed_rows], n_bits) if hashed_rows else np.zeros((0, 1), np.uint64)
-
-    # pass 2: image bytes only for the rows with a candidate (verification and thumbnails)
-    corpus_images: dict[int, bytes | None] = {}
-
-    def load_images(rows: Sequence[int]) -> Mapping[int, bytes | None]:
-        needed = {hashed_rows[q] for q in rows} - corpus_images.keys()
-        if needed:
-            for row, (_, image, _) in enumerate(iter_corpus(source)):
-                if row in needed:
-                    corpus_images[row] = image
-        return {q: corpus_images.get(hashed_rows[q]) for q in rows}
-
-    matcher = EvalMatcher(index, settings, n_bits)
-    if hashed_rows:
-        result = matcher.match(corpus_words, load_images)
-        shown = _shown(result.candidates, result.matches, settings.threshold)
-        load_images(sorted({c.row for c in shown}))  # thumbnails (verification loaded them already)
-    else:
-        shown = []
-    matches = [replace(c, row=hashed_rows[c.row]) for c in shown]  # search rows -> corpus rows
 
     eval_sets = index.column("eval_set").to_pylist()
     item_ids = index.column("item_id").to_pylist()
     refs = index.column("path").to_pylist()
-    matches.sort(key=lambda m: (eval_sets[m.item], m.main_distance, keys[m.row], item_ids[m.item]))
+    matches.sort(key=lambda m: (eval_sets[m.item], m.main_distance, shown_keys[m.row], item_ids[m.item]))
     pairs = [
         {
-            "key": keys[m.row],
+            "key": shown_keys[m.row],
             "eval_set": eval_sets[m.item],
             "item_id": item_ids[m.item],
             "distance": m.main_distance,
@@ -369,16 +383,24 @@ def dedup_report(
         for m in matches
     ]
     summary = _summary(
-        pairs, eval_sets, keys, settings.threshold, settings.candidate_threshold if verified_mode else None,
+        pairs, eval_sets, samples, settings.threshold, settings.candidate_threshold if verified_mode else None,
         verified_mode, unreadable, corpus, indexes,
     )
     _write_tables(out, pairs, summary)
-    _write_gallery(out, pairs, matches, refs, corpus_images, summary, page_size, thumb_side)
+    _write_gallery(out, pairs, matches, refs, summary, page_size, thumb_side)
     return summary
 
 
+#: Corpus samples hashed and matched together by `dedup_report` (their images are held until the chunk is done).
+_CHUNK_SAMPLES = 1024
+
+
+def _corpus_thumb(row: int) -> str:
+    return f"thumbs/corpus-{row}.jpg"
+
+
 def _summary(
-    pairs: list[dict[str, Any]], eval_sets: list[str], keys: list[str], threshold: int,
+    pairs: list[dict[str, Any]], eval_sets: list[str], samples: int, threshold: int,
     candidate_threshold: int | None, verified_mode: bool, unreadable: int, corpus: str, indexes: list[str],
 ) -> dict[str, Any]:
     items_per_set = Counter(eval_sets)
@@ -397,7 +419,7 @@ def _summary(
             "unverified": sum(p["verified"] is None for p in these),
             "found_by_candidates_only": sum(p["distance"] > threshold for p in these),
             "corpus_samples_matched": len(matched_keys),
-            "corpus_match_rate": round(len(matched_keys) / len(keys), 6),
+            "corpus_match_rate": round(len(matched_keys) / samples, 6),
             "eval_items_matched": len(matched_items),
             "eval_match_rate": round(len(matched_items) / n_items, 6),
             "distance_histogram": _histogram(these),
@@ -406,14 +428,14 @@ def _summary(
     return {
         "corpus": corpus,
         "indexes": list(indexes),
-        "corpus_samples": len(keys),
+        "corpus_samples": samples,
         "corpus_unreadable": unreadable,
         "threshold": threshold,
         "candidate_threshold": candidate_threshold,
         "verify": verified_mode,
         "pairs": len(pairs),
         "corpus_samples_matched": len(all_confirmed),
-        "corpus_match_rate": round(len(all_confirmed) / len(keys), 6),
+        "corpus_match_rate": round(len(all_confirmed) / samples, 6),
         "distance_histogram": _histogram(pairs),
         "eval_sets": per_set,
     }
@@ -486,8 +508,9 @@ def _histogram_svg(hist: dict[str, dict[str, int]]) -> str:
 
 def _write_gallery(
     out: Path, pairs: list[dict[str, Any]], matches: list[Candidate], refs: list[str],
-    corpus_images: dict[int, bytes | None], summary: dict[str, Any], page_size: int, thumb_side: int,
+    summary: dict[str, Any], page_size: int, thumb_side: int,
 ) -> None:
+    """The paginated HTML gallery; corpus thumbnails were written while matching (`_corpus_thumb`)."""
     esc = html.escape
     n_pages = max(1, -(-len(pairs) // page_size))
     for old in out.glob("page-*.html"):  # a rerun with fewer pairs must not leave stale pages behind
@@ -521,9 +544,8 @@ def _write_gallery(
                 rel = f"thumbs/eval-{m.item}.jpg"
                 eval_thumbs[m.item] = rel if _thumbnail(_read_reference(refs[m.item]), out / rel,
                                                             thumb_side) else None
-            corpus_rel = f"thumbs/corpus-{m.row}.jpg"
-            if not (out / corpus_rel).exists() and not _thumbnail(corpus_images.get(m.row), out / corpus_rel,
-                                                                   thumb_side):
+            corpus_rel = _corpus_thumb(m.row)
+            if not (out / corpus_rel).exists():
                 corpus_rel = ""
             state = {True: "confirmed", False: "rejected", None: "unverified"}[p["verified"]]
             verdict = {True: "verified: same picture", False: "verified: different picture",
