@@ -585,8 +585,12 @@ def has_descriptors(path: str) -> bool:
     return "descriptor" in pq.read_schema(path).names
 
 
-def iter_descriptors(path: str, batch_rows: int = 4096) -> Iterator[pa.Array]:
-    """An index file's `descriptor` column (check :func:`has_descriptors` first), a batch at a time."""
+def iter_descriptors(path: str, batch_rows: int = 1024) -> Iterator[pa.Array]:
+    """An index file's `descriptor` column (check :func:`has_descriptors` first), a batch at a time.
+
+    Small batches (~7-19 MB): Arrow's allocator keeps freed batches' pages for a while, so the process grows by a
+    few batches while streaming (measured on a 1.45 GB column: +100 MB RSS with 1,024 rows, +350 MB with 4,096).
+    """
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["descriptor"]):
         yield batch.column(0)
 
