@@ -141,6 +141,61 @@ def test_setup_streams_descriptors_from_the_index_file(demo_dir: Path, tmp_path:
     stage.teardown()
 
 
+def test_descriptors_are_read_from_the_file_a_piece_at_a_time(demo_dir: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Streaming must hold for an index written in one row group (what `hash-evalset` writes): Parquet's default
+    reads a row group's column chunk whole, which for 1M items is every descriptor at once."""
+    import pyarrow.parquet as pq
+
+    small = tmp_path / "small.parquet"
+    evalsets.hash_evalset(str(demo_dir / "evalset"), str(small), name="demo", verify=True, workers=1)
+    table = pq.read_table(small)
+    copies = [table.set_column(1, "item_id", pa.array([f"{i}#{k}" for i in table.column("item_id").to_pylist()]))
+              for k in range(60)]
+    index = tmp_path / "index.parquet"
+    # no dictionary, no compression: 60 copies of 6 descriptors must take the room of 360 distinct ones
+    pq.write_table(pa.concat_tables(copies).replace_schema_metadata(table.schema.metadata), index,
+                   compression="none", use_dictionary=False)
+    assert pq.ParquetFile(index).metadata.num_row_groups == 1
+    column_bytes = pq.ParquetFile(index).metadata.row_group(0).column(5).total_compressed_size
+    assert pq.ParquetFile(index).schema_arrow.names[5] == "descriptor" and column_bytes > 4 << 20
+
+    largest: list[int] = []
+    real_parquet_file = pq.ParquetFile
+
+    class Recording(io.RawIOBase):
+        def __init__(self, path: str) -> None:
+            self.file = open(path, "rb")  # noqa: SIM115 - closed with the reader
+        def readable(self) -> bool:
+            return True
+        def seekable(self) -> bool:
+            return True
+        def seek(self, offset: int, whence: int = 0) -> int:
+            return self.file.seek(offset, whence)
+        def tell(self) -> int:
+            return self.file.tell()
+        def readinto(self, buffer: bytearray) -> int:  # type: ignore[override]
+            n = self.file.readinto(buffer)
+            largest.append(n)
+            return n
+        def read(self, size: int = -1) -> bytes:
+            data = self.file.read(size)
+            largest.append(len(data))
+            return data
+        def close(self) -> None:
+            self.file.close()
+            super().close()
+
+    def recording(source: object, *args: object, **kwargs: object) -> pq.ParquetFile:
+        return real_parquet_file(Recording(str(source)), *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", recording)
+    stored = [d for part in evalsets.iter_descriptors(str(index)) for d in part.to_pylist()]
+    assert len(stored) == 60 * table.num_rows
+    assert stored[: table.num_rows] == table.column("descriptor").to_pylist()
+    assert max(largest) <= 2 << 20 < column_bytes  # a megabyte or so per read, never the column chunk
+
+
 def test_verification_guard_rejects_a_phash_collision(demo_dir: Path, tmp_path: Path) -> None:
     """Two different flat pictures share a pHash; pHash alone rejects, verification keeps it."""
     eval_dir = tmp_path / "eval"
