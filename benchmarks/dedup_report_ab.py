@@ -6,7 +6,7 @@ against its 360-item eval index of other crops of 5 of the corpus's 18 source ph
 pHash candidates and ~25% are matched: a stress case for what the report keeps in memory); `--replicate-index K`
 repeats every eval item K times (item ids made unique) to give the index's descriptors a size that shows in RAM
 (every repeat of an item is a candidate too, and the `max_candidates` cap bounds the verify calls). Measured per run: wall,
-CPU of the subprocess, its peak RSS (`ru_maxrss` of the process itself, read at exit), and the outputs: pairs.json,
+CPU of the subprocess, its peak RSS (VmHWM of the process itself, read at exit), and the outputs: pairs.json,
 summary.json and the thumbnails of both revisions must be identical.
 
 The other revision's `pipeline/` and `stages/` are exported with `git archive` into a temporary folder laid out as
@@ -39,9 +39,11 @@ import e2e_vs_img2dataset as e2e  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "dedup_report_ab.json"
 # Runs the CLI in this process and prints its own peak RSS at exit (RUSAGE_CHILDREN would keep the largest child).
+# VmHWM, not ru_maxrss: the latter carries the parent's peak over from fork across exec.
 _LAUNCHER = (
-    "import atexit, resource, sys, runpy\n"
-    "atexit.register(lambda: print('PEAK_RSS_KIB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr))\n"
+    "import atexit, sys, runpy\n"
+    "hwm = lambda: next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM'))\n"
+    "atexit.register(lambda: print('PEAK_RSS_KIB', hwm(), file=sys.stderr))\n"
     "sys.argv = ['curate'] + sys.argv[1:]\n"
     "runpy.run_module('curate.pipeline.cli', run_name='__main__')\n"
 )

@@ -1,0 +1,106 @@
+"""Peak RSS of the dedup stage's worker set-up against eval indexes of growing size, this tree vs another revision.
+
+The stage's `setup()` (what every worker process does once per run) in a subprocess of its own, reading an
+INDEX.parquet written as `curate hash-evalset` writes it (one row group, zstd): the end-to-end benchmark's 360-item
+eval index with every item repeated K times (item ids made unique; the descriptors are real, ~17 KB per item with the
+mirrored keypoints). Measured: the process's peak RSS (VmHWM) after importing the stage and after `setup()`,
+and the matcher's compact bytes per item. The other revision's `pipeline/` and `stages/` run from a `git archive` on
+PYTHONPATH (benchmarks/dedup_report_ab.py); both must share the index format.
+
+    python benchmarks/index_setup_memory.py --rev 5e247ea --copies 1,60,240
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import e2e_vs_img2dataset as e2e  # noqa: E402
+from dedup_report_ab import export_revision, replicate  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "index_setup_memory.json"
+_PROBE = """
+import json, sys
+def peak():  # VmHWM: this process's own peak (ru_maxrss would carry the parent's over from fork across exec)
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) // 1024
+from curate.pipeline.stage import RunContext
+from curate.stages.phash_dedup.stage import DedupConfig, PhashDedupStage
+import cv2, scipy.fftpack  # imported by set-up anyway: counted before it
+before = peak()
+stage = PhashDedupStage(DedupConfig(indexes=(sys.argv[1],)), RunContext(output_path=sys.argv[2], work_path=sys.argv[2]))
+stage.setup()
+m = stage._matcher
+print(json.dumps({"peak_before_setup_mib": before, "peak_after_setup_mib": peak(), "items": len(m.labels),
+                  "compact_bytes_per_item": round(m.compact_nbytes / len(m.labels))}))
+"""
+
+
+def probe(pythonpath: str | None, index: Path, scratch: Path) -> dict:
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(index), str(scratch)], env=env, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"set-up failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rev", required=True, help="the other (older) revision, A")
+    parser.add_argument("--copies", default="1,60,240", help="index sizes as copies of the 360-item index")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    copies = [int(c) for c in args.copies.split(",")]
+
+    procs = os.cpu_count() or 2
+    e2e.SCRATCH.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="setup-mem-", dir=e2e.SCRATCH))
+    machine = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    rows = []
+    try:
+        base, _seconds = e2e.build_index(e2e.find_curate(), e2e.eval_folder(360, procs, work), work)
+        old = export_revision(args.rev, work / "rev")
+        for k in copies:
+            index = base if k == 1 else replicate(base, k, work / f"index-x{k}.parquet")
+            row = {"items": 360 * k, "index_file_mib": round(index.stat().st_size / 2**20, 1)}
+            for side, path in (("A", str(old)), ("B", None), ("A", str(old)), ("B", None)):
+                found = probe(path, index, work)
+                growth = found["peak_after_setup_mib"] - found["peak_before_setup_mib"]
+                row.setdefault(f"{side}_setup_peak_growth_mib", []).append(growth)
+                row[f"{side}_compact_bytes_per_item"] = found["compact_bytes_per_item"]
+                print(f"{360 * k:7d} items {side}: peak RSS {found['peak_before_setup_mib']} -> "
+                      f"{found['peak_after_setup_mib']} MiB (+{growth})", flush=True)
+            rows.append(row)
+            if k != 1:
+                index.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    args.output.write_text(json.dumps({
+        "benchmark": "index_setup_memory",
+        "what": "peak RSS growth of PhashDedupStage.setup() (one worker's set-up) against eval indexes of growing "
+                "size written in one row group; revision A vs this tree B, each in its own subprocess, twice",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine,
+        "command": f"python benchmarks/index_setup_memory.py --rev {args.rev} --copies {args.copies}",
+        "A": args.rev, "B": f"{head} + working tree",
+        "rows": rows,
+    }, indent=1) + "\n")
+    print(f"saved {args.output}")
+
+
+if __name__ == "__main__":
+    main()
