@@ -83,19 +83,25 @@ def test_webdataset_corpus_finds_the_edited_copies(
 def test_run_directory_uses_stored_hashes_and_verification_guards_them(
     tmp_path: Path, real_images: dict[str, bytes], index_path: str
 ) -> None:
+    """A run's samples carry their row's pHash in their JSON (as the write stage stores it): read from there while
+    streaming the shards, not hashed again and not looked up in a table of the whole run."""
     from curate.stages.phash_dedup import phash
 
     run = tmp_path / "run"
     (run / "shards").mkdir(parents=True)
-    (run / "curated").mkdir()
-    names = ["chelsea.jpg", "brick.png", "coins.jpg"]
-    _write_tar(run / "shards" / "000000.tar", {f"00000000{i}.{n.split('.')[1]}": real_images[n]
-                                               for i, n in enumerate(names)})
+    names = ["chelsea.jpg", "brick.png", "coins.jpg", "coffee.jpg"]
     hashes = [format(phash.phash_int(phash.decode_rgb(real_images[n])), "016x") for n in names]
     # the run's metadata claims brick looks like chelsea: a pHash-only match the second signal must refuse
     hashes[1] = hashes[0]
-    pq.write_table(pa.table({"key": ["000000000", "000000001", "000000002"], "phash": hashes}),
-                   run / "curated" / "part-0.parquet")
+    with tarfile.open(run / "shards" / "shard-00000.tar", "w") as tar:
+        for i, (name, value) in enumerate(zip(names, hashes, strict=True)):
+            key = f"00000000{i}"
+            meta = {"key": key, "phash": value} if i < 3 else ["not", "an", "object"]  # coffee: nothing stored
+            for member, payload in ((f"{key}.{name.split('.')[1]}", real_images[name]),
+                                    (f"{key}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
 
     out = tmp_path / "report"
     summary = dedup_report(str(run), [index_path], str(out))
@@ -104,8 +110,9 @@ def test_run_directory_uses_stored_hashes_and_verification_guards_them(
     assert by_key["000000001"]["item_id"] == "animal/chelsea_text.jpg"  # found through the stored hash
     assert by_key["000000001"]["verified"] is False
     assert "000000002" not in by_key
+    assert by_key["000000003"]["item_id"] == "food/coffee_blur.jpg"  # hashed from its image
     demo = summary["eval_sets"]["demo"]
-    assert demo["verified_false"] == 1 and demo["corpus_samples_matched"] == 1
+    assert demo["verified_false"] == 1 and demo["corpus_samples_matched"] == 2
     assert 'class="pair rejected"' in (out / "index.html").read_text()
 
 

@@ -3,7 +3,7 @@
 For a corpus (a finished run directory, WebDataset tars, or Parquet with image bytes or a `phash`
 column) against one or more eval indexes (INDEX.parquet from `curate hash-evalset`):
 
-* every corpus image is pHashed (a run's `curated/*.parquet` hashes are reused) and matched by
+* every corpus image is pHashed (a run's hashes, in its samples' JSON, are reused) and matched by
   :class:`curate.stages.phash_dedup.matcher.EvalMatcher`, the matcher of the dedup stage, with the
   stage's defaults (`DedupConfig`: threshold, candidate_threshold, max_candidates, verify);
 * a reported match (`verified` true, or null without verification) is exactly a pair the stage
@@ -48,7 +48,6 @@ class CorpusSource:
 
     kind: str  # "run" | "webdataset" | "parquet"
     files: tuple[str, ...]
-    hash_files: tuple[str, ...] = ()  # a run's curated/*.parquet (key -> phash)
 
 
 # -- corpus ----------------------------------------------------------------------------------------
@@ -59,8 +58,7 @@ def resolve_corpus(source: str) -> CorpusSource:
         shards = sorted(str(p) for p in (path / "shards").glob("*.tar"))
         if not shards:
             raise ValueError(f"run directory {source!r} has no shards/*.tar")
-        curated = tuple(sorted(str(p) for p in (path / "curated").glob("*.parquet")))
-        return CorpusSource("run", tuple(shards), curated)
+        return CorpusSource("run", tuple(shards))
     if path.is_dir():
         files = sorted(str(p) for p in path.iterdir() if p.is_file())
     elif path.is_file():
@@ -80,11 +78,20 @@ def resolve_corpus(source: str) -> CorpusSource:
     )
 
 
-def _iter_tar_images(path: str) -> Iterator[tuple[str, bytes | None]]:
-    """(key, image bytes or None) per sample, streaming the tar once."""
+def _iter_tar_images(path: str, stored_hashes: bool) -> Iterator[tuple[str, bytes | None, str | None]]:
+    """(key, image bytes or None, pHash hex from the sample's JSON or None) per sample, streaming the tar once.
+
+    `stored_hashes`: read the `phash` a curate run wrote into each sample's JSON (its row's metadata)."""
     for key, fields in tario.iter_tar_samples(path):
         field = tario.image_field(fields)
-        yield key, fields[field] if field is not None else None
+        stored = None
+        if stored_hashes and fields.get("json"):
+            try:
+                value = json.loads(fields["json"]).get("phash")
+            except (ValueError, AttributeError):  # not a JSON object: nothing stored
+                value = None
+            stored = value if isinstance(value, str) else None
+        yield key, fields[field] if field is not None else None, stored
 
 
 def _parquet_columns(path: str) -> tuple[str | None, str | None, bool]:
@@ -103,8 +110,8 @@ def iter_corpus(source: CorpusSource, with_images: bool = True) -> Iterator[tupl
     """(key, image bytes or None, stored phash hex or None) for every corpus sample, in a stable order."""
     if source.kind in ("run", "webdataset"):
         for file in source.files:
-            for key, image in _iter_tar_images(file):
-                yield key, image if with_images else None, None
+            for key, image, stored in _iter_tar_images(file, stored_hashes=source.kind == "run"):
+                yield key, image if with_images else None, stored
         return
     row = 0
     for file in source.files:
@@ -122,20 +129,6 @@ def iter_corpus(source: CorpusSource, with_images: bool = True) -> Iterator[tupl
                 stored = data["phash"][i] if has_phash else None
                 row += 1
                 yield key, image, stored
-
-
-def _run_hashes(source: CorpusSource) -> dict[str, str]:
-    """key -> phash from a finished run's curated metadata (saves re-hashing every image)."""
-    found: dict[str, str] = {}
-    for file in source.hash_files:
-        names = pq.read_schema(file).names
-        if "key" not in names or "phash" not in names:
-            continue
-        table = pq.read_table(file, columns=["key", "phash"])
-        for key, value in zip(table.column("key").to_pylist(), table.column("phash").to_pylist(), strict=True):
-            if key is not None and value:
-                found[str(key)] = value
-    return found
 
 
 # -- eval side -------------------------------------------------------------------------------------
@@ -315,10 +308,9 @@ def dedup_report(
     out.mkdir(parents=True, exist_ok=True)
     matcher = EvalMatcher(index, settings, n_bits, descriptors=store if verified_mode else None)
 
-    # One pass over the corpus, a chunk of samples at a time: hash (stored hashes where they are trustworthy),
+    # One pass over the corpus, a chunk of samples at a time: hash (a run's stored hashes where they are trustworthy),
     # match, write the thumbnails of the chunk's shown rows, drop its images. Each row's match is its own (the
     # matcher ranks and verifies per row), so chunking changes nothing; memory stays one chunk plus the pairs.
-    stored_hashes = _run_hashes(source) if source.kind == "run" else {}
     shown_keys: dict[int, str] = {}
     matches: list[Candidate] = []
     samples = unreadable = 0
@@ -354,8 +346,7 @@ def dedup_report(
     for key, image, stored in iter_corpus(source):
         bar.update()
         samples += 1
-        known = stored or stored_hashes.get(key)
-        trusted = known if known and len(known) == params.hex_width and params.mode == "exact" else None
+        trusted = stored if stored and len(stored) == params.hex_width and params.mode == "exact" else None
         chunk.append((key, image, trusted))
         if len(chunk) >= _CHUNK_SAMPLES:
             flush()
