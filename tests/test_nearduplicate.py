@@ -251,3 +251,33 @@ def test_describing_only_the_kept_keypoints_gives_the_same_bytes(photos: dict[st
             assert np.array_equal(descriptors, expected_descriptors)
             described += len(descriptors)
     assert described > 1000  # the photos give their full 200 keypoints each way
+
+
+def test_a_conclusive_keypoint_alignment_skips_the_other_starts(
+    photos: dict[str, Image.Image], descriptors: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A crop whose keypoint-aligned thumbnails agree (median and global NCC >= 0.9) is judged on that alignment:
+    one ECC refinement instead of three. Pairs where it does not (unrelated pictures) still try identity and mirror;
+    with the shortcut switched off the decision is the same and the probability close (benchmarks/dedup_conclusive.py
+    on every candidate pair of four generators: no decision changed, probabilities by at most 0.012)."""
+    calls: list[int] = []
+    real = nd._refine_ecc
+
+    def counted(*args: object) -> np.ndarray:
+        calls.append(1)
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(nd, "_refine_ecc", counted)
+    copy = nd.descriptor(_jpeg(TRANSFORMS["crop_85"](photos["coffee.jpg"]), 90))
+    found = nd.evidence(descriptors["coffee.jpg"], copy)
+    assert found.match and found.alignment == "keypoints" and min(found.dense, found.global_ncc) >= 0.9
+    assert len(calls) == 1
+    calls.clear()
+    names = sorted(descriptors)
+    assert nd.evidence(descriptors[names[0]], descriptors[names[1]]).match is False
+    assert len(calls) >= 2  # identity and mirror (and the keypoints' start where a transform was found)
+    monkeypatch.setattr(nd, "_CONCLUSIVE_NCC", 2.0)  # never conclusive: every start is tried
+    calls.clear()
+    everything = nd.evidence(descriptors["coffee.jpg"], copy)
+    assert len(calls) == 3 and everything.match
+    assert abs(everything.probability - found.probability) <= 0.05
