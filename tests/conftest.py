@@ -16,6 +16,24 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO_DIR = REPO / "configs" / "demo"
 
 
+@pytest.fixture
+def whole_descriptor_reads(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Sources of every `pyarrow.parquet.read_table` that takes an eval index's `descriptor` column (or all columns)
+    while the test runs: streaming code must leave that column to `evalsets.iter_descriptors`."""
+    import pyarrow.parquet as pq
+
+    reads: list[object] = []
+    real_read_table = pq.read_table
+
+    def spy(source: object, *args: object, columns: list[str] | None = None, **kwargs: object) -> object:
+        if columns is None or "descriptor" in columns:
+            reads.append(source)
+        return real_read_table(source, *args, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", spy)
+    return reads
+
+
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO

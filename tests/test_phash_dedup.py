@@ -117,25 +117,15 @@ def test_threads_of_a_worker_share_one_matcher_per_run(demo_dir: Path, tmp_path:
 
 
 def test_setup_streams_descriptors_from_the_index_file(demo_dir: Path, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                                      whole_descriptor_reads: list[object]) -> None:
     """The descriptor column (~19 KB per eval item) goes from the index file to the matcher's store in batches:
     setup never reads it whole into RAM (at 1M items that would be ~19 GB per worker at start-up)."""
-    import pyarrow.parquet as pq
 
     index = tmp_path / "index.parquet"
     evalsets.hash_evalset(str(demo_dir / "evalset"), str(index), name="demo", verify=True, workers=1)
-    whole_reads: list[object] = []
-    real_read_table = pq.read_table
-
-    def spy(source: object, *args: object, columns: list[str] | None = None, **kwargs: object) -> pa.Table:
-        if columns is None or "descriptor" in columns:
-            whole_reads.append(source)
-        return real_read_table(source, *args, columns=columns, **kwargs)
-
-    monkeypatch.setattr(pq, "read_table", spy)
     stage = _stage(tmp_path, indexes=(str(index),), verify=True)
-    assert whole_reads == []
-    stored = real_read_table(str(index), columns=["descriptor"]).column(0).to_pylist()
+    assert whole_descriptor_reads == []
+    stored = [d for part in evalsets.iter_descriptors(str(index)) for d in part.to_pylist()]
     assert stage._matcher is not None and stage._matcher.descriptors is not None
     assert [stage._matcher.descriptors.get(i) for i in range(len(stored))] == stored
     stage.teardown()
