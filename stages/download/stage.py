@@ -361,8 +361,8 @@ class DownloadStage(Stage[DownloadConfig]):
     def _one_row(self, url: str | None, existing: bytes | None) -> _RowOutcome:
         """Never raises: every row ends with an image or a reason."""
         counts: dict[str, int] = {}
-        assert self._cpu_gate is not None
         try:
+            assert self._cpu_gate is not None
             if existing is not None:
                 counts["input_bytes"] = 1
                 with self._cpu_gate:

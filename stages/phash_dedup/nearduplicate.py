@@ -574,7 +574,7 @@ def _dense_agreement(
         if best is None or (found.median, found.global_ncc) > (best.median, best.global_ncc):
             best = found
         if alignment == "keypoints" and detailed and min(found.median, found.global_ncc) >= _CONCLUSIVE_NCC:
-            break  # the keypoints' alignment already shows one picture: identity and mirror cannot change that
+            break  # the keypoints' alignment already shows one picture; the other starts would not change the verdict
     assert best is not None
     return best
 
