@@ -68,10 +68,11 @@ def processes_per_host(client: Any) -> int:
     (a LocalCluster's workers all listen on 127.0.0.1) or a process.
     """
     try:
-        identities = set(client.run(_process_identity).values())
+        answers = client.run(_process_identity, on_error="ignore")  # a worker that fails to answer is left out
     except Exception as err:  # noqa: BLE001 - only a sizing hint: a cluster that cannot answer gets the default
         log.debug("worker processes per host unknown: %r", err)
         return 1
+    identities = {tuple(answer) for answer in answers.values() if isinstance(answer, (tuple, list)) and len(answer) == 2}
     per_host: dict[str, int] = {}
     for host, _pid in identities:
         per_host[host] = per_host.get(host, 0) + 1
