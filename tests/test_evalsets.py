@@ -160,6 +160,29 @@ def test_verification_columns_stored_when_asked(demo_evalset: Path, tmp_path: Pa
     assert E.index_metadata(table)["descriptor_version"] == nearduplicate.DESCRIPTOR_VERSION
 
 
+def test_parallel_hashing_keeps_a_bounded_number_of_batches_in_flight() -> None:
+    """The eval images are read as the pool hashes them, not all up front (ImageNet's train split is ~140 GB):
+    at most `in_flight` batches are read and waiting, and the results come back in input order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    produced: list[int] = []
+    consumed: list[int] = []
+    ahead: list[int] = []
+
+    def batches():  # type: ignore[no-untyped-def]
+        for i in range(20):
+            produced.append(i)
+            ahead.append(len(produced) - len(consumed))
+            yield [f"batch-{i}"], [b"not an image"]
+
+    with ThreadPoolExecutor(2) as pool:
+        for batch, hashed in E._in_order(pool, batches(), PhashParams(), False, in_flight=3):  # type: ignore[arg-type]
+            consumed.append(int(batch[0].split("-")[1]))
+            assert len(hashed) == 1 and hashed[0][0] is None  # not an image: an error, not a hash
+    assert consumed == list(range(20))
+    assert max(ahead) <= 3
+
+
 def test_cache_hits_then_misses_on_change(demo_evalset: Path, tmp_path: Path) -> None:
     source = tmp_path / "src"
     shutil.copytree(demo_evalset, source)

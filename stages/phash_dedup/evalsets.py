@@ -28,6 +28,7 @@ and its fingerprint live in the Parquet key-value metadata under ``curate.evalse
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import glob
 import hashlib
@@ -424,6 +425,21 @@ def _absolute_reference(reference: str) -> str:
     return os.path.abspath(file) + sep + member
 
 
+def _in_order(pool: ProcessPoolExecutor, batches: Iterator[tuple[list[EvalItem], list[bytes]]], params: PhashParams,
+              verify: bool, in_flight: int) -> Iterator[tuple[list[EvalItem], list[_Hashed]]]:
+    """Each batch with its hashes, in order, with at most `in_flight` batches read and queued at a time: the eval
+    images' bytes are never all in memory (ImageNet's train split is ~140 GB)."""
+    pending: collections.deque[tuple[list[EvalItem], Any]] = collections.deque()
+    for batch, data in batches:
+        pending.append((batch, pool.submit(_hash_batch, data, params, verify)))
+        if len(pending) >= in_flight:
+            done, future = pending.popleft()
+            yield done, future.result()
+    while pending:
+        done, future = pending.popleft()
+        yield done, future.result()
+
+
 def build_index_table(
     source: str, name: str | None = None, params: PhashParams | None = None, fmt: str = "auto",
     verify: bool | None = None, workers: int = 1, image_column: str | None = None, id_column: str | None = None,
@@ -462,10 +478,10 @@ def build_index_table(
     bar = console.progress_bar(f"hashing {name}", "image")
     try:
         if pool is None:
-            results = ((b, _hash_batch(d, params, verify)) for b, d in batches())
+            results: Iterator[tuple[list[EvalItem], list[_Hashed]]] = (
+                (b, _hash_batch(d, params, verify)) for b, d in batches())
         else:
-            pending = [(b, pool.submit(_hash_batch, d, params, verify)) for b, d in batches()]
-            results = ((b, f.result()) for b, f in pending)
+            results = _in_order(pool, batches(), params, verify, in_flight=2 * workers)
         for batch, hashed in results:
             bar.update(len(batch))
             for item, (main, extra, desc, fine, error) in zip(batch, hashed, strict=True):
