@@ -160,6 +160,33 @@ def test_verification_columns_stored_when_asked(demo_evalset: Path, tmp_path: Pa
     assert E.index_metadata(table)["descriptor_version"] == nearduplicate.DESCRIPTOR_VERSION
 
 
+def test_index_is_written_a_row_group_at_a_time_with_the_metadata_of_the_whole_set(
+    demo_evalset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`hash-evalset` never holds the whole index (every descriptor: ~15 GB at a million items): row groups of
+    `_ROW_GROUP_ITEMS` go to a scratch file and are copied under the finished schema (item and skip counts in the
+    metadata, known only at the end). The file reads back as the in-memory table does; nothing else is left."""
+    (tmp_path / "set").mkdir()
+    for p in demo_evalset.rglob("*.jpg"):
+        shutil.copy(p, tmp_path / "set" / p.name)
+    (tmp_path / "set" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    monkeypatch.setattr(E, "_ROW_GROUP_ITEMS", 2)
+    out = tmp_path / "out" / "index.parquet"
+    assert E.hash_evalset(str(tmp_path / "set"), str(out), verify=True, workers=1) == 6
+    written = pq.ParquetFile(out)
+    assert written.metadata.num_row_groups == 3
+    in_memory = E.build_index_table(str(tmp_path / "set"), verify=True, workers=1)
+    table = E.load_index(str(out))
+    assert table.to_pylist() == in_memory.to_pylist() and table.schema.metadata == in_memory.schema.metadata
+    assert E.index_metadata(table)["items"] == 6 and E.index_metadata(table)["skipped"] == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["index.parquet"]  # no scratch file left
+    (tmp_path / "bad").mkdir()
+    shutil.copy(tmp_path / "set" / "broken.jpg", tmp_path / "bad" / "broken.jpg")
+    with pytest.raises(ValueError, match="no readable images"):
+        E.hash_evalset(str(tmp_path / "bad"), str(tmp_path / "none" / "index.parquet"), workers=1)
+    assert not (tmp_path / "none").exists() or not any((tmp_path / "none").iterdir())
+
+
 def test_parallel_hashing_keeps_a_bounded_number_of_batches_in_flight() -> None:
     """The eval images are read as the pool hashes them, not all up front (ImageNet's train split is ~140 GB):
     at most `in_flight` batches are read and waiting, and the results come back in input order."""

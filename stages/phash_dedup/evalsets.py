@@ -440,97 +440,153 @@ def _in_order(pool: ProcessPoolExecutor, batches: Iterator[tuple[list[EvalItem],
         yield done, future.result()
 
 
+class _IndexBuilder:
+    """Hashes an eval set into index record batches; :meth:`metadata` once they are all out.
+
+    The one implementation behind :func:`build_index_table` (a table in memory: tests, small sets) and
+    :func:`write_index` (`hash-evalset` and the eval-set cache: streamed to disk a row group at a time).
+    """
+
+    def __init__(self, source: str, name: str | None, params: PhashParams | None, fmt: str, verify: bool | None,
+                 workers: int, image_column: str | None, id_column: str | None) -> None:
+        self.source = source
+        self.params = params or PhashParams()
+        self.fmt = detect_format(source) if fmt == "auto" else fmt
+        self.name = name or default_name(source)
+        if verify is None:
+            try:
+                _nearduplicate()
+                verify = True
+            except RuntimeError:
+                verify = False
+        self.verify = verify
+        self.workers = workers
+        self.columns = (image_column, id_column)
+        self.items = 0
+        self.skipped = 0
+        fields = [pa.field("eval_set", pa.string()), pa.field("item_id", pa.string()), pa.field("path", pa.string()),
+                  pa.field("phash", pa.string())]
+        if verify:
+            # `fine_codes`: the cascade's compact part (kept in worker RAM; the descriptors are read on demand)
+            fields += [pa.field("variant_hashes", pa.list_(pa.string())), pa.field("descriptor", pa.binary()),
+                       pa.field("fine_codes", pa.binary())]
+        self.schema = pa.schema(fields)
+
+    def batches(self, rows: int = 4096) -> Iterator[pa.RecordBatch]:
+        """The index rows, `rows` at a time, in source order; unreadable images are counted and skipped."""
+        items = iter_eval_images(self.source, self.fmt, *self.columns)
+        params, verify, name = self.params, self.verify, self.name
+        out: dict[str, list[Any]] = {f.name: [] for f in self.schema}
+
+        def read(size: int = 64) -> Iterator[tuple[list[EvalItem], list[bytes]]]:
+            batch: list[EvalItem] = []
+            for item in items:
+                batch.append(item)
+                if len(batch) == size:
+                    yield batch, [it.read() for it in batch]
+                    batch = []
+            if batch:
+                yield batch, [it.read() for it in batch]
+
+        def flush() -> pa.RecordBatch:
+            batch = pa.record_batch([pa.array(out[f.name], f.type) for f in self.schema], schema=self.schema)
+            for values in out.values():
+                values.clear()
+            return batch
+
+        pool = ProcessPoolExecutor(self.workers) if self.workers > 1 else None
+        bar = console.progress_bar(f"hashing {name}", "image")
+        try:
+            if pool is None:
+                results: Iterator[tuple[list[EvalItem], list[_Hashed]]] = (
+                    (b, _hash_batch(d, params, verify)) for b, d in read())
+            else:
+                results = _in_order(pool, read(), params, verify, in_flight=2 * self.workers)
+            for batch, hashed in results:
+                bar.update(len(batch))
+                for item, (main, extra, desc, fine, error) in zip(batch, hashed, strict=True):
+                    if main is None:
+                        self.skipped += 1
+                        log.warning("eval set %s: %s (%s) not hashed: %s", name, item.item_id, item.path, error)
+                        continue
+                    self.items += 1
+                    out["eval_set"].append(name)
+                    out["item_id"].append(item.item_id)
+                    out["path"].append(_absolute_reference(item.path))
+                    out["phash"].append(main)
+                    if verify:
+                        out["variant_hashes"].append(extra)
+                        out["descriptor"].append(desc)
+                        out["fine_codes"].append(fine)
+                    if len(out["phash"]) >= rows:
+                        yield flush()
+            if out["phash"]:
+                yield flush()
+        finally:
+            bar.close()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
+
+    def metadata(self) -> dict[bytes, bytes]:
+        """The index's schema metadata (after :meth:`batches` is exhausted); ValueError when nothing was readable."""
+        if not self.items:
+            raise ValueError(f"eval set {self.source!r} ({self.fmt}): no readable images ({self.skipped} unreadable)")
+        nd = _nearduplicate() if self.verify else None
+        meta = {
+            "format_version": INDEX_FORMAT_VERSION,
+            "phash": self.params.as_metadata(),
+            "eval_set": self.name,
+            "source": str(self.source),
+            "source_format": self.fmt,
+            "source_fingerprint": fingerprint(self.source, self.fmt),
+            "items": self.items,
+            "skipped": self.skipped,
+            "verify": bool(self.verify),
+            "descriptor_version": getattr(nd, "DESCRIPTOR_VERSION", None) if self.verify else None,
+        }
+        return {METADATA_KEY: json.dumps(meta, sort_keys=True).encode()}
+
+
 def build_index_table(
     source: str, name: str | None = None, params: PhashParams | None = None, fmt: str = "auto",
     verify: bool | None = None, workers: int = 1, image_column: str | None = None, id_column: str | None = None,
 ) -> pa.Table:
-    """Hash every image of `source` into an index table (with metadata). See :func:`hash_evalset`."""
-    params = params or PhashParams()
-    fmt = detect_format(source) if fmt == "auto" else fmt
-    name = name or default_name(source)
-    if verify is None:
+    """Hash every image of `source` into an index table (with metadata), in memory. See :func:`hash_evalset`."""
+    builder = _IndexBuilder(source, name, params, fmt, verify, workers, image_column, id_column)
+    table = pa.Table.from_batches(list(builder.batches()), schema=builder.schema)
+    return table.replace_schema_metadata(builder.metadata())
+
+
+#: Index rows per Parquet row group written by :func:`write_index` (~70 MB with descriptors).
+_ROW_GROUP_ITEMS = 4096
+
+
+def write_index(
+    source: str, output: str, name: str | None = None, params: PhashParams | None = None, fmt: str = "auto",
+    verify: bool | None = None, workers: int = 1, image_column: str | None = None, id_column: str | None = None,
+) -> int:
+    """Hash `source` into INDEX.parquet at `output` (atomically), a row group at a time; returns the items.
+
+    The metadata (item and skip counts) is only known at the end and readers take it from the Arrow schema, which
+    a Parquet writer fixes when it opens; so the row groups go to a scratch file first and are copied, one at a
+    time, into the final file under the finished schema. Memory: one row group, never the whole eval set.
+    """
+    builder = _IndexBuilder(source, name, params, fmt, verify, workers, image_column, id_column)
+    with storage.atomic_path(output) as final:
+        scratch = f"{final}.rows"
         try:
-            _nearduplicate()
-            verify = True
-        except RuntimeError:
-            verify = False
-    nd = _nearduplicate() if verify else None
-    items = iter_eval_images(source, fmt, image_column, id_column)
-    ids: list[str] = []
-    refs: list[str] = []
-    hashes: list[str] = []
-    variants: list[list[str]] = []
-    descriptors: list[bytes | None] = []
-    fine_codes: list[bytes | None] = []
-    skipped = 0
-
-    def batches(size: int = 64) -> Iterator[tuple[list[EvalItem], list[bytes]]]:
-        batch: list[EvalItem] = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == size:
-                yield batch, [it.read() for it in batch]
-                batch = []
-        if batch:
-            yield batch, [it.read() for it in batch]
-
-    pool = ProcessPoolExecutor(workers) if workers > 1 else None
-    bar = console.progress_bar(f"hashing {name}", "image")
-    try:
-        if pool is None:
-            results: Iterator[tuple[list[EvalItem], list[_Hashed]]] = (
-                (b, _hash_batch(d, params, verify)) for b, d in batches())
-        else:
-            results = _in_order(pool, batches(), params, verify, in_flight=2 * workers)
-        for batch, hashed in results:
-            bar.update(len(batch))
-            for item, (main, extra, desc, fine, error) in zip(batch, hashed, strict=True):
-                if main is None:
-                    skipped += 1
-                    log.warning("eval set %s: %s (%s) not hashed: %s", name, item.item_id, item.path, error)
-                    continue
-                ids.append(item.item_id)
-                refs.append(_absolute_reference(item.path))
-                hashes.append(main)
-                variants.append(extra)
-                descriptors.append(desc)
-                fine_codes.append(fine)
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    if not ids:
-        raise ValueError(f"eval set {source!r} ({fmt}): no readable images ({skipped} unreadable)")
-    columns: dict[str, pa.Array] = {
-        "eval_set": pa.array([name] * len(ids), pa.string()),
-        "item_id": pa.array(ids, pa.string()),
-        "path": pa.array(refs, pa.string()),
-        "phash": pa.array(hashes, pa.string()),
-    }
-    if verify:
-        columns["variant_hashes"] = pa.array(variants, pa.list_(pa.string()))
-        columns["descriptor"] = pa.array(descriptors, pa.binary())
-        # the cascade's compact part (kept in worker RAM; the descriptors are read on demand)
-        columns["fine_codes"] = pa.array(fine_codes, pa.binary())
-    meta = {
-        "format_version": INDEX_FORMAT_VERSION,
-        "phash": params.as_metadata(),
-        "eval_set": name,
-        "source": str(source),
-        "source_format": fmt,
-        "source_fingerprint": fingerprint(source, fmt),
-        "items": len(ids),
-        "skipped": skipped,
-        "verify": bool(verify),
-        "descriptor_version": getattr(nd, "DESCRIPTOR_VERSION", None) if verify else None,
-    }
-    table = pa.table(columns)
-    return table.replace_schema_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
-
-
-def _write_atomic(table: pa.Table, output: str) -> None:
-    with storage.atomic_path(output) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+            with pq.ParquetWriter(scratch, builder.schema, compression="zstd") as writer:
+                for batch in builder.batches(_ROW_GROUP_ITEMS):
+                    writer.write_batch(batch)
+            schema = builder.schema.with_metadata(builder.metadata())
+            rows = pq.ParquetFile(scratch)
+            with pq.ParquetWriter(final, schema, compression="zstd") as writer:
+                for i in range(rows.metadata.num_row_groups):
+                    writer.write_table(rows.read_row_group(i).replace_schema_metadata(schema.metadata))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(scratch)
+    return builder.items
 
 
 def hash_evalset(
@@ -546,9 +602,7 @@ def hash_evalset(
     """
     params = PhashParams(hash_size=hash_size, mode=mode)
     n_workers = workers if workers > 0 else (os.cpu_count() or 1)
-    table = build_index_table(source, name, params, fmt, verify, n_workers, image_column, id_column)
-    _write_atomic(table, output)
-    return table.num_rows
+    return write_index(source, output, name, params, fmt, verify, n_workers, image_column, id_column)
 
 
 # -- loading and caching -----------------------------------------------------------------------------
@@ -684,11 +738,8 @@ def cached_index(
                 return load_index(str(target), descriptors=descriptors), target, True
             except ValueError as err:  # a damaged cache entry is rebuilt, not trusted
                 log.warning("rebuilding damaged eval-index cache %s: %s", target, err)
-        table = build_index_table(source, name, params, fmt, verify, workers)
-        _write_atomic(table, str(target))
-    if not descriptors and "descriptor" in table.column_names:
-        table = table.drop_columns(["descriptor"])
-    return table, target, False
+        write_index(source, str(target), name, params, fmt, verify, workers)
+    return load_index(str(target), descriptors=descriptors), target, False
 
 
 def concat_indexes(tables: list[pa.Table]) -> pa.Table:
