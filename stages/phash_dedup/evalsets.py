@@ -459,6 +459,8 @@ class _IndexBuilder:
                 verify = True
             except RuntimeError:
                 verify = False
+        elif verify:
+            _nearduplicate()  # asked for descriptors that cannot be made: say so now, not once per image
         self.verify = verify
         self.workers = workers
         self.columns = (image_column, id_column)
