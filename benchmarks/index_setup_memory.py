@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import e2e_vs_img2dataset as e2e  # noqa: E402
-from dedup_report_ab import export_revision, replicate  # noqa: E402
+from dedup_report_ab import _LAUNCHER, export_revision, replicate  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "index_setup_memory.json"
 _PROBE = """
@@ -56,12 +56,72 @@ def probe(pythonpath: str | None, index: Path, scratch: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def build_peak(pythonpath: str | None, folder: Path, out: Path) -> dict:
+    """Peak RSS (VmHWM) of the `curate hash-evalset` process, its wall and the index size."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    out.unlink(missing_ok=True)
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, "hash-evalset", str(folder), "-o", str(out)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"hash-evalset failed:\n{proc.stderr[-3000:]}")
+    peak = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KIB"))
+    return {"peak_rss_mib": round(peak / 1024, 1), "wall_s": round(time.perf_counter() - t0, 1),
+            "index_mib": round(out.stat().st_size / 2**20, 1)}
+
+
+def main_build(rev: str, n: int, output: Path) -> None:
+    procs = os.cpu_count() or 2
+    e2e.SCRATCH.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="build-mem-", dir=e2e.SCRATCH))
+    runs: dict[str, list[dict]] = {"A": [], "B": []}
+    try:
+        folder = work / "evalset"
+        folder.mkdir()
+        for f in e2e.corpus_files(5000, procs)[:n]:
+            (folder / f.name).symlink_to(f)
+        old = export_revision(rev, work / "rev")
+        for side, path in (("A", str(old)), ("B", None), ("B", None), ("A", str(old))):
+            found = build_peak(path, folder, work / f"index-{side}.parquet")
+            runs[side].append(found)
+            print(f"{n} eval images {side}: {found}", flush=True)
+        same = (work / "index-A.parquet").exists() and pq_rows(work / "index-A.parquet") == pq_rows(work / "index-B.parquet")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    output.write_text(json.dumps({
+        "benchmark": "index_build_memory",
+        "what": "peak RSS (VmHWM) of the `curate hash-evalset` process on a folder of cached real JPEGs; revision A "
+                "vs this tree B, alternating, twice each; index rows compared",
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count()},
+        "command": f"python benchmarks/index_setup_memory.py --rev {rev} --build {n}",
+        "A": rev, "B": f"{head} + working tree", "eval_images": n, "same_rows": same, "runs": runs,
+    }, indent=1) + "\n")
+    print(f"same rows: {same}; saved {output}")
+
+
+def pq_rows(path: Path) -> list:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).drop_columns(["path"]).to_pylist()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rev", required=True, help="the other (older) revision, A")
     parser.add_argument("--copies", default="1,60,240", help="index sizes as copies of the 360-item index")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--build", type=int, default=0, metavar="N",
+                        help="measure `curate hash-evalset` on N cached JPEGs instead of the stage's set-up")
+    parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    if args.build:
+        main_build(args.rev, args.build, args.output or RESULTS.with_name("index_build_memory.json"))
+        return
+    args.output = args.output or RESULTS
     copies = [int(c) for c in args.copies.split(",")]
 
     procs = os.cpu_count() or 2

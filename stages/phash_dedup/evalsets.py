@@ -559,8 +559,8 @@ def build_index_table(
     return table.replace_schema_metadata(builder.metadata())
 
 
-#: Index rows per Parquet row group written by :func:`write_index` (~70 MB with descriptors).
-_ROW_GROUP_ITEMS = 4096
+#: Index rows per Parquet row group written by :func:`write_index` (~17 MB with descriptors; what it holds at a time).
+_ROW_GROUP_ITEMS = 1024
 
 
 def write_index(
