@@ -74,23 +74,39 @@ def replicate(index: Path, times: int, dest: Path) -> Path:
     return dest
 
 
+def short_rev(rev: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True,
+                          text=True).stdout.strip()
+
+
+def revision_env(pythonpath: str | None) -> dict[str, str]:
+    """This environment, with an exported revision (:func:`export_revision`) first on PYTHONPATH when given."""
+    env = dict(os.environ)
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(pythonpath: str | None, args: list[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+    """`curate ARGS` of the revision on `pythonpath` (None: this tree) in a subprocess, and its peak RSS in KiB."""
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, *args], env=revision_env(pythonpath),
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"curate {args[0]} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    peak = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KIB"))
+    return proc, peak
+
+
 def outputs_digest(out: Path) -> dict[str, str]:
     files = [out / "pairs.json", out / "summary.json", *sorted((out / "thumbs").glob("*"))]
     return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files if f.exists()}
 
 
 def run_report(pythonpath: str | None, corpus: Path, index: Path, out: Path) -> dict[str, Any]:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     shutil.rmtree(out, ignore_errors=True)
     cpu0, t0 = e2e._children_cpu_s(), time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, "dedup-report", "--corpus", str(corpus),
-                           "--index", str(index), "-o", str(out)], env=env, capture_output=True, text=True)
+    _proc, peak = run_cli(pythonpath, ["dedup-report", "--corpus", str(corpus), "--index", str(index), "-o", str(out)])
     wall, cpu = time.perf_counter() - t0, e2e._children_cpu_s() - cpu0
-    if proc.returncode != 0:
-        raise SystemExit(f"dedup-report failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    peak = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KIB"))
     summary = json.loads((out / "summary.json").read_text())
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mib": round(peak / 1024, 1),
             "pairs": summary["pairs"], "digest": outputs_digest(out)}
@@ -139,10 +155,7 @@ def main() -> None:
     machine["loadavg_after"] = os.getloadavg()
     digests = {json.dumps(r.pop("digest"), sort_keys=True) for side in runs.values() for r in side}
     identical = len(digests) == 1
-    rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.rev], capture_output=True,
-                         text=True).stdout.strip()
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    rev, head = short_rev(args.rev), short_rev("HEAD")
     result = {
         "benchmark": "dedup_report_ab",
         "what": "`curate dedup-report` CLI of revision A (git archive on PYTHONPATH) vs this tree (B), same corpus tar "

@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import e2e_vs_img2dataset as e2e  # noqa: E402
-from dedup_report_ab import _LAUNCHER, export_revision, replicate  # noqa: E402
+from dedup_report_ab import export_revision, replicate, revision_env, run_cli, short_rev  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "index_setup_memory.json"
 _PROBE = """
@@ -46,11 +46,8 @@ print(json.dumps({"peak_before_setup_mib": before, "peak_after_setup_mib": peak(
 
 
 def probe(pythonpath: str | None, index: Path, scratch: Path) -> dict:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-c", _PROBE, str(index), str(scratch)], env=env, capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(index), str(scratch)], env=revision_env(pythonpath),
+                          capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"set-up failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -58,16 +55,9 @@ def probe(pythonpath: str | None, index: Path, scratch: Path) -> dict:
 
 def build_peak(pythonpath: str | None, folder: Path, out: Path) -> dict:
     """Peak RSS (VmHWM) of the `curate hash-evalset` process, its wall and the index size."""
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath + os.pathsep + env.get("PYTHONPATH", "")
     out.unlink(missing_ok=True)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, "hash-evalset", str(folder), "-o", str(out)], env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"hash-evalset failed:\n{proc.stderr[-3000:]}")
-    peak = next(int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KIB"))
+    _proc, peak = run_cli(pythonpath, ["hash-evalset", str(folder), "-o", str(out)])
     return {"peak_rss_mib": round(peak / 1024, 1), "wall_s": round(time.perf_counter() - t0, 1),
             "index_mib": round(out.stat().st_size / 2**20, 1)}
 
@@ -90,8 +80,7 @@ def main_build(rev: str, n: int, output: Path) -> None:
         same = (work / "index-A.parquet").exists() and pq_rows(work / "index-A.parquet") == pq_rows(work / "index-B.parquet")
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    head = short_rev("HEAD")
     output.write_text(json.dumps({
         "benchmark": "index_build_memory",
         "what": "peak RSS (VmHWM) of the `curate hash-evalset` process on a folder of cached real JPEGs; revision A "
@@ -147,8 +136,7 @@ def main() -> None:
                 index.unlink()
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                          text=True).stdout.strip()
+    head = short_rev("HEAD")
     args.output.write_text(json.dumps({
         "benchmark": "index_setup_memory",
         "what": "peak RSS growth of PhashDedupStage.setup() (one worker's set-up) against eval indexes of growing "
