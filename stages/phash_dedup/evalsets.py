@@ -440,6 +440,11 @@ def _in_order(pool: ProcessPoolExecutor, batches: Iterator[tuple[list[EvalItem],
         yield done, future.result()
 
 
+#: Index rows per batch of :class:`_IndexBuilder`, hence per Parquet row group of :func:`write_index`
+#: (~17 MB with descriptors: what building an index holds at a time).
+_ROW_GROUP_ITEMS = 1024
+
+
 class _IndexBuilder:
     """Hashes an eval set into index record batches; :meth:`metadata` once they are all out.
 
@@ -474,7 +479,7 @@ class _IndexBuilder:
                        pa.field("fine_codes", pa.binary())]
         self.schema = pa.schema(fields)
 
-    def batches(self, rows: int = 4096) -> Iterator[pa.RecordBatch]:
+    def batches(self, rows: int) -> Iterator[pa.RecordBatch]:
         """The index rows, `rows` at a time, in source order; unreadable images are counted and skipped."""
         items = iter_eval_images(self.source, self.fmt, *self.columns)
         params, verify, name = self.params, self.verify, self.name
@@ -555,12 +560,8 @@ def build_index_table(
 ) -> pa.Table:
     """Hash every image of `source` into an index table (with metadata), in memory. See :func:`hash_evalset`."""
     builder = _IndexBuilder(source, name, params, fmt, verify, workers, image_column, id_column)
-    table = pa.Table.from_batches(list(builder.batches()), schema=builder.schema)
+    table = pa.Table.from_batches(list(builder.batches(_ROW_GROUP_ITEMS)), schema=builder.schema)
     return table.replace_schema_metadata(builder.metadata())
-
-
-#: Index rows per Parquet row group written by :func:`write_index` (~17 MB with descriptors; what it holds at a time).
-_ROW_GROUP_ITEMS = 1024
 
 
 def write_index(
