@@ -263,3 +263,20 @@ def test_index_paths_are_absolute_so_reports_find_eval_images_from_anywhere(
     monkeypatch.chdir(tmp_path)
     paths = pq.read_table(tmp_path / "idx.parquet").column("path").to_pylist()
     assert paths and all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
+
+
+def test_descriptors_of_several_indexes_line_up_with_the_merged_index(demo_evalset: Path, tmp_path: Path) -> None:
+    """One store for the stage and `dedup-report`: each file's descriptors in merged order, nulls for an index
+    built without them, and the store says how many items can be verified."""
+    from curate.stages.phash_dedup.matcher import DescriptorStore
+
+    with_d, without = tmp_path / "with.parquet", tmp_path / "without.parquet"
+    E.hash_evalset(str(demo_evalset), str(with_d), name="a", verify=True, workers=1)
+    E.hash_evalset(str(demo_evalset), str(without), name="b", verify=False, workers=1)
+    paths = [str(without), str(with_d)]
+    tables = [E.load_index(p) for p in paths]
+    store = DescriptorStore(E.descriptor_chunks(paths, [t.num_rows for t in tables]))
+    merged = E.concat_indexes(tables)
+    assert len(store) == merged.num_rows == 12 and store.present == 6
+    assert [store.get(i) for i in range(12)] == merged.column("descriptor").to_pylist()
+    assert store.get(0) is None and store.get(11) is not None

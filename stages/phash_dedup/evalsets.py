@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -670,6 +670,16 @@ def iter_descriptors(path: str, batch_rows: int = 1024) -> Iterator[pa.Array]:
     source = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
     for batch in source.iter_batches(batch_size=batch_rows, columns=["descriptor"], use_threads=False):
         yield batch.column(0)
+
+
+def descriptor_chunks(paths: Sequence[str], rows: Sequence[int]) -> Iterator[pa.Array]:
+    """The `descriptor` columns of index files in merged order (:func:`concat_indexes`), streamed from each file
+    (:func:`iter_descriptors`); an index of `rows` items without descriptors gives as many nulls."""
+    for path, n in zip(paths, rows, strict=True):
+        if has_descriptors(path):
+            yield from iter_descriptors(path)
+        else:
+            yield pa.nulls(n, pa.binary())
 
 
 def index_hashes(table: pa.Table) -> np.ndarray:

@@ -188,6 +188,11 @@ class DescriptorStore:
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    @property
+    def present(self) -> int:
+        """Items that have a descriptor (not null)."""
+        return len(self) - self._column.null_count
+
     def get(self, row: int) -> bytes | None:
         chunk = int(np.searchsorted(self._starts, row, side="right")) - 1
         return self._column.chunks[chunk][row - int(self._starts[chunk])].as_py()

@@ -158,19 +158,8 @@ def _load_indexes(paths: list[str], with_descriptors: bool) -> tuple[pa.Table, A
         metas.append(evalsets.index_metadata(table))
     store = None
     if with_descriptors and any(evalsets.has_descriptors(path) for path in paths):
-        present = 0
-
-        def chunks() -> Iterator[pa.Array]:
-            nonlocal present
-            for path, table in zip(paths, tables, strict=True):
-                parts = evalsets.iter_descriptors(path) if evalsets.has_descriptors(path) else [
-                    pa.nulls(table.num_rows, pa.binary())]
-                for part in parts:
-                    present += len(part) - part.null_count
-                    yield part
-
-        store = DescriptorStore(chunks())
-        if not present:
+        store = DescriptorStore(evalsets.descriptor_chunks(paths, [t.num_rows for t in tables]))
+        if not store.present:
             store = None
     return evalsets.concat_indexes(tables), params, metas, store
 

@@ -289,7 +289,7 @@ class PhashDedupStage(Stage[DedupConfig]):
         if cfg.verify:
             from curate.stages.phash_dedup.matcher import DescriptorStore
 
-            store = DescriptorStore(chunk for path, _t in tables for chunk in evalsets.iter_descriptors(path))
+            store = DescriptorStore(evalsets.descriptor_chunks([p for p, _t in tables], [t.num_rows for _p, t in tables]))
         matcher = EvalMatcher(merged, MatchSettings.from_config(cfg), self._params.n_bits, descriptors=store)
         del merged
         tables.clear()
