@@ -22,6 +22,8 @@ URL = "url"
 CAPTION = "caption"
 CAPTION_ORIGINAL = "caption_original"
 STATUS = "status"
+#: `reject_stage` of rows the input itself rules out (malformed lines, tar members): before every stage.
+INPUT_STAGE = "input"
 REJECT_STAGE = "reject_stage"
 REJECT_REASON = "reject_reason"
 ERROR_MESSAGE = "error_message"

@@ -87,6 +87,9 @@ class InputPlan:
     sources: tuple[str, ...]
     format: str
     malformed_lines: int = 0
+    #: Byte ranges of input tars that hold no readable member (a file cut short, a corrupt header): samples stored
+    #: there cannot be named, so they are not rows; each {"source", "start", "end", "reason"} is reported instead.
+    damaged: tuple[dict[str, Any], ...] = ()
 
 
 def _expand(path: str) -> list[str]:
@@ -186,11 +189,14 @@ def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0) -> InputPlan:
     partitions: list[PartitionSpec] = []
     position = 0
     malformed = 0
+    damaged: list[dict[str, Any]] = []
     for file_index, source in enumerate(files):
         if limit and position >= limit:
             break
         if fmt == "webdataset":
-            readable, n_rows = source, len(tario.index_rows(source))
+            scan = tario.scan_tar(source)
+            readable, n_rows = source, len(scan.rows)
+            damaged += [{"source": source, "start": d.start, "end": d.end, "reason": d.reason} for d in scan.damage]
             part_format = "webdataset"
         else:
             if fmt == "parquet":
@@ -216,7 +222,7 @@ def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0) -> InputPlan:
             partitions.append(PartitionSpec(len(partitions), readable, part_format, start, stop,
                                             position + start, source))
         position += n_rows
-    return InputPlan(tuple(partitions), position, tuple(files), fmt, malformed)
+    return InputPlan(tuple(partitions), position, tuple(files), fmt, malformed, tuple(damaged))
 
 
 def _check_columns(names: list[str], input_cfg: Any, source: str) -> None:
@@ -395,7 +401,7 @@ def _set_status(table: pa.Table, verdicts: list[Verdict | None]) -> pa.Table:
                                                    if verdicts else [C.STATUS_SUCCESS] * table.num_rows,
                                                    pa.string()))
     if any(verdicts):
-        table = C.set_column(table, C.REJECT_STAGE, pa.array(["input" if v else None for v in verdicts], pa.string()))
+        table = C.set_column(table, C.REJECT_STAGE, pa.array([C.INPUT_STAGE if v else None for v in verdicts], pa.string()))
         table = C.set_column(table, C.REJECT_REASON, pa.array([v[1] if v else None for v in verdicts], pa.string()))
         table = C.set_column(table, C.ERROR_MESSAGE, pa.array([v[2] if v else None for v in verdicts], pa.string()))
     return table
@@ -524,14 +530,26 @@ def _read_tar_samples(spec: PartitionSpec) -> tuple[pa.Table, list[Verdict | Non
         image = tario.image_field(sample.fields())
         used = [m for m in sample.members if m.field in (image, "txt", "json")]
         too_large = [m for m in used if m.size > _member_cap(m.field)]
-        wanted.append([m for m in used if m.size <= _member_cap(m.field)])
-        verdicts.append((C.STATUS_FAILED, "member_too_large", "; ".join(
-            f"member {m.name!r} is {m.size:,} bytes, over the {_member_cap(m.field):,}-byte cap" for m in too_large
-        )) if too_large else None)
+        truncated = [m for m in used if m.truncated]
+        wanted.append([m for m in used if m.size <= _member_cap(m.field) and not m.truncated])
+        if too_large:
+            verdicts.append((C.STATUS_FAILED, "member_too_large", "; ".join(
+                f"member {m.name!r} is {m.size:,} bytes, over the {_member_cap(m.field):,}-byte cap"
+                for m in too_large)))
+        elif truncated:
+            verdicts.append((C.STATUS_FAILED, "truncated_member", "; ".join(
+                f"the tar ends inside member {m.name!r} ({m.size:,} bytes from byte {m.offset_data:,})"
+                for m in truncated)))
+        else:
+            verdicts.append(None)
     records: list[dict[str, Any]] = []
     for i, (sample, fields) in enumerate(zip(rows, tario.read_members(spec.path, wanted), strict=True)):
         record, error = _tar_record(sample, fields, spec.source)
         records.append(record)
+        unread = [m for m in wanted[i] if m.field not in fields]
+        if unread and verdicts[i] is None:  # the header was fine, the data is not (cut off, corrupt compression)
+            verdicts[i] = (C.STATUS_FAILED, "unreadable_member", "; ".join(
+                f"member {m.name!r} cannot be read from the tar" for m in unread))
         if error is not None and verdicts[i] is None:
             verdicts[i] = (C.STATUS_REJECTED, error[0], error[1])
     return _tar_table(records), verdicts

@@ -487,7 +487,8 @@ def _pct(part: int, whole: int) -> str:
 
 
 def _stage_order(stats: dict[str, Any]) -> list[str]:
-    order = list(stats.get("stage_order") or [])
+    order = [C.INPUT_STAGE] if C.INPUT_STAGE in stats.get("rejected", {}) else []  # before every stage
+    order += [name for name in stats.get("stage_order") or [] if name not in order]
     for name in stats.get("stages", {}):
         if name not in order:
             order.append(name)

@@ -372,6 +372,18 @@ INPUT_HINTS = {
 }
 
 
+def _damage_warnings(damaged: Sequence[dict[str, Any]], shown: int = 5) -> list[str]:
+    """One line per damaged input tar range (the first `shown`), then how many more."""
+    lines = []
+    for d in damaged[:shown]:
+        where = f"bytes {d['start']:,}-{d['end']:,}" if d.get("end") is not None else f"from byte {d['start']:,}"
+        lines.append(f"{d['source']}: {where}: {d['reason']}; samples stored there, if any, are in no count "
+                     "(stats.json input_damage)")
+    if len(damaged) > shown:
+        lines.append(f"{len(damaged) - shown} more damaged range(s) in the input tars: stats.json input_damage")
+    return lines
+
+
 def _reason_hints() -> dict[tuple[str, str], str]:
     hints = {("input", reason): hint for reason, hint in INPUT_HINTS.items()}
     for stage in registry.registered():
@@ -561,6 +573,8 @@ class Runner:
         todo = [p for p in plan.partitions if p.partition_id not in done_ids]
         self.echo(f"curate: {plan.total_rows:,} input rows in {len(plan.partitions)} partition(s) "
                   f"from {len(plan.sources)} file(s); {len(done_ids)} already done, {len(todo)} to run")
+        for warning in _damage_warnings(plan.damaged):
+            self.echo(f"curate: warning: {warning}")
         if todo:
             self._run_partitions(todo, plan, specs, stages, context)
         return self._finalize(plan, specs, started, len(todo), len(done_ids))
@@ -609,13 +623,13 @@ class Runner:
                                 "finished partitions are matched to it by number), or use a new output.path") from err
             parts = tuple(inputs.PartitionSpec(**p) for p in data["partitions"])
             return inputs.InputPlan(parts, data["total_rows"], tuple(data["sources"]), data["format"],
-                                    data.get("malformed_lines", 0))
+                                    data.get("malformed_lines", 0), tuple(data.get("damaged", ())))
         plan = inputs.plan_input(self.config.input, self.layout.input_dir)
         stamps = [inputs.source_stamp(source) for source in plan.sources]
         storage.write_json(cached, {"partitions": [p.__dict__ for p in plan.partitions],
                                     "total_rows": plan.total_rows, "sources": list(plan.sources),
                                     "source_stamps": stamps, "format": plan.format,
-                                    "malformed_lines": plan.malformed_lines})
+                                    "malformed_lines": plan.malformed_lines, "damaged": list(plan.damaged)})
         return plan
 
     def _run_partitions(self, todo: list[inputs.PartitionSpec], plan: inputs.InputPlan, specs: list[StageSpec],
@@ -760,6 +774,8 @@ class Runner:
             "input_format": plan.format,
             "input_sources": list(plan.sources)[:100],
             "input_malformed_lines": plan.malformed_lines,  # each also a rejected row (input/malformed_line)
+            # tar bytes no member could be read from: what was stored there is in no count (docs/operations.md)
+            "input_damage": list(plan.damaged),
             "shards": len(infos),
             "samples_in_shards": manifest["total_samples"],
             "elapsed_seconds_last_run": round(time.time() - started, 2),
@@ -776,7 +792,7 @@ class Runner:
         self.echo(funnel)
         self.echo(f"curate: wrote {len(infos)} shard(s) with {manifest['total_samples']:,} samples to "
                   f"{layout.shards_dir} in {merged['elapsed_seconds_last_run']:.1f}s")
-        for warning in stats.outcome_warnings(merged, _reason_hints()):
+        for warning in [*_damage_warnings(plan.damaged), *stats.outcome_warnings(merged, _reason_hints())]:
             self.echo(f"curate: warning: {warning}")
         return RunResult(self.out, merged, len(plan.partitions), ran, skipped, manifest["shards"], funnel)
 

@@ -83,7 +83,8 @@ def format_funnel(stats: dict[str, Any], stage_order: Sequence[str]) -> str:
     """The funnel printed at the end of a run: rows left after each stage, with reasons."""
     lines = [f"{'input rows':<22}{stats['input_rows']:>12,}"]
     remaining = stats["input_rows"]
-    order = list(stage_order) + sorted(s for s in stats["rejected"] if s not in stage_order)
+    order = [C.INPUT_STAGE, *stage_order]  # the input's own rejects happen before every stage
+    order += sorted(s for s in stats["rejected"] if s not in order)
     for stage in order:
         reasons = stats["rejected"].get(stage, {})
         lost = sum(reasons.values())

@@ -54,7 +54,7 @@ def streamed_tars(monkeypatch: pytest.MonkeyPatch, stream: bool) -> Iterator[Non
     if stream:
         @contextmanager
         def open_stream(path: str) -> Iterator[tuple[tarfile.TarFile, bool]]:
-            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*") as tar:
+            with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r|*", **tario._READ_OPTIONS) as tar:
                 yield tar, False
 
         monkeypatch.setattr(tario, "_open_tar", open_stream)
@@ -112,6 +112,97 @@ def test_partition_reads_only_its_own_members(tmp_path: Path, monkeypatch: pytes
     assert table.column("key").to_pylist() == ["000000002", "000000003"]
     assert sorted(read) == ["s2.jpg", "s2.txt", "s3.jpg", "s3.txt"]
 
+
+
+# -- damaged tars ---------------------------------------------------------------------------------------
+
+def plain_tar(members: list[tuple[str, bytes]], **options: Any) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", **options) as tar:
+        for name, data in members:
+            add(tar, name, data)
+    return buf.getvalue()
+
+
+def header_offsets(data: bytes) -> dict[str, int]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return {info.name: info.offset for info in tar}
+
+
+def scan_summary(path: Path) -> tuple[list[tuple[str, bool]], list[str]]:
+    found = tario.scan_tar(str(path))
+    return ([(m.name, m.truncated) for row in found.rows for m in row.members],
+            [d.reason.split(":")[0].split(" (")[0].split(",")[0] for d in found.damage])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["seekable", "stream"])
+def test_damaged_tars_keep_what_can_be_read_and_say_what_cannot(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 stream: bool) -> None:
+    """tarfile alone stops at a corrupt header as if the archive ended there (every later member silently gone) and
+    raises on a file cut inside a member. The scan steps over the bad blocks, marks a cut-off member, and names the
+    byte ranges it could not read (seekable files; a stream can only tell a cut-off member)."""
+    members = [(f"{i}.{ext}", bytes([i + 1]) * 3000 if ext == "jpg" else b"caption") for i in range(4)
+               for ext in ("jpg", "txt")]
+    whole = plain_tar(members)
+    at = header_offsets(whole)
+    cut_in_data = at["3.jpg"] + 512 + 1000
+    files = {
+        "whole": whole,
+        "cut_in_data": whole[:cut_in_data],
+        "cut_in_header": whole[:at["3.jpg"] + 100],
+        "corrupt_header": whole[:at["1.jpg"]] + b"x" * 512 + whole[at["1.jpg"] + 512:],
+        "stray_tail": whole + b"junk" * 20,
+        "no_end_marker": whole[:at["3.txt"] + 1024],
+        "concatenated": whole + plain_tar([("4.jpg", b"\1" * 10), ("4.txt", b"caption")]),
+        "global_header": plain_tar(members, format=tarfile.PAX_FORMAT, pax_headers={"comment": "git archive"}),
+    }
+    names = [name for name, _ in members]
+    with streamed_tars(monkeypatch, stream):
+        for label, data in files.items():
+            (tmp_path / f"{label}.tar").write_bytes(data)
+        got = {label: scan_summary(tmp_path / f"{label}.tar") for label in files}
+    assert got["whole"] == ([(n, False) for n in names], [])
+    assert got["global_header"] == got["whole"]
+    assert got["concatenated"] == ([(n, False) for n in [*names, "4.jpg", "4.txt"]], [])
+    assert got["cut_in_data"] == ([(n, n == "3.jpg") for n in names[:7]], ["the file ends inside member '3.jpg'"])
+    # what only a seekable file can show: bytes tarfile stepped over
+    hidden = [] if stream else ["unreadable data"]
+    assert got["corrupt_header"] == ([(n, False) for n in names if n != "1.jpg"], hidden)
+    assert got["stray_tail"] == ([(n, False) for n in names], hidden)
+    assert got["cut_in_header"] == ([(n, False) for n in names[:6]], hidden)
+    assert got["no_end_marker"] == ([(n, False) for n in names], [] if stream else ["no end-of-archive marker after the last member"])
+    # the cut-off member is never read; reading the others does not fail
+    rows = tario.index_rows(str(tmp_path / "cut_in_data.tar"))
+    read = list(tario.read_members(str(tmp_path / "cut_in_data.tar"), [r.members for r in rows]))
+    assert [sorted(fields) for fields in read] == [["jpg", "txt"]] * 3 + [[]]
+
+
+def test_a_run_over_a_cut_off_tar_counts_every_sample_it_can_name(tmp_path: Path, real_images: dict[str, bytes],
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """An interrupted download: the last sample's image is cut off. The run does not fail: that sample is a failed
+    row (`input` / `truncated_member`), the others go on, and stats.json and the console name the damage."""
+    jpg = next(data for name, data in real_images.items() if name.endswith(".jpg"))
+    members = [(f"s{i}.{ext}", jpg if ext == "jpg" else f"caption {i}".encode()) for i in range(3) for ext in ("txt", "jpg")]
+    whole = plain_tar(members)
+    path = tmp_path / "cut.tar"
+    path.write_bytes(whole[:header_offsets(whole)["s2.jpg"] + 512 + len(jpg) // 2])
+    messages: list[str] = []
+    overrides = [f"input.path={path}", f"output.path={tmp_path / 'run'}", "download.enabled=false",
+                 "captions.enabled=false", "dedup.enabled=false", "clip.enabled=false", "cluster.processes=false",
+                 "cluster.n_workers=1", "cluster.dashboard=false"]
+    run(load_config(None, overrides, data={}), progress=False, echo=messages.append)
+    stats = json.loads((tmp_path / "run" / "stats.json").read_text())
+    assert stats["input_rows"] == 3 and stats["kept"] == 2
+    assert stats["rejected"] == {"input": {"truncated_member": 1}}
+    assert [d["reason"].split(" (")[0] for d in stats["input_damage"]] == ["the file ends inside member 's2.jpg', "
+                                                                          f"{len(jpg):,} bytes from byte "
+                                                                          f"{header_offsets(whole)['s2.jpg'] + 512:,}"]
+    cut = next(r for r in output_rows(tmp_path) if r["source_key"] == "s2")
+    assert cut["status"] == "failed" and cut["caption"] == "caption 2" and "'s2.jpg'" in cut["error_message"]
+    warnings = [m for m in messages if m.startswith("curate: warning:") and "cut.tar" in m]
+    assert warnings and "inside member 's2.jpg'" in warnings[0]
+    funnel = next(m for m in messages if m.startswith("input rows"))
+    assert funnel.splitlines()[1].split() == ["input", "2", "-1"]  # the input's own rejects come first
 
 # -- oversized members ---------------------------------------------------------------------------------
 
