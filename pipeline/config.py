@@ -27,8 +27,10 @@ InputFormat = Literal["auto", "parquet", "csv", "tsv", "jsonl", "webdataset"]
 
 @dataclass(frozen=True)
 class InputConfig:
-    path: str = option("", help="Input table(s): a file, folder, glob or brace pattern; local or fsspec URL.", path=True)
-    format: InputFormat = option("auto", help="Input format; `auto` picks it from the file extension.")
+    path: str = option("", help="Input table(s): a file, folder, glob or brace pattern (every file it names must "
+                       "exist); local or fsspec URL.", path=True)
+    format: InputFormat = option("auto", help="Input format; `auto` picks it from the file extension (CSV/TSV/JSONL "
+                                 "may be .gz, .bz2 or .xz compressed).")
     url_column: str = option("url", help="Column holding the image URL (LAION: `URL`).")
     caption_column: str = option("caption", help="Column holding the caption (LAION: `TEXT`).")
     shard_size: int = option(10000, help="Rows per partition (the unit of work, resume and stats).", range=(1, None))

@@ -18,10 +18,14 @@ docs/operations.md.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
-from collections.abc import Sequence
+import lzma
+import sys
+import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import PurePosixPath
@@ -43,6 +47,8 @@ log = logging.getLogger("curate.inputs")
 TABLE_EXTENSIONS = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl",
                     ".ndjson": "jsonl"}
 TAR_EXTENSIONS = (".tar",)
+#: Compressions a CSV/TSV/JSONL file may carry (decompressed while it is converted, by fsspec's `infer`).
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz")
 KEY_WIDTH = 9
 
 #: Tar members above these sizes (from the header; never read) fail their sample as `member_too_large`.
@@ -93,9 +99,14 @@ class InputPlan:
 
 
 def _expand(path: str) -> list[str]:
-    """Expand braces and globs; a folder lists its files (recursively)."""
+    """Expand braces and globs; a folder lists its files (recursively).
+
+    A brace pattern names files one by one (`part-{000..099}.tar`, as img2dataset and webdataset write them): one of
+    them missing is a lost shard, so it is an error naming it, not a silent gap."""
     files: list[str] = []
-    for pattern in braceexpand.braceexpand(path):
+    patterns = list(braceexpand.braceexpand(path))
+    missing: list[str] = []
+    for pattern in patterns:
         fs, fs_path = fsspec.core.url_to_fs(pattern)
         protocol = fs.protocol[0] if isinstance(fs.protocol, tuple | list) else fs.protocol
         prefix = "" if protocol in ("file", "local") else f"{protocol}://"
@@ -107,7 +118,11 @@ def _expand(path: str) -> list[str]:
             found = [fs_path]
         else:
             found = []
+            missing.append(pattern)
         files.extend(prefix + p for p in found)
+    if missing and len(patterns) > 1 and len(missing) < len(patterns):
+        raise ConfigError("input.path", f"{len(missing)} of the {len(patterns)} paths {path!r} names do not exist "
+                          f"(first: {missing[0]!r}); name the files that exist, or use a glob (*) to take what is there")
     return files
 
 
@@ -116,7 +131,7 @@ def _detect_format(files: list[str], declared: str) -> str:
         return declared
     kinds = set()
     for f in files:
-        suffix = PurePosixPath(f).suffix.lower()
+        suffix = _table_suffix(f)
         if suffix in TAR_EXTENSIONS:
             kinds.add("webdataset")
         elif suffix in TABLE_EXTENSIONS:
@@ -133,7 +148,17 @@ def _select_files(files: list[str], fmt: str) -> list[str]:
     wanted = {ext for ext, kind in TABLE_EXTENSIONS.items() if kind == fmt}
     if fmt == "tsv":
         wanted |= {".txt"}
-    return [f for f in files if PurePosixPath(f).suffix.lower() in wanted]
+    return [f for f in files if _table_suffix(f) in wanted and not (fmt == "parquet" and _compressed(f))]
+
+
+def _compressed(path: str) -> bool:
+    return PurePosixPath(path).suffix.lower() in COMPRESSED_SUFFIXES
+
+
+def _table_suffix(path: str) -> str:
+    """The file's format suffix, behind a compression suffix (`a.csv.gz` -> `.csv`)."""
+    name = PurePosixPath(path)
+    return (name.with_suffix("") if _compressed(path) else name).suffix.lower()
 
 
 #: fsspec `info()` keys that change when a file is rewritten (local, S3, GCS/Azure, HTTP), first present one used
@@ -249,6 +274,9 @@ def _convert_text_table(
             table, malformed = _read_jsonl(data, text_columns)
         else:
             table, malformed = _read_delimited(data, fmt, text_columns)
+    except (EOFError, zlib.error, lzma.LZMAError) as err:  # gzip/bz2/xz data cut short or corrupt
+        raise ConfigError("input.path", f"cannot read {fmt} file {source!r}: its compressed data is cut short or "
+                          f"corrupt ({err})") from err
     except (pa.ArrowInvalid, OSError, UnicodeDecodeError) as err:
         raise ConfigError("input.path", f"cannot read {fmt} file {source!r}: {err}") from err
     if malformed:
@@ -267,15 +295,25 @@ def _read_delimited(data: bytes, fmt: str, text_columns: tuple[str, ...]) -> tup
         return "skip"
 
     def parse(threads: bool) -> pa.Table:
-        return pacsv.read_csv(
-            io.BytesIO(data),
-            parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
-                                             newlines_in_values=fmt == "csv", invalid_row_handler=keep_bad),
-            # Keep every value as text: a caption "1984" must stay a caption.
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns},
-                                                 strings_can_be_null=True),
-            read_options=pacsv.ReadOptions(block_size=1 << 22, use_threads=threads),
-        )
+        with _invalid_utf8_in_bad_rows() as seen:
+            try:
+                table = pacsv.read_csv(
+                    io.BytesIO(data),
+                    parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
+                                                     newlines_in_values=fmt == "csv", invalid_row_handler=keep_bad),
+                    # Keep every value as text: a caption "1984" must stay a caption. Invalid UTF-8 in a value is
+                    # that row's problem, not the file's (_binary_where_not_utf8).
+                    convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns},
+                                                         strings_can_be_null=True, check_utf8=False),
+                    read_options=pacsv.ReadOptions(block_size=1 << 22, use_threads=threads),
+                )
+            except pa.ArrowInvalid as err:
+                if seen:
+                    raise pa.ArrowInvalid(f"{err} (a line with the wrong number of fields that is also not valid "
+                                          "UTF-8: pyarrow cannot hand such a line over; fix the file's encoding)"
+                                          ) from err
+                raise
+        return _binary_where_not_utf8(table)
 
     table = parse(True)
     if not bad:
@@ -290,6 +328,42 @@ def _read_delimited(data: bytes, fmt: str, text_columns: tuple[str, ...]) -> tup
         positions.append(number - 2 if number else None)
         messages.append(f"{where}: expected {expected} fields, found {actual}: {text[:MAX_LINE_TEXT]}")
     return _insert_rejected(table, positions, "malformed_line", messages), len(bad)
+
+
+@contextlib.contextmanager
+def _invalid_utf8_in_bad_rows() -> Iterator[list[BaseException]]:
+    """Collect what pyarrow fails to hand to `invalid_row_handler` instead of letting Python print it.
+
+    pyarrow decodes a malformed row's text as UTF-8 before calling the handler; for invalid UTF-8 that raises inside
+    pyarrow, which Python reports as an "Exception ignored" traceback on stderr, and the parse then fails."""
+    seen: list[BaseException] = []
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, UnicodeDecodeError):
+            seen.append(unraisable.exc_value)
+        else:
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield seen
+    finally:
+        sys.unraisablehook = previous
+
+
+def _binary_where_not_utf8(table: pa.Table) -> pa.Table:
+    """String columns holding invalid UTF-8 become binary: the URL/caption rule then turns each such value into a
+    row-level reason (bad_url_type / bad_caption_type) and other columns carry the bytes through unchanged."""
+    for i, field in enumerate(table.schema):
+        if not pa.types.is_string(field.type):
+            continue
+        column = table.column(i)
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            table = table.set_column(i, pa.field(field.name, pa.binary()), column.cast(pa.binary()))
+    return table
 
 
 def _line_numbers(data: bytes, texts: list[str]) -> list[int | None]:

@@ -3,8 +3,10 @@ reason), none is lost, and no partition crashes or exhausts memory."""
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import lzma
 import resource
 import tarfile
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from curate.pipeline import inputs, tario
-from curate.pipeline.config import load_config
+from curate.pipeline.config import ConfigError, load_config
 from curate.pipeline.runner import run
 
 
@@ -326,3 +328,53 @@ def test_malformed_tsv_and_jsonl_lines(tmp_path: Path) -> None:
     assert rows[1]["error_message"].startswith("line 2: invalid JSON")
     assert rows[2]["error_message"].startswith("line 3: a JSON list")
     assert rows[3]["caption"] == "3"
+
+
+# -- text tables: encodings, compression, brace patterns --------------------------------------------------
+
+def test_invalid_utf8_in_a_csv_value_is_that_rows_problem_not_the_files(tmp_path: Path,
+                                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """One caption with bytes that are not UTF-8 (common in scraped TSVs) used to refuse the whole file."""
+    (tmp_path / "t.tsv").write_bytes(b"url\tcaption\tnote\nhttp://x/1.jpg\tgood\tok\nhttp://x/2.jpg\tbad \xff\xfe text\t"
+                                     b"n\xe9e\nhttp://x/3.jpg\tcaf\xc3\xa9\tok\n")
+    stats = run_stats(tmp_path, tmp_path / "t.tsv")
+    assert stats["input_rows"] == 3 and stats["rejected"]["input"]["bad_caption_type"] == 1
+    rows = output_rows(tmp_path)
+    assert [r["caption"] for r in rows] == ["good", None, "café"]
+    assert rows[1]["reject_reason"] == "bad_caption_type" and "not valid UTF-8" in rows[1]["error_message"]
+    assert [r["note"] for r in rows] == [b"ok", b"n\xe9e", b"ok"]  # an extra column keeps its bytes
+    # a line with the wrong number of fields *and* invalid UTF-8: pyarrow cannot hand it over; a clear error, and no
+    # "Exception ignored" traceback from inside pyarrow on stderr
+    (tmp_path / "m.csv").write_bytes(b"url,caption\nhttp://x/1.jpg,good\nhttp://x/2.jpg,bad \xff,extra\n")
+    cfg = load_config(None, [f"input.path={tmp_path / 'm.csv'}", "output.path=o"], data={})
+    with pytest.raises(ConfigError, match="also not valid UTF-8"):
+        inputs.plan_input(cfg.input, str(tmp_path / "w"))
+    assert "Exception ignored" not in capfd.readouterr().err
+
+
+def test_compressed_tables_are_read_and_a_cut_off_one_is_a_clear_error(tmp_path: Path) -> None:
+    text = "url,caption\n" + "".join(f"http://x/{i}.jpg,caption {i}\n" for i in range(500))
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.csv.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "in" / "b.jsonl.xz").write_bytes(lzma.compress(b'{"url": "http://y/1.jpg", "caption": "y"}\n'))
+    cfg = load_config(None, [f"input.path={tmp_path / 'in' / 'a.csv.gz'}", "output.path=o"], data={})
+    plan = inputs.plan_input(cfg.input, str(tmp_path / "w"))
+    assert plan.format == "csv" and plan.total_rows == 500
+    cfg = load_config(None, [f"input.path={tmp_path / 'in' / 'b.jsonl.xz'}", "output.path=o"], data={})
+    assert inputs.plan_input(cfg.input, str(tmp_path / "w2")).total_rows == 1
+    squeezed = gzip.compress(text.encode())
+    (tmp_path / "cut.csv.gz").write_bytes(squeezed[: len(squeezed) // 2])
+    cfg = load_config(None, [f"input.path={tmp_path / 'cut.csv.gz'}", "output.path=o"], data={})
+    with pytest.raises(ConfigError, match="compressed data is cut short or corrupt"):
+        inputs.plan_input(cfg.input, str(tmp_path / "w3"))
+
+
+def test_a_brace_pattern_naming_a_missing_file_is_an_error(tmp_path: Path) -> None:
+    """`part-{000..002}.tar` names three shards; silently running on two would lose the third's rows uncounted."""
+    for name in ("part-000.tar", "part-002.tar"):
+        (tmp_path / name).write_bytes(plain_tar([("a.jpg", b"x"), ("a.txt", b"caption")]))
+    cfg = load_config(None, [f"input.path={tmp_path}/part-{{000..002}}.tar", "output.path=o"], data={})
+    with pytest.raises(ConfigError, match=r"1 of the 3 paths .* do not exist \(first: .*part-001\.tar"):
+        inputs.plan_input(cfg.input, str(tmp_path / "w"))
+    cfg = load_config(None, [f"input.path={tmp_path}/part-*.tar", "output.path=o"], data={})  # a glob takes what is there
+    assert inputs.plan_input(cfg.input, str(tmp_path / "w")).total_rows == 2

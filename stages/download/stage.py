@@ -370,7 +370,7 @@ class DownloadStage(Stage[DownloadConfig]):
                         return self._done(process_image(existing, self._spec), existing, counts)
                     return self._done(verify_image(existing, self._spec), existing, counts)
             if url is None or not str(url).strip():
-                return _RowOutcome(reason="missing_url", message="the row has no URL")
+                return _RowOutcome(reason="missing_url", message="the row has no URL and no image bytes")
             assert self._fetcher is not None
             started = time.monotonic()
             result = self._fetcher.fetch(str(url))
