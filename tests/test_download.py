@@ -259,6 +259,19 @@ def test_size_and_aspect_filters_reject(server: FaultServer) -> None:
     assert "1.50 > max_aspect_ratio 1.4" in out.column(C.ERROR_MESSAGE)[0].as_py()
 
 
+
+def test_a_sliver_that_would_resize_to_gigabytes_is_refused_before_decoding(server: FaultServer) -> None:
+    """5000 x 1 px (a few hundred bytes) at keep_ratio 256, not only if bigger (img2dataset's default), would be
+    1,280,000 x 256 px: ~1 GB of pixels per image and more than JPEG can store. It used to be decoded, scaled and
+    then fail in the encoder as internal_error."""
+    server.routes["/sliver.png"] = Respond(encode(Image.new("RGB", (5000, 1), (0, 200, 0)), fmt="PNG"))
+    out = run([server.url("/sliver.png"), server.url("/chelsea.jpg")], resize_mode="keep_ratio", image_size=256,
+              resize_only_if_bigger=False)
+    assert out.column(C.REJECT_REASON).to_pylist() == ["output_too_large", None]
+    assert "would be 1280000x256" in out.column(C.ERROR_MESSAGE)[0].as_py()
+    out = run([server.url("/sliver.png")], resize_mode="center_crop", image_size=256, resize_only_if_bigger=False)
+    assert out.column(C.STATUS).to_pylist() == ["success"] and out.column("width").to_pylist() == [256]
+
 def test_keep_original_bytes_when_small_enough(server: FaultServer, real_images: dict[str, bytes]) -> None:
     urls = [server.url("/chelsea.jpg"), server.url("/brick.png")]
     out = run(urls, reencode="if_needed", image_size=512).to_pylist()

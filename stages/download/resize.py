@@ -135,6 +135,33 @@ def _check_filters(width: int, height: int, spec: ImageSpec) -> None:
             raise ImageFiltered("aspect_ratio", f"aspect ratio {ratio:.2f} > max_aspect_ratio {spec.max_aspect_ratio:g}")
 
 
+#: Largest side each output format can store (libjpeg: 65,500; libwebp: 16,383; PNG: 2^31 - 1).
+_MAX_SIDE = {"jpg": 65_500, "webp": 16_383, "png": 2**31 - 1}
+
+
+def _stored_size(width: int, height: int, planned: tuple[int, int] | None, spec: ImageSpec) -> tuple[int, int]:
+    """Size of the picture `process_image` would store (before keeping original bytes is considered)."""
+    if planned is None:
+        return width, height
+    if spec.resize_mode == "center_crop":
+        return min(planned[0], spec.image_size), min(planned[1], spec.image_size)
+    if spec.resize_mode == "border":
+        return max(planned[0], spec.image_size), max(planned[1], spec.image_size)
+    return planned
+
+
+def _check_output_size(size: tuple[int, int], width: int, height: int, spec: ImageSpec) -> None:
+    """A sliver (5000 x 1 px, a few hundred bytes) scaled to keep_ratio 256 would be 1,280,000 x 256 px: ~1 GB of
+    pixels, and more than JPEG can store. Refused before decoding, like a decompression bomb."""
+    w, h = size
+    limit = _MAX_SIDE[spec.output_format]
+    if max(w, h) > limit or w * h > spec.max_pixels:
+        why = (f"over {spec.output_format}'s {limit:,}-pixel side limit" if max(w, h) > limit
+               else f"over max_image_pixels {spec.max_pixels:,}")
+        raise ImageFiltered("output_too_large", f"{width}x{height} resized ({spec.resize_mode} {spec.image_size}) "
+                            f"would be {w}x{h}, {why}")
+
+
 def _has_alpha(img: Image.Image) -> bool:
     return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
 
@@ -174,6 +201,7 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
     # Filters only need the header: refuse before paying for the decode.
     _check_filters(original_w, original_h, spec)
     planned = _planned_size(original_w, original_h, spec)
+    _check_output_size(_stored_size(original_w, original_h, planned, spec), original_w, original_h, spec)
     downscale = planned is not None and planned[0] < original_w
     if spec.use_draft and downscale and planned is not None:
         # Decode at 1/2, 1/4 or 1/8 scale while keeping at least `draft_margin` times the planned size: libjpeg's
