@@ -643,6 +643,7 @@ section { background: #fff; border: 1px solid var(--line); border-radius: 10px; 
 h2 { font-size: 17px; margin: 0 0 12px; }
 h3 { font-size: 15px; margin: 18px 0 8px; }
 .cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.warn { margin-top: 12px; padding: 8px 12px; border-left: 4px solid #c0392b; background: #fdf2f0; }
 .stat { background: var(--bg); border-radius: 8px; padding: 10px 16px; min-width: 150px; }
 .stat .v { font-size: 22px; font-weight: 650; } .stat .l { color: var(--muted); font-size: 12px; }
 table { border-collapse: collapse; }
@@ -724,6 +725,18 @@ def _timings_html(stats: dict[str, Any]) -> str:
             "<tbody>" + "".join(rows) + "</tbody></table></section>")
 
 
+def _damage_html(damage: list[dict[str, Any]], shown: int = 20) -> str:
+    """Input tar ranges no member could be read from (stats.json input_damage): no count covers what was stored
+    there, so it must not hide behind a balanced funnel."""
+    if not damage:
+        return ""
+    items = "".join(f"<li>{_e(str(d.get('source', '?')))}: from byte {int(d.get('start', 0)):,}: "
+                    f"{_e(str(d.get('reason', '')))}</li>" for d in damage[:shown])
+    more = f"<li>{len(damage) - shown:,} more in stats.json input_damage</li>" if len(damage) > shown else ""
+    return (f'<div class="warn"><b>Damaged input: {len(damage):,} range(s) of the input tars could not be read.</b> '
+            f"Samples stored there, if any, are in no count.<ul>{items}{more}</ul></div>")
+
+
 def render_report(run_dir: str, *, samples_per_reason: int = 12, kept_samples: int = 24, thumb_px: int = 112,
                   bins: int = 30) -> str:
     """The report page of `run_dir` as an HTML string (see module docstring)."""
@@ -750,6 +763,7 @@ def render_report(run_dir: str, *, samples_per_reason: int = 12, kept_samples: i
     ])
     if manifest.get("pattern"):
         summary += _stat(manifest["pattern"], "WebDataset pattern (shards/)")
+    damage_html = _damage_html(stats.get("input_damage") or [])
 
     hists = _histograms(run_dir, _metrics(config), bins=bins)
     charts = "".join(_svg_histogram(h) for h in hists)
@@ -789,7 +803,7 @@ def render_report(run_dir: str, *, samples_per_reason: int = 12, kept_samples: i
 <nav><a href="#summary">Summary</a><a href="#funnel">Funnel</a><a href="#distributions">Distributions</a>
 <a href="#stages">Stages</a><a href="#kept">Kept samples</a><a href="#rejected">Turned down</a></nav>
 <main>
-<section id="summary"><h2>Summary</h2><div class="cards">{summary}</div></section>
+<section id="summary"><h2>Summary</h2><div class="cards">{summary}</div>{damage_html}</section>
 <section id="funnel"><h2>Funnel by stage and reason</h2>{_funnel_html(stats)}
 <p class="muted">Every input row is either kept or counted under exactly one stage and reason
 (input rows = kept + turned down). Reasons link to their samples below.</p></section>

@@ -205,6 +205,8 @@ def test_a_run_over_a_cut_off_tar_counts_every_sample_it_can_name(tmp_path: Path
     assert warnings and "inside member 's2.jpg'" in warnings[0]
     funnel = next(m for m in messages if m.startswith("input rows"))
     assert funnel.splitlines()[1].split() == ["input", "2", "-1"]  # the input's own rejects come first
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Damaged input: 1 range(s)" in report and "inside member &#x27;s2.jpg&#x27;" in report
 
 # -- oversized members ---------------------------------------------------------------------------------
 
