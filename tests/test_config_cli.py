@@ -84,6 +84,31 @@ def test_shipped_configs_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert f"output {tmp_path / 'out'}" in capsys.readouterr().out
 
 
+
+def test_validate_checks_that_eval_indexes_fit_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """An index of another hash size, one without descriptors when verifying, or a file that is not an index at all
+    used to pass `validate` and fail the run only in worker set-up, after the cluster had started."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from curate.stages.phash_dedup.evalsets import hash_evalset
+
+    monkeypatch.chdir(tmp_path)
+    pq.write_table(pa.table({"url": ["http://x/a.jpg"], "caption": ["a"]}), "in.parquet")
+    evalset = str(REPO / "configs" / "demo" / "evalset")
+    hash_evalset(evalset, "h16.parquet", name="a", hash_size=16)
+    hash_evalset(evalset, "plain.parquet", name="a", verify=False)
+    base = ["validate", "/dev/null", "--set", "input.path=in.parquet", "--set", "output.path=out",
+            "--set", "clip.enabled=false"]
+    cases = {"h16.parquet": "uses hash_size 16, dedup.hash_size is 8", "plain.parquet": "no near-duplicate descriptors",
+             "in.parquet": "not a curate eval index"}
+    for index, message in cases.items():
+        assert main([*base, "--set", f"dedup.indexes=[{index}]"]) == 2, index
+        err = capsys.readouterr().err
+        assert "dedup.indexes[0]" in err and message in err, err
+    assert main([*base, "--set", "dedup.indexes=[plain.parquet]", "--set", "dedup.verify=false"]) == 0
+
 def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bad.yaml").write_text("input: {path: x.parquet}\noutput: {path: o}\nclip: {threshold: high}\n")
     assert main(["run", str(tmp_path / "bad.yaml")]) == 2

@@ -121,6 +121,30 @@ class DedupConfig:
             raise ConfigError(f"{key_path}.score_column", "is required for keep: highest_score")
 
 
+def _index_mismatch(path: str, schema: Any, cfg: DedupConfig) -> str | None:
+    """Why an eval index (its Parquet schema) cannot serve this config, or None. Read from the schema only."""
+    from curate.stages.phash_dedup import evalsets
+
+    try:
+        params = evalsets.index_params(schema)
+        meta = evalsets.index_metadata(schema)
+    except (ValueError, KeyError) as err:
+        return f"eval index {path}: {err}"
+    if params.hash_size != cfg.hash_size:
+        return (f"eval index {path} uses hash_size {params.hash_size}, dedup.hash_size is {cfg.hash_size}: rebuild it "
+                f"(`curate hash-evalset --hash-size {cfg.hash_size}`) or set dedup.hash_size: {params.hash_size}")
+    if _verifies(cfg):
+        from curate.stages.phash_dedup.nearduplicate import DESCRIPTOR_VERSION
+
+        if "descriptor" not in schema.names:
+            return (f"eval index {path} has no near-duplicate descriptors: rebuild it with verification "
+                    "(`curate hash-evalset` does so by default) or set dedup.verify: false")
+        if meta.get("descriptor_version") != DESCRIPTOR_VERSION:
+            return (f"eval index {path} has descriptors {meta.get('descriptor_version')!r}, this curate makes "
+                    f"{DESCRIPTOR_VERSION!r}: rebuild it")
+    return None
+
+
 class PhashDedupStage(Stage[DedupConfig]):
     name = "phash_dedup"
     config_class = DedupConfig
@@ -186,14 +210,24 @@ class PhashDedupStage(Stage[DedupConfig]):
 
     # -- set-up ------------------------------------------------------------------------------------
     def preflight(self) -> None:
-        """Missing eval indexes or sources stop the run before it starts (exit 2), not on every worker."""
+        """Missing or mismatched eval indexes and missing sources stop the run before it starts (exit 2), not on
+        every worker after the cluster is up; `curate validate` runs this too."""
         import fsspec
+        import pyarrow.parquet as pq
 
         for i, path in enumerate(self.config.indexes):
             fs, fs_path = fsspec.core.url_to_fs(path)
             if not fs.exists(fs_path):
                 raise ConfigError(f"dedup.indexes[{i}]", f"eval index {path!r} does not exist "
                                   "(build it with `curate hash-evalset SOURCE -o INDEX.parquet`)")
+            try:
+                with fs.open(fs_path, "rb") as f:
+                    schema = pq.read_schema(f)
+            except Exception as err:  # not Parquet at all: the message says what the reader found
+                raise ConfigError(f"dedup.indexes[{i}]", f"eval index {path!r} cannot be read: {err}") from err
+            problem = _index_mismatch(path, schema, self.config)
+            if problem is not None:
+                raise ConfigError(f"dedup.indexes[{i}]", problem)
         for i, source in enumerate(self.config.eval_sets):
             if "://" in source.path or any(ch in source.path for ch in "*?{"):
                 continue  # remote or pattern: resolved by the adapter, which reports what it cannot read
@@ -241,6 +275,8 @@ class PhashDedupStage(Stage[DedupConfig]):
         self._is_set_up = False
 
     def _build_matcher(self) -> EvalMatcher | None:
+        import pyarrow.parquet as pq
+
         from curate.stages.phash_dedup import evalsets
 
         cfg = self.config
@@ -262,24 +298,10 @@ class PhashDedupStage(Stage[DedupConfig]):
                 raise StageError(f"dedup.eval_sets: {source.path}: {err}") from err
             self.log.info("eval set %s: %d items (%s %s)", source.path, table.num_rows, "cached" if hit else "hashed", file)
             tables.append((str(file), table))
-        for path, table in tables:
-            params = evalsets.index_params(table)
-            if params.hash_size != cfg.hash_size:
-                raise StageError(
-                    f"eval index {path} uses hash_size {params.hash_size}, dedup.hash_size is {cfg.hash_size}: rebuild it"
-                )
-            if cfg.verify:
-                meta = evalsets.index_metadata(table)
-                if not evalsets.has_descriptors(path):
-                    raise StageError(
-                        f"eval index {path} has no near-duplicate descriptors: rebuild it with verification "
-                        "(`curate hash-evalset` does so by default) or set dedup.verify: false"
-                    )
-                if meta.get("descriptor_version") != self._nd.DESCRIPTOR_VERSION:
-                    raise StageError(
-                        f"eval index {path} has descriptors {meta.get('descriptor_version')!r}, this curate makes "
-                        f"{self._nd.DESCRIPTOR_VERSION!r}: rebuild it"
-                    )
+        for path, _table in tables:
+            problem = _index_mismatch(path, pq.read_schema(path), cfg)  # the file's: `table` lacks the descriptors
+            if problem is not None:
+                raise StageError(problem)
         if not tables:
             return None
         from curate.stages.phash_dedup.matcher import EvalMatcher, MatchSettings
