@@ -103,8 +103,9 @@ def _local_cluster(cfg: Any, gpu_workers: int) -> Any:
 
     cpu = os.cpu_count() or 1
     n_workers = cfg.n_workers or max(1, cpu // cfg.threads_per_worker)
-    # Worker processes listen on loopback only; a threads-only cluster talks in-process.
-    network = {"host": "127.0.0.1"} if cfg.processes else {}
+    # Worker processes listen on loopback only. A threads-only cluster talks in-process, but each worker still serves
+    # its HTTP endpoints (/metrics, /info, ...), which Dask binds to every interface unless told otherwise.
+    network = {"host": "127.0.0.1"} if cfg.processes else {"worker_dashboard_address": "127.0.0.1:0"}
     # Nannies read their pre-spawn environment when built (also for workers restarted later).
     # The worker profiler walks every thread's stack every 10 ms while holding the GIL; with 32 download threads
     # that was ~8% of a download worker's Python time (py-spy). Nannies hand this config to their workers.
@@ -180,6 +181,15 @@ def _prepare_local_worker(verbose: bool) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _loopback_link(link: str) -> str:
+    """The dashboard link of our LocalCluster, whose dashboard listens on 127.0.0.1 only. For an in-process
+    scheduler Dask builds the link from the machine's address, where nothing listens."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(link)
+    return parts._replace(netloc=f"127.0.0.1:{parts.port}").geturl() if parts.port else link
+
+
 @contextlib.contextmanager
 def open_client(cfg: Any, wants_gpu: bool, *, client: Any = None,
                 echo: Callable[[str], None] = print) -> Iterator[tuple[Any, Placement]]:
@@ -214,7 +224,7 @@ def open_client(cfg: Any, wants_gpu: bool, *, client: Any = None,
     if cfg.processes:  # our own worker processes print like the client (a shared cluster's workers are left alone)
         c.run(_prepare_local_worker, logging.getLogger().getEffectiveLevel() <= logging.DEBUG)
     if cfg.dashboard:
-        echo(f"curate: Dask dashboard {c.dashboard_link}")
+        echo(f"curate: Dask dashboard {_loopback_link(c.dashboard_link)}")
     try:
         yield c, placement_of(c)
     except BaseException:

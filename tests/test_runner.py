@@ -425,6 +425,32 @@ def test_local_workers_keep_glibc_malloc_defaults_and_skip_the_profiler(monkeypa
     assert env["profiling"] is True
 
 
+
+def _listening() -> set[str]:
+    import psutil
+
+    return {f"{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process().net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def test_a_threads_only_cluster_listens_on_loopback_and_links_to_it() -> None:
+    """With `cluster.processes: false` Dask bound each worker's HTTP server (/metrics, /info) to every interface,
+    and printed a dashboard link with the machine's address, where the dashboard (on 127.0.0.1) does not listen."""
+    import urllib.request
+
+    from curate.pipeline.cluster import open_client
+    from curate.pipeline.config import ClusterConfig
+
+    before = _listening()
+    echoed: list[str] = []
+    with open_client(ClusterConfig(n_workers=1, processes=False, dashboard=True), False, echo=echoed.append):
+        opened = _listening() - before
+        link = next(line.split()[-1] for line in echoed if "dashboard" in line)
+        with urllib.request.urlopen(link.replace("/status", "/health"), timeout=10) as response:
+            assert response.status == 200
+    assert opened and all(address.startswith("127.0.0.1:") for address in opened), opened
+    assert link.startswith("http://127.0.0.1:")
+
 class RecordsItsContext(Stage[Any]):
     """Keeps every row; remembers the RunContext each worker-side instance was built with."""
 
