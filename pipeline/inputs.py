@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import lzma
+import os
 import sys
 import zlib
 from collections.abc import Iterator, Sequence
@@ -195,9 +196,16 @@ def input_changes(planned: Sequence[str], stamps: Sequence[dict[str, Any]], file
     return None
 
 
-def resolve_input(input_cfg: Any) -> tuple[list[str], str]:
-    """The input's files and format, without reading them. Raises ConfigError for a path that finds nothing."""
+def resolve_input(input_cfg: Any, run_dir: str | None = None) -> tuple[list[str], str]:
+    """The input's files and format, without reading them. Raises ConfigError for a path that finds nothing.
+
+    `run_dir`: the run's output folder, whose files are never input (an output folder inside an input folder would
+    otherwise feed the run's own lock, plan and Parquet outputs back in: a format error on the first run, the outputs
+    read as input rows on the next)."""
     files = _expand(input_cfg.path)
+    if run_dir:
+        own = run_dir.rstrip("/") if "://" in run_dir else os.path.abspath(run_dir)
+        files = [f for f in files if f != own and not f.startswith(own + "/")]
     if not files:
         raise ConfigError("input.path", f"no files match {input_cfg.path!r}")
     fmt = _detect_format(files, input_cfg.format)
@@ -207,9 +215,9 @@ def resolve_input(input_cfg: Any) -> tuple[list[str], str]:
     return files, fmt
 
 
-def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0) -> InputPlan:
+def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0, run_dir: str | None = None) -> InputPlan:
     """Resolve, (convert) and partition the input. Raises ConfigError for unusable input."""
-    files, fmt = resolve_input(input_cfg)
+    files, fmt = resolve_input(input_cfg, run_dir)
     limit = limit or input_cfg.limit
     partitions: list[PartitionSpec] = []
     position = 0

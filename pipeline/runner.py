@@ -549,7 +549,7 @@ class Runner:
 
         Returns the client's one instance of each enabled stage (preflight now, run-wide decisions later).
         """
-        files, _fmt = inputs.resolve_input(self.config.input)
+        files, _fmt = inputs.resolve_input(self.config.input, self.layout.root)
         _check_resume_compatible(self.config, self.layout, record=False)
         self._check_input_unchanged(files)
         context = RunContext(self.layout.root, self.layout.work)
@@ -624,7 +624,7 @@ class Runner:
             parts = tuple(inputs.PartitionSpec(**p) for p in data["partitions"])
             return inputs.InputPlan(parts, data["total_rows"], tuple(data["sources"]), data["format"],
                                     data.get("malformed_lines", 0), tuple(data.get("damaged", ())))
-        plan = inputs.plan_input(self.config.input, self.layout.input_dir)
+        plan = inputs.plan_input(self.config.input, self.layout.input_dir, run_dir=self.layout.root)
         stamps = [inputs.source_stamp(source) for source in plan.sources]
         storage.write_json(cached, {"partitions": [p.__dict__ for p in plan.partitions],
                                     "total_rows": plan.total_rows, "sources": list(plan.sources),

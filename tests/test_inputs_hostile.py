@@ -380,3 +380,17 @@ def test_a_brace_pattern_naming_a_missing_file_is_an_error(tmp_path: Path) -> No
         inputs.plan_input(cfg.input, str(tmp_path / "w"))
     cfg = load_config(None, [f"input.path={tmp_path}/part-*.tar", "output.path=o"], data={})  # a glob takes what is there
     assert inputs.plan_input(cfg.input, str(tmp_path / "w")).total_rows == 2
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path: Path) -> None:
+    """input.path = a folder, output.path inside it: the run's own lock and plan (.json) made the first run refuse
+    ("cannot pick a format"), and its Parquet outputs would have become input rows of the next."""
+    pq.write_table(pa.table({"url": [f"http://x/{i}.jpg" for i in range(5)], "caption": ["c"] * 5}),
+                   tmp_path / "in.parquet")
+    overrides = [f"input.path={tmp_path}", f"output.path={tmp_path / 'run'}", "download.enabled=false",
+                 "captions.enabled=false", "dedup.enabled=false", "clip.enabled=false", "cluster.processes=false",
+                 "cluster.n_workers=1", "cluster.dashboard=false"]
+    first = run(load_config(None, overrides, data={}), progress=False, echo=lambda _m: None)
+    again = run(load_config(None, overrides, data={}), progress=False, echo=lambda _m: None)
+    assert first.stats["input_rows"] == again.stats["input_rows"] == 5
+    assert again.partitions_skipped == again.partitions_total == 1 and again.partitions_run == 0
