@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from curate.pipeline import columns as C
 from curate.pipeline import registry, storage
-from curate.pipeline.layout import RunLayout
+from curate.pipeline.layout import WORK_DIR, RunLayout
 from curate.pipeline.tario import iter_members, split_sample_name
 
 log = logging.getLogger("curate.report")
@@ -827,6 +827,9 @@ def write_run_report(run_dir: str, **options: Any) -> str:
     run_dir = run_dir.rstrip("/") or run_dir
     if not storage.exists(run_dir):
         raise FileNotFoundError(f"{run_dir}: no such run directory")
+    layout = RunLayout.of(run_dir)
+    if not (storage.exists(layout.stats) or storage.exists(layout.run_json)):  # not write a page into any folder
+        raise FileNotFoundError(f"{run_dir}: not a curate run directory (no stats.json, no {WORK_DIR}/run.json)")
     page = render_report(run_dir, **options)
     path = RunLayout.of(run_dir).report
     storage.write_bytes(path, page.encode("utf-8"))

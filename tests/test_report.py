@@ -215,6 +215,12 @@ def test_histogram_counts_every_value_once(run_dir: dict[str, Any]) -> None:
 def test_report_of_empty_run_dir(tmp_path: Path) -> None:
     run = tmp_path / "empty"
     run.mkdir()
+    # a folder that is no run gets no report.html written into it
+    with pytest.raises(FileNotFoundError, match="not a curate run directory"):
+        report.write_run_report(str(run))
+    assert list(run.iterdir()) == []
+    (run / "_work").mkdir()
+    (run / "_work" / "run.json").write_text("{}")  # a run that started and wrote nothing else yet
     page = Path(report.write_run_report(str(run))).read_text(encoding="utf-8")
     assert "no kept samples in shards/" in page and "nothing was turned down" in page
     assert page.count("no values in this run") == 4
