@@ -377,8 +377,7 @@ def _damage_warnings(damaged: Sequence[dict[str, Any]], shown: int = 5) -> list[
     lines = []
     for d in damaged[:shown]:
         where = f"bytes {d['start']:,}-{d['end']:,}" if d.get("end") is not None else f"from byte {d['start']:,}"
-        lines.append(f"{d['source']}: {where}: {d['reason']}; samples stored there, if any, are in no count "
-                     "(stats.json input_damage)")
+        lines.append(f"{d['source']}: {where}: {d['reason']} (stats.json input_damage)")
     if len(damaged) > shown:
         lines.append(f"{len(damaged) - shown} more damaged range(s) in the input tars: stats.json input_damage")
     return lines

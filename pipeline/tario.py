@@ -186,7 +186,8 @@ def scan_tar(path: str) -> TarScan:
             if last is not None and (not seekable or not _holds(tar, last.offset_data + last.size)):
                 _mark_truncated(rows, last)
                 damage.append(TarDamage(last.offset_data, None, f"the file ends inside member {last.name!r}, "
-                                        f"{last.size:,} bytes from byte {last.offset_data:,} ({cut_short[0]})"))
+                                        f"{last.size:,} bytes from byte {last.offset_data:,} ({cut_short[0]}): "
+                                        "that member cannot be read, and members after it, if any, are missing"))
             else:
                 damage.append(TarDamage(before, None, f"reading stops after the last member's data "
                                         f"({cut_short[0]}): members after it, if any, are missing"))
@@ -314,7 +315,7 @@ def _scanned_rows(path: str) -> list[TarRow]:
     """`scan_tar`'s rows, with a logged warning for each damaged range (for commands that read whole tars)."""
     scan = scan_tar(path)
     for damage in scan.damage:
-        log.warning("%s: %s; samples stored there, if any, are not read", path, damage.describe())
+        log.warning("%s: %s", path, damage.describe())
     return scan.rows
 
 
