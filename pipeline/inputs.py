@@ -199,13 +199,19 @@ def input_changes(planned: Sequence[str], stamps: Sequence[dict[str, Any]], file
 def resolve_input(input_cfg: Any, run_dir: str | None = None) -> tuple[list[str], str]:
     """The input's files and format, without reading them. Raises ConfigError for a path that finds nothing.
 
-    `run_dir`: the run's output folder, whose files are never input (an output folder inside an input folder would
-    otherwise feed the run's own lock, plan and Parquet outputs back in: a format error on the first run, the outputs
-    read as input rows on the next)."""
+    `run_dir`: the run's output folder. When `input.path` reaches into it from outside (an input folder holding the
+    output folder), its files are not input: they are the run's own lock, plan and Parquet outputs (a format error
+    on the first run, the outputs read as input rows on the next). An input path inside the run folder itself (the
+    demo serves its corpus from there) is read as given."""
     files = _expand(input_cfg.path)
     if run_dir:
+        def within(path: str, folder: str) -> bool:
+            return path == folder or path.startswith(folder + "/")
+
         own = run_dir.rstrip("/") if "://" in run_dir else os.path.abspath(run_dir)
-        files = [f for f in files if f != own and not f.startswith(own + "/")]
+        asked = input_cfg.path if "://" in input_cfg.path else os.path.abspath(input_cfg.path)
+        if not within(asked, own):
+            files = [f for f in files if not within(f, own)]
     if not files:
         raise ConfigError("input.path", f"no files match {input_cfg.path!r}")
     fmt = _detect_format(files, input_cfg.format)
