@@ -569,6 +569,13 @@ class Runner:
         context = RunContext(layout.root, layout.work)
         specs = stage_specs(self.config)
         done_ids = {p.partition_id for p in plan.partitions if self._is_done(p.partition_id)}
+        lost = self._outputs_lost(done_ids)
+        if lost:  # deleted (or never fully copied) outputs of finished partitions: make them again
+            for partition_id, _name in lost:
+                storage.remove(layout.done_marker(partition_id))
+            done_ids -= {partition_id for partition_id, _name in lost}
+            self.echo(f"curate: warning: {len(lost)} finished partition(s) miss output files (first: "
+                      f"{lost[0][1]}); they run again")
         todo = [p for p in plan.partitions if p.partition_id not in done_ids]
         self.echo(f"curate: {plan.total_rows:,} input rows in {len(plan.partitions)} partition(s) "
                   f"from {len(plan.sources)} file(s); {len(done_ids)} already done, {len(todo)} to run")
@@ -592,6 +599,28 @@ class Runner:
             return False
         # A marker without its shard list (a run folder of an older curate) cannot feed the manifest: redo it.
         return "shards" in done or not self.config.write.enabled
+
+    def _outputs_lost(self, done_ids: set[int]) -> list[tuple[int, str]]:
+        """(partition, first missing file) of each finished partition whose curated/rejected Parquet or shards are
+        gone. One listing per folder, not a request per file (40,000 partitions on object storage)."""
+        layout = self.layout
+        present = {f"{os.path.basename(folder)}/{os.path.basename(path)}"
+                   for folder, suffix in ((layout.curated_dir, ".parquet"), (layout.rejected_dir, ".parquet"),
+                                          (layout.shards_dir, ".tar"))
+                   for path in storage.listdir(folder, suffix)}
+        lost = []
+        for partition_id in sorted(done_ids):
+            names = [f"curated/{part_name(partition_id, '.parquet')}", f"rejected/{part_name(partition_id, '.parquet')}"]
+            if self.config.write.enabled:
+                try:
+                    names += [f"shards/{info['name']}" for info in storage.read_json(layout.done_marker(partition_id))
+                              .get("shards", [])]
+                except (storage.CorruptFile, FileNotFoundError):
+                    continue  # _is_done judged the marker already
+            missing = next((name for name in names if name not in present), None)
+            if missing is not None:
+                lost.append((partition_id, missing))
+        return lost
 
     def _check_input_unchanged(self, files: Sequence[str]) -> None:
         """A resume must read the input the run was planned from: partitions are matched to it by number, so new

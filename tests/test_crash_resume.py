@@ -278,3 +278,21 @@ def test_sigkill_at_random_times_then_resume(workspace: dict[str, Any], image_se
         assert_visible_state_is_consistent(out)
     finish_run(config)
     assert output_differences(out, workspace["reference"]) == [], f"seed {seed}"
+
+
+def test_deleted_outputs_of_a_finished_run_are_made_again(workspace: dict[str, Any], tmp_path: Path) -> None:
+    """A shard or a Parquet file deleted (or never copied) after a run: the next run said "nothing to do" and kept a
+    manifest naming a file that was gone. The partitions that miss outputs run again, byte for byte as before."""
+    out = tmp_path / "run"
+    config = write_config(workspace["root"], workspace["corpus"], out)
+    finish_run(config)
+    shard = sorted((out / "shards").glob("*.tar"))[1]
+    rejected = sorted((out / "rejected").glob("*.parquet"))[-1]
+    shard.unlink()
+    rejected.unlink()
+    proc = subprocess.run([sys.executable, "-m", "curate.pipeline.cli", "run", str(config), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "finished partition(s) miss output files" in proc.stderr + proc.stdout
+    assert shard.is_file() and rejected.is_file()
+    assert output_differences(out, workspace["reference"]) == []
