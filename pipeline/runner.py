@@ -574,8 +574,8 @@ class Runner:
             for partition_id, _name in lost:
                 storage.remove(layout.done_marker(partition_id))
             done_ids -= {partition_id for partition_id, _name in lost}
-            self.echo(f"curate: warning: {len(lost)} finished partition(s) miss output files (first: "
-                      f"{lost[0][1]}); they run again")
+            self.echo(f"curate: warning: {len(lost)} finished partition(s) miss output files or have a shard of the "
+                      f"wrong size (first: {lost[0][1]}); they run again")
         todo = [p for p in plan.partitions if p.partition_id not in done_ids]
         self.echo(f"curate: {plan.total_rows:,} input rows in {len(plan.partitions)} partition(s) "
                   f"from {len(plan.sources)} file(s); {len(done_ids)} already done, {len(todo)} to run")
@@ -602,22 +602,25 @@ class Runner:
 
     def _outputs_lost(self, done_ids: set[int]) -> list[tuple[int, str]]:
         """(partition, first missing file) of each finished partition whose curated/rejected Parquet or shards are
-        gone. One listing per folder, not a request per file (40,000 partitions on object storage)."""
+        gone, or whose shard has another size than its marker records (a copy cut short). One listing per folder,
+        not a request per file (40,000 partitions on object storage)."""
         layout = self.layout
-        present = {f"{os.path.basename(folder)}/{os.path.basename(path)}"
+        present = {f"{os.path.basename(folder)}/{name}": size
                    for folder, suffix in ((layout.curated_dir, ".parquet"), (layout.rejected_dir, ".parquet"),
                                           (layout.shards_dir, ".tar"))
-                   for path in storage.listdir(folder, suffix)}
+                   for name, size in storage.file_sizes(folder, suffix).items()}
         lost = []
         for partition_id in sorted(done_ids):
-            names = [f"curated/{part_name(partition_id, '.parquet')}", f"rejected/{part_name(partition_id, '.parquet')}"]
+            expected: dict[str, int | None] = {f"{folder}/{part_name(partition_id, '.parquet')}": None
+                                               for folder in ("curated", "rejected")}
             if self.config.write.enabled:
                 try:
-                    names += [f"shards/{info['name']}" for info in storage.read_json(layout.done_marker(partition_id))
-                              .get("shards", [])]
+                    marker = storage.read_json(layout.done_marker(partition_id))
                 except (storage.CorruptFile, FileNotFoundError):
                     continue  # _is_done judged the marker already
-            missing = next((name for name in names if name not in present), None)
+                expected.update({f"shards/{info['name']}": info.get("bytes") for info in marker.get("shards", [])})
+            missing = next((name for name, size in expected.items()
+                            if name not in present or (size is not None and present[name] != size)), None)
             if missing is not None:
                 lost.append((partition_id, missing))
         return lost

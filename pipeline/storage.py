@@ -106,6 +106,18 @@ def listdir(path: str, suffix: str = "") -> list[str]:
                   if p.endswith(suffix) and TMP_MARK not in p)
 
 
+def file_sizes(path: str, suffix: str = "") -> dict[str, int]:
+    """{file name: size in bytes} of the files `listdir` lists, from one listing."""
+    if is_local(path):
+        return {os.path.basename(p): os.path.getsize(p) for p in listdir(path, suffix)}
+    fs, fs_path = fsspec.core.url_to_fs(path)
+    if not fs.exists(fs_path):
+        return {}
+    return {entry["name"].rstrip("/").rsplit("/", 1)[-1]: int(entry.get("size") or 0)
+            for entry in fs.ls(fs_path, detail=True)
+            if entry["name"].endswith(suffix) and TMP_MARK not in entry["name"]}
+
+
 def remove(path: str) -> None:
     if is_local(path):
         with contextlib.suppress(FileNotFoundError):
