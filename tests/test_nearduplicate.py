@@ -281,3 +281,13 @@ def test_a_conclusive_keypoint_alignment_skips_the_other_starts(
     everything = nd.evidence(descriptors["coffee.jpg"], copy)
     assert len(calls) == 3 and everything.match
     assert abs(everything.probability - found.probability) <= 0.05
+
+
+def test_slivers_get_a_descriptor_without_keypoints() -> None:
+    """A 5000 x 1 px picture is 320 x 1 at the keypoint scale: ORB's scale pyramid ran out of rows and raised an
+    OpenCV assertion, so `hash-evalset` skipped such an eval image (and a corpus row's candidates went unverified)."""
+    for size in ((5000, 1), (1, 5000), (2000, 3)):
+        img = Image.new("RGB", size, (120, 30, 200))
+        parsed = nd._parse(nd.descriptor(img, with_mirror=True))
+        assert len(parsed.descriptors) == 0 and len(parsed.mirror_descriptors) == 0 and parsed.thumb.size
+        assert not nd.verify(nd.descriptor(img, with_mirror=True), nd.descriptor(img))[0]  # nothing to compare

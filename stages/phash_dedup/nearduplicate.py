@@ -257,8 +257,13 @@ def _orb(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(float16 positions (n, 2), uint8 ORB descriptors (n, 32)) of at most _MAX_KEYPOINTS spread keypoints."""
     # Detect all, describe only the spread subset: the same bytes as :func:`_orb_describing_all` (checked on 620
     # pictures and their mirrors; tests/test_nearduplicate.py), ~12% less ORB time.
+    import cv2
+
     orb = _orb_detector()
-    keypoints = orb.detect(work, None)
+    try:
+        keypoints = orb.detect(work, None)
+    except cv2.error:  # a sliver (5000 x 1 px -> 320 x 1): ORB's scale pyramid runs out of rows; no corners anyway
+        return _NO_KEYPOINTS
     if not keypoints:
         return _NO_KEYPOINTS
     chosen = [keypoints[i] for i in _spread(keypoints, work.shape[1], work.shape[0])]
@@ -274,7 +279,12 @@ def _orb(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _orb_describing_all(work: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """What :func:`_orb` returns, the slow way: describe every detected keypoint, then keep the spread subset."""
-    keypoints, descriptors = _orb_detector().detectAndCompute(work, None)
+    import cv2
+
+    try:
+        keypoints, descriptors = _orb_detector().detectAndCompute(work, None)
+    except cv2.error:  # see _orb
+        return _NO_KEYPOINTS
     if descriptors is None or not keypoints:
         return _NO_KEYPOINTS
     order = _spread(keypoints, work.shape[1], work.shape[0])
