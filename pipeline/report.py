@@ -828,9 +828,9 @@ def write_run_report(run_dir: str, **options: Any) -> str:
     if not storage.exists(run_dir):
         raise FileNotFoundError(f"{run_dir}: no such run directory")
     layout = RunLayout.of(run_dir)
-    if not (storage.exists(layout.stats) or storage.exists(layout.run_json)):  # not write a page into any folder
+    if not (storage.exists(layout.stats) or storage.exists(layout.run_json)):  # never write a page into just any folder
         raise FileNotFoundError(f"{run_dir}: not a curate run directory (no stats.json, no {WORK_DIR}/run.json)")
     page = render_report(run_dir, **options)
-    path = RunLayout.of(run_dir).report
+    path = layout.report
     storage.write_bytes(path, page.encode("utf-8"))
     return path
