@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from curate.pipeline import columns as C
-from curate.pipeline import inputs, registry, runlock, shards, stats, storage
+from curate.pipeline import inputs, registry, runlock, shards, sink, stats, storage
 from curate.pipeline.config import RunConfig, to_dict
 from curate.pipeline.configspec import ConfigError
 from curate.pipeline.layout import MAX_PASSES, RunLayout, part_name
@@ -353,12 +353,13 @@ def _write(state: PartitionState, writer: PartitionWriter, layout: RunLayout) ->
     tables = [C.conform(t, keep_internal=True) for t in [state.alive, *state.turned_down]]
     final = pa.concat_tables(tables, promote_options="default")
     start = time.perf_counter()
-    counters, written = writer.write_partition(state.partition_id, final)
+    counters, written, extras = writer.write_partition(state.partition_id, final)
     state.stage_info[writer.name] = {"rows_in": final.num_rows, "rows_out": counters["curated_rows"],
                                      "seconds": round(time.perf_counter() - start, 4), "counters": counters}
     part_stats = stats.partition_stats(final, state.input_rows, state.stage_info)
     part_stats["partition"] = state.partition_id
     part_stats["shards"] = [dataclasses.asdict(info) for info in written]  # the client builds the manifest
+    part_stats["extra_columns"] = extras  # and makes these agree across partitions
     storage.write_json(layout.done_marker(state.partition_id), part_stats)
     return part_stats
 
@@ -797,6 +798,7 @@ class Runner:
             raise stats.AccountingError(f"shards hold {manifest['total_samples']} samples but {merged['kept']} "
                                         "rows were kept")
         self._remove_outputs_not_in(plan, infos)
+        self._conform_extra_columns(plan, parts)
         if write_cfg.enabled:  # open_clip_train reads the sample count from here (no --train-num-samples)
             storage.write_json(layout.shard_sizes, {i.name: i.samples for i in infos})
         storage.write_json(layout.manifest, manifest)
@@ -826,6 +828,19 @@ class Runner:
         for warning in [*_damage_warnings(plan.damaged), *stats.outcome_warnings(merged, _reason_hints())]:
             self.echo(f"curate: warning: {warning}")
         return RunResult(self.out, merged, len(plan.partitions), ran, skipped, manifest["shards"], funnel)
+
+    def _conform_extra_columns(self, plan: inputs.InputPlan, parts: list[dict[str, Any]]) -> None:
+        """Give every curated/ and rejected/ file the same extra columns and types (sink.conform_extra_columns):
+        partitions type the input's extra fields from their own rows (a tar JSON value that is a number in one
+        partition and text in another, a column null in a whole partition), and readers of the folder refuse that."""
+        layout = self.layout
+        for path_of in (layout.curated, layout.rejected):
+            paths = [path_of(p.partition_id) for p in plan.partitions]
+            extras = [sink.read_extra_fields(part["extra_columns"]) if "extra_columns" in part
+                      else sink.file_extra_fields(path) for part, path in zip(parts, paths, strict=True)]
+            rewritten = sink.conform_extra_columns(paths, extras, self.config.write)
+            if rewritten:
+                log.info("%d file(s) under %s rewritten to the run's extra columns", rewritten, os.path.dirname(paths[0]))
 
     def _remove_outputs_not_in(self, plan: inputs.InputPlan, infos: list[shards.ShardInfo]) -> None:
         """curated/, rejected/, embeddings/ and shards/ keep exactly the current plan's files (an earlier run in

@@ -13,6 +13,7 @@ Paths come from pipeline/layout.py.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -57,6 +59,35 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+def write_parquet(path: str, table: pa.Table, config: WriteConfig) -> None:
+    """One metadata Parquet file, atomically (the workers' writes and the client's conform step write alike)."""
+    compression = None if config.parquet_compression == "none" else config.parquet_compression
+    with storage.atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression=compression)
+
+
+def extra_fields(*schemas: pa.Schema) -> str:
+    """The columns beyond the known row columns (first seen first), as a serialized Arrow schema in base64 (for the
+    done marker: the client makes them agree across partitions, see :func:`conform_extra_columns`)."""
+    known = set(C.known_schema().names)
+    fields: dict[str, pa.Field] = {}
+    for schema in schemas:
+        for field in schema:
+            if field.name not in known and field.name not in fields:
+                fields[field.name] = field
+    return base64.b64encode(pa.schema(list(fields.values())).serialize().to_pybytes()).decode("ascii")
+
+
+def read_extra_fields(encoded: str) -> pa.Schema:
+    return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(encoded)))
+
+
+def file_extra_fields(path: str) -> pa.Schema:
+    """The extra columns of a metadata file, from its footer."""
+    with fsspec.open(path, "rb") as f:
+        return read_extra_fields(extra_fields(pq.read_schema(f)))
+
+
 class PartitionWriter:
     """Writes a partition's outputs; one per worker thread, like a stage instance."""
 
@@ -74,10 +105,12 @@ class PartitionWriter:
         """Shards need image bytes; Parquet metadata alone needs nothing (read before any writer exists)."""
         return (C.IMAGE,) if config.enabled else ()
 
-    def write_partition(self, partition_id: int, table: pa.Table) -> tuple[dict[str, int], list[shards.ShardInfo]]:
+    def write_partition(self, partition_id: int, table: pa.Table
+                        ) -> tuple[dict[str, int], list[shards.ShardInfo], str]:
         """Write every output file of one partition; `table` holds all its rows (kept, failed, rejected).
 
-        Returns the counters for stats and the shards written (for the manifest).
+        Returns the counters for stats, the shards written (for the manifest) and the extra columns' schema
+        (:func:`extra_fields`; the client makes them agree across partitions: :func:`conform_extra_columns`).
         """
         table = table.sort_by(C.KEY)
         kept_mask = pc.equal(table.column(C.STATUS), C.STATUS_SUCCESS)
@@ -86,18 +119,13 @@ class PartitionWriter:
         if kept.num_rows and C.IMAGE in kept.column_names:
             kept = self._fill_sha256(kept)
         embedding_cols = [c for c in table.column_names if c.endswith(EMBEDDING_SUFFIX)]
-        compression = None if self.config.parquet_compression == "none" else self.config.parquet_compression
-
-        def write_parquet(path: str, t: pa.Table) -> None:
-            with storage.atomic_path(path) as tmp:
-                pq.write_table(t, tmp, compression=compression)
-
         metadata = C.conform(kept.drop_columns(embedding_cols))
-        write_parquet(self.layout.curated(partition_id), metadata)
-        write_parquet(self.layout.rejected(partition_id), C.conform(rejected.drop_columns(embedding_cols)))
+        rejected_metadata = C.conform(rejected.drop_columns(embedding_cols))
+        write_parquet(self.layout.curated(partition_id), metadata, self.config)
+        write_parquet(self.layout.rejected(partition_id), rejected_metadata, self.config)
         if embedding_cols:
             scored = table.filter(pc.is_valid(table.column(embedding_cols[0])))
-            write_parquet(self.layout.embeddings(partition_id), scored.select([C.KEY, *embedding_cols]))
+            write_parquet(self.layout.embeddings(partition_id), scored.select([C.KEY, *embedding_cols]), self.config)
         written: list[shards.ShardInfo] = []
         if self.config.enabled:
             pieces = shards.split(list(self._samples(kept, metadata)), self.pieces, self.config.shard_samples,
@@ -107,7 +135,7 @@ class PartitionWriter:
                 written.append(shards.write_shard(self.layout.shard(name), piece))
         counters = {"curated_rows": metadata.num_rows, "rejected_rows": rejected.num_rows,
                     "tar_samples": sum(info.samples for info in written)}
-        return counters, written
+        return counters, written, extra_fields(metadata.schema, rejected_metadata.schema)
 
     @staticmethod
     def _fill_sha256(kept: pa.Table) -> pa.Table:
@@ -132,3 +160,63 @@ class PartitionWriter:
                 caption=row.get(C.CAPTION) or "",
                 meta_json=json.dumps(meta, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8"),
             )
+
+
+# -- one schema for all partitions -------------------------------------------------------------------------------
+
+def _common_type(types: list[pa.DataType]) -> pa.DataType:
+    """The type every partition's column can take without losing a value."""
+    found = [t for t in types if not pa.types.is_null(t)]
+    if not found:
+        return pa.null()
+    if all(t == found[0] for t in found):
+        return found[0]
+    if all(pa.types.is_integer(t) for t in found):
+        return pa.int64()
+    if all(pa.types.is_integer(t) or pa.types.is_floating(t) for t in found):
+        return pa.float64()
+    return pa.string()
+
+
+def unify_extra_columns(schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema of extra columns for every partition: the union of theirs, first seen first."""
+    types: dict[str, list[pa.DataType]] = {}
+    for schema in schemas:
+        for field in schema:
+            types.setdefault(field.name, []).append(field.type)
+    return pa.schema([pa.field(name, _common_type(found)) for name, found in types.items()])
+
+
+def _as_type(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray | pa.Array:
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # e.g. a struct to text: its values' JSON
+        return pa.array([None if v is None else (v if isinstance(v, str) else json.dumps(v, default=str))
+                         for v in column.to_pylist()], target)
+
+
+def conform_extra_columns(paths: list[str], extras: list[pa.Schema], config: WriteConfig) -> int:
+    """Rewrite the metadata files whose extra columns differ from the run's union, so that the folders read as one
+    dataset (pyarrow, pandas, polars, DuckDB and HF datasets refuse a column that is a number in one file and text,
+    null-typed or missing in another). `extras`: each file's extra columns (from its done marker). The known row
+    columns are typed alike everywhere already (`columns.conform`). Returns the number of files rewritten."""
+    unified = unify_extra_columns(extras)
+    rewritten = 0
+    for path, own in zip(paths, extras, strict=True):
+        if own.equals(unified) or not storage.exists(path) or file_extra_fields(path).equals(unified):
+            continue  # the last: conformed by an earlier finalize of this run (markers keep the types as written)
+        with fsspec.open(path, "rb") as f:
+            table = pq.read_table(f)
+        known = [name for name in table.column_names if name in C.known_schema().names]
+        arrays = [table.column(name) for name in known]
+        for field in unified:
+            if field.name not in table.column_names:
+                arrays.append(pa.nulls(table.num_rows, field.type))
+            elif table.schema.field(field.name).type == field.type:
+                arrays.append(table.column(field.name))
+            else:
+                arrays.append(_as_type(table.column(field.name), field.type))
+        schema = pa.schema([table.schema.field(name) for name in known] + list(unified))
+        write_parquet(path, pa.Table.from_arrays(arrays, schema=schema), config)
+        rewritten += 1
+    return rewritten

@@ -311,6 +311,47 @@ def test_parquet_outputs_read_in_pandas_polars_and_duckdb(tmp_path: Path, tar_in
     assert reasons == [("fake_filter", "bad_caption", 3)]
 
 
+
+def test_extra_columns_agree_across_partitions_so_the_folders_read_as_one(
+        tmp_path: Path, real_images: dict[str, bytes]) -> None:
+    """Tar JSON fields are typed per partition from its own rows: `score` a number in one partition and text in
+    the next, `tag` null throughout one, `late` only in some. pyarrow, pandas, polars and DuckDB then refused the
+    curated/ folder. Finalize rewrites the files that differ to one schema, once; known columns keep their types."""
+    import duckdb
+    import pandas as pd
+    import polars as pl
+
+    names = sorted(real_images)
+    path = tmp_path / "in.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(6):
+            meta: dict[str, Any] = {"score": 0.5 + i, "tag": None, "n": i} if i < 3 else {"score": "high", "tag": "x",
+                                                                                          "late": True, "n": 2.5}
+            name = names[i % len(names)]
+            for member, data in ((f"s{i}.{name.rsplit('.', 1)[1]}", real_images[name]), (f"s{i}.txt", b"a photo"),
+                                 (f"s{i}.json", json.dumps(meta).encode())):
+                info = tarfile.TarInfo(member)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    overrides = [f"input.path={path}", f"output.path={tmp_path / 'run'}", "input.shard_size=3", "download.enabled=false",
+                 "captions.enabled=false", "dedup.enabled=false", "clip.enabled=false", "cluster.processes=false",
+                 "cluster.n_workers=1", "cluster.dashboard=false"]
+    runner_mod.run(load_config(None, overrides, data={}), progress=False, echo=lambda _m: None)
+    curated = tmp_path / "run" / "curated"
+    schemas = [pq.read_schema(f) for f in sorted(curated.glob("*.parquet"))]
+    assert len(schemas) == 2 and schemas[0].equals(schemas[1])
+    assert [(n, str(schemas[0].field(n).type)) for n in ("score", "tag", "n", "late")] == [
+        ("score", "string"), ("tag", "string"), ("n", "double"), ("late", "bool")]
+    assert schemas[0].field("width").type == C.known_schema().field("width").type
+    table = pq.read_table(curated)
+    assert table.column("score").to_pylist() == ["0.5", "1.5", "2.5", "high", "high", "high"]
+    assert table.column("late").to_pylist() == [None, None, None, True, True, True]
+    assert len(pd.read_parquet(curated)) == 6 and pl.read_parquet(str(curated / "*.parquet")).height == 6
+    assert duckdb.sql(f"select count(late) from '{curated}/*.parquet'").fetchall() == [(3,)]
+    before = {f.name: f.read_bytes() for f in curated.glob("*.parquet")}
+    again = runner_mod.run(load_config(None, overrides, data={}), progress=False, echo=lambda _m: None)
+    assert again.partitions_run == 0 and {f.name: f.read_bytes() for f in curated.glob("*.parquet")} == before
+
 class RecordsWorker(Stage[Any]):
     """Records which Dask worker ran it, and whether that worker advertises a GPU."""
 
