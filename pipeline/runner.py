@@ -353,13 +353,14 @@ def _write(state: PartitionState, writer: PartitionWriter, layout: RunLayout) ->
     tables = [C.conform(t, keep_internal=True) for t in [state.alive, *state.turned_down]]
     final = pa.concat_tables(tables, promote_options="default")
     start = time.perf_counter()
-    counters, written, extras = writer.write_partition(state.partition_id, final)
-    state.stage_info[writer.name] = {"rows_in": final.num_rows, "rows_out": counters["curated_rows"],
-                                     "seconds": round(time.perf_counter() - start, 4), "counters": counters}
+    outputs = writer.write_partition(state.partition_id, final)
+    state.stage_info[writer.name] = {"rows_in": final.num_rows, "rows_out": outputs.counters["curated_rows"],
+                                     "seconds": round(time.perf_counter() - start, 4), "counters": outputs.counters}
     part_stats = stats.partition_stats(final, state.input_rows, state.stage_info)
     part_stats["partition"] = state.partition_id
-    part_stats["shards"] = [dataclasses.asdict(info) for info in written]  # the client builds the manifest
-    part_stats["extra_columns"] = extras  # and makes these agree across partitions
+    part_stats["shards"] = [dataclasses.asdict(info) for info in outputs.shards]  # the client builds the manifest
+    part_stats["extra_columns"] = outputs.extra_columns  # and makes these agree across partitions
+    part_stats["image_exts"] = outputs.image_exts
     storage.write_json(layout.done_marker(state.partition_id), part_stats)
     return part_stats
 
@@ -798,9 +799,11 @@ class Runner:
             raise stats.AccountingError(f"shards hold {manifest['total_samples']} samples but {merged['kept']} "
                                         "rows were kept")
         self._remove_outputs_not_in(plan, infos)
-        self._conform_extra_columns(plan, parts)
+        extras = self._conform_extra_columns(plan, parts)
         if write_cfg.enabled:  # open_clip_train reads the sample count from here (no --train-num-samples)
             storage.write_json(layout.shard_sizes, {i.name: i.samples for i in infos})
+            image_exts = sorted({ext for part in parts for ext in part.get("image_exts", ["jpg"])})
+            sink.write_dataset_card(layout.shards_dir, image_exts, extras)
         storage.write_json(layout.manifest, manifest)
         merged.update({
             "stage_order": stage_order,
@@ -829,11 +832,12 @@ class Runner:
             self.echo(f"curate: warning: {warning}")
         return RunResult(self.out, merged, len(plan.partitions), ran, skipped, manifest["shards"], funnel)
 
-    def _conform_extra_columns(self, plan: inputs.InputPlan, parts: list[dict[str, Any]]) -> None:
+    def _conform_extra_columns(self, plan: inputs.InputPlan, parts: list[dict[str, Any]]) -> Any:
         """Give every curated/ and rejected/ file the same extra columns and types (sink.conform_extra_columns):
         partitions type the input's extra fields from their own rows (a tar JSON value that is a number in one
         partition and text in another, a column null in a whole partition), and readers of the folder refuse that."""
         layout = self.layout
+        unified = None
         for path_of in (layout.curated, layout.rejected):
             paths = [path_of(p.partition_id) for p in plan.partitions]
             extras = [sink.read_extra_fields(part["extra_columns"]) if "extra_columns" in part
@@ -841,6 +845,9 @@ class Runner:
             rewritten = sink.conform_extra_columns(paths, extras, self.config.write)
             if rewritten:
                 log.info("%d file(s) under %s rewritten to the run's extra columns", rewritten, os.path.dirname(paths[0]))
+            if unified is None:  # curated's: the rows the shards hold
+                unified = sink.unify_extra_columns(extras)
+        return unified
 
     def _remove_outputs_not_in(self, plan: inputs.InputPlan, infos: list[shards.ShardInfo]) -> None:
         """curated/, rejected/, embeddings/ and shards/ keep exactly the current plan's files (an earlier run in

@@ -88,6 +88,16 @@ def file_extra_fields(path: str) -> pa.Schema:
         return read_extra_fields(extra_fields(pq.read_schema(f)))
 
 
+@dataclass(frozen=True)
+class PartitionOutputs:
+    """What one partition wrote, for its done marker."""
+
+    counters: dict[str, int]  # for stats
+    shards: list[shards.ShardInfo]  # for the manifest
+    extra_columns: str  # extra_fields() of its metadata files: the client makes them agree (conform_extra_columns)
+    image_exts: list[str]  # image members of its shards (jpg, png, webp): the shards' dataset card names them
+
+
 class PartitionWriter:
     """Writes a partition's outputs; one per worker thread, like a stage instance."""
 
@@ -105,13 +115,8 @@ class PartitionWriter:
         """Shards need image bytes; Parquet metadata alone needs nothing (read before any writer exists)."""
         return (C.IMAGE,) if config.enabled else ()
 
-    def write_partition(self, partition_id: int, table: pa.Table
-                        ) -> tuple[dict[str, int], list[shards.ShardInfo], str]:
-        """Write every output file of one partition; `table` holds all its rows (kept, failed, rejected).
-
-        Returns the counters for stats, the shards written (for the manifest) and the extra columns' schema
-        (:func:`extra_fields`; the client makes them agree across partitions: :func:`conform_extra_columns`).
-        """
+    def write_partition(self, partition_id: int, table: pa.Table) -> PartitionOutputs:
+        """Write every output file of one partition; `table` holds all its rows (kept, failed, rejected)."""
         table = table.sort_by(C.KEY)
         kept_mask = pc.equal(table.column(C.STATUS), C.STATUS_SUCCESS)
         kept = table.filter(kept_mask)
@@ -127,15 +132,16 @@ class PartitionWriter:
             scored = table.filter(pc.is_valid(table.column(embedding_cols[0])))
             write_parquet(self.layout.embeddings(partition_id), scored.select([C.KEY, *embedding_cols]), self.config)
         written: list[shards.ShardInfo] = []
+        samples = list(self._samples(kept, metadata)) if self.config.enabled else []
         if self.config.enabled:
-            pieces = shards.split(list(self._samples(kept, metadata)), self.pieces, self.config.shard_samples,
-                                  self.config.shard_bytes)
+            pieces = shards.split(samples, self.pieces, self.config.shard_samples, self.config.shard_bytes)
             for j, piece in enumerate(pieces):
                 name = shards.shard_name(self.config.shard_prefix, partition_id * self.pieces + j)
                 written.append(shards.write_shard(self.layout.shard(name), piece))
         counters = {"curated_rows": metadata.num_rows, "rejected_rows": rejected.num_rows,
                     "tar_samples": sum(info.samples for info in written)}
-        return counters, written, extra_fields(metadata.schema, rejected_metadata.schema)
+        return PartitionOutputs(counters, written, extra_fields(metadata.schema, rejected_metadata.schema),
+                                sorted({sample.image_ext for sample in samples}))
 
     @staticmethod
     def _fill_sha256(kept: pa.Table) -> pa.Table:
@@ -220,3 +226,48 @@ def conform_extra_columns(paths: list[str], extras: list[pa.Schema], config: Wri
         write_parquet(path, pa.Table.from_arrays(arrays, schema=schema), config)
         rewritten += 1
     return rewritten
+
+
+# -- the shards' dataset card ---------------------------------------------------------------------------------
+
+DATASET_CARD = "README.md"
+
+
+def _hf_dtype(kind: pa.DataType) -> str | None:
+    """Hugging Face `datasets` dtype of a JSON value of this Arrow type; None: not expressible as one value type."""
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return "string"
+    if pa.types.is_boolean(kind):
+        return "bool"
+    if pa.types.is_integer(kind):
+        return str(kind)
+    if pa.types.is_floating(kind):
+        return f"float{kind.bit_width}"
+    if pa.types.is_null(kind):
+        return "null"
+    return None
+
+
+def dataset_card(image_exts: list[str], extras: pa.Schema) -> str:
+    """The shards folder's README.md: a Hugging Face dataset card whose `dataset_info.features` give every member's
+    type. `datasets.load_dataset(SHARDS_FOLDER)` reads it; without it, `datasets` types each `.json` field from the
+    first samples it sees, and a field null there (`exif`, most often) fails the load when a later sample has one.
+    Nested extra fields have no such one-line type and are left out (`datasets` then skips them)."""
+    lines = ["---", "dataset_info:", "  features:"]
+    lines += [f"  - name: {ext}\n    dtype: image" for ext in image_exts or ["jpg"]]
+    lines += ["  - name: txt", "    dtype: string", "  - name: json", "    struct:"]
+    fields = [f for f in C.known_schema() if not C.is_internal(f.name)] + list(extras)
+    for field in fields:
+        dtype = _hf_dtype(field.type)
+        if dtype is not None:
+            lines += [f"    - name: {json.dumps(field.name)}", f"      dtype: {dtype}"]
+    lines += ["---", "", "# curate shards", "",
+              "WebDataset shards written by `curate run`: `{key}.jpg|png|webp` (the image), `{key}.txt` (the caption) "
+              "and `{key}.json` (the row's metadata). `sizes.json` gives each shard's sample count (open_clip_train "
+              "reads it). The front matter above gives every member's type, for `datasets.load_dataset(\"<this "
+              "folder>\")`.", ""]
+    return "\n".join(lines)
+
+
+def write_dataset_card(shards_dir: str, image_exts: list[str], extras: pa.Schema) -> None:
+    storage.write_bytes(f"{shards_dir}/{DATASET_CARD}", dataset_card(image_exts, extras).encode("utf-8"))

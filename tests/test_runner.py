@@ -16,6 +16,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from curate.pipeline import columns as C
 from curate.pipeline import runner as runner_mod
@@ -348,6 +349,15 @@ def test_extra_columns_agree_across_partitions_so_the_folders_read_as_one(
     assert table.column("late").to_pylist() == [None, None, None, True, True, True]
     assert len(pd.read_parquet(curated)) == 6 and pl.read_parquet(str(curated / "*.parquet")).height == 6
     assert duckdb.sql(f"select count(late) from '{curated}/*.parquet'").fetchall() == [(3,)]
+    # the shards' dataset card types every .json field for Hugging Face `datasets` (which otherwise types them from
+    # the first samples: `exif` null there, a string later, fails the load; checked by hand with datasets 5.2)
+    card = (tmp_path / "run" / "shards" / "README.md").read_text()
+    features = yaml.safe_load(card.split("---")[1])["dataset_info"]["features"]
+    exts = sorted({name.rsplit(".", 1)[1] for name in (names[i % len(names)] for i in range(6))})
+    assert [(f["name"], f.get("dtype")) for f in features[:-1]] == [(ext, "image") for ext in exts] + [("txt", "string")]
+    fields = {f["name"]: f["dtype"] for f in features[-1]["struct"]}
+    assert fields["exif"] == "string" and fields["width"] == "int32" and fields["clip_score"] == "float32"
+    assert (fields["score"], fields["tag"], fields["n"], fields["late"]) == ("string", "string", "float64", "bool")
     before = {f.name: f.read_bytes() for f in curated.glob("*.parquet")}
     again = runner_mod.run(load_config(None, overrides, data={}), progress=False, echo=lambda _m: None)
     assert again.partitions_run == 0 and {f.name: f.read_bytes() for f in curated.glob("*.parquet")} == before
