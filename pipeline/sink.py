@@ -9,6 +9,10 @@ Per partition (all written atomically, named by partition id, so a task that run
 - `embeddings/part-NNNNN.parquet`: `key` + every `*_embedding` column, when a stage produced them;
 - `shards/{prefix}-NNNNN.tar`: the kept samples, the partition's final shard(s) (see pipeline/shards.py).
 Paths come from pipeline/layout.py.
+
+At finalize the client makes the metadata files agree on their extra columns (:func:`conform_extra_columns`: a
+partition types the input's extra fields from its own rows) and writes the shards' dataset card
+(:func:`write_dataset_card`), both from what each partition reports in its done marker (:class:`PartitionOutputs`).
 """
 
 from __future__ import annotations
