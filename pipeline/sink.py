@@ -205,31 +205,42 @@ def _as_type(column: pa.ChunkedArray, target: pa.DataType) -> pa.ChunkedArray | 
                          for v in column.to_pylist()], target)
 
 
+#: Files conformed at once (I/O bound: on object storage each is a few requests).
+CONFORM_THREADS = 16
+
+
 def conform_extra_columns(paths: list[str], extras: list[pa.Schema], config: WriteConfig) -> int:
     """Rewrite the metadata files whose extra columns differ from the run's union, so that the folders read as one
     dataset (pyarrow, pandas, polars, DuckDB and HF datasets refuse a column that is a number in one file and text,
     null-typed or missing in another). `extras`: each file's extra columns (from its done marker). The known row
     columns are typed alike everywhere already (`columns.conform`). Returns the number of files rewritten."""
+    from concurrent.futures import ThreadPoolExecutor
+
     unified = unify_extra_columns(extras)
-    rewritten = 0
-    for path, own in zip(paths, extras, strict=True):
-        if own.equals(unified) or not storage.exists(path) or file_extra_fields(path).equals(unified):
-            continue  # the last: conformed by an earlier finalize of this run (markers keep the types as written)
-        with fsspec.open(path, "rb") as f:
-            table = pq.read_table(f)
-        known = [name for name in table.column_names if name in C.known_schema().names]
-        arrays = [table.column(name) for name in known]
-        for field in unified:
-            if field.name not in table.column_names:
-                arrays.append(pa.nulls(table.num_rows, field.type))
-            elif table.schema.field(field.name).type == field.type:
-                arrays.append(table.column(field.name))
-            else:
-                arrays.append(_as_type(table.column(field.name), field.type))
-        schema = pa.schema([table.schema.field(name) for name in known] + list(unified))
-        write_parquet(path, pa.Table.from_arrays(arrays, schema=schema), config)
-        rewritten += 1
-    return rewritten
+    candidates = [path for path, own in zip(paths, extras, strict=True) if not own.equals(unified)]
+    if not candidates:
+        return 0
+    with ThreadPoolExecutor(min(CONFORM_THREADS, len(candidates))) as pool:
+        return sum(pool.map(lambda path: _conform_file(path, unified, config), candidates))
+
+
+def _conform_file(path: str, unified: pa.Schema, config: WriteConfig) -> bool:
+    if not storage.exists(path) or file_extra_fields(path).equals(unified):
+        return False  # the last: conformed by an earlier finalize of this run (markers keep the types as written)
+    with fsspec.open(path, "rb") as f:
+        table = pq.read_table(f)
+    known = [name for name in table.column_names if name in C.known_schema().names]
+    arrays = [table.column(name) for name in known]
+    for field in unified:
+        if field.name not in table.column_names:
+            arrays.append(pa.nulls(table.num_rows, field.type))
+        elif table.schema.field(field.name).type == field.type:
+            arrays.append(table.column(field.name))
+        else:
+            arrays.append(_as_type(table.column(field.name), field.type))
+    schema = pa.schema([table.schema.field(name) for name in known] + list(unified))
+    write_parquet(path, pa.Table.from_arrays(arrays, schema=schema), config)
+    return True
 
 
 # -- the shards' dataset card ---------------------------------------------------------------------------------

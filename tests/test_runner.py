@@ -362,6 +362,33 @@ def test_extra_columns_agree_across_partitions_so_the_folders_read_as_one(
     again = runner_mod.run(load_config(None, overrides, data={}), progress=False, echo=lambda _m: None)
     assert again.partitions_run == 0 and {f.name: f.read_bytes() for f in curated.glob("*.parquet")} == before
 
+
+def test_conform_extra_columns_type_rules(tmp_path: Path) -> None:
+    """The union of the partitions' extra columns: the shared type, mixed integers as int64, integers and floats as
+    float64, anything else mixed as text (a struct as its JSON), null everywhere stays null; only differing files
+    are rewritten, and a second pass rewrites none."""
+    from curate.pipeline import sink
+
+    tables = [
+        pa.table({"key": ["a"], "i": pa.array([1], pa.int32()), "f": [1], "s": pa.array([{"x": 1}]), "z": pa.nulls(1)}),
+        pa.table({"key": ["b"], "i": pa.array([2], pa.int64()), "f": [2.5], "s": ["text"], "z": pa.nulls(1)}),
+        pa.table({"key": ["c"], "only": [True]}),
+    ]
+    paths = []
+    for i, table in enumerate(tables):
+        paths.append(str(tmp_path / f"part-{i}.parquet"))
+        pq.write_table(C.conform(table), paths[-1])
+    extras = [sink.file_extra_fields(path) for path in paths]
+    config = sink.WriteConfig()
+    assert sink.conform_extra_columns(paths, extras, config) == 3
+    schemas = [pq.read_schema(path) for path in paths]
+    assert all(schema.equals(schemas[0]) for schema in schemas)
+    assert [(f.name, str(f.type)) for f in sink.file_extra_fields(paths[0])] == [
+        ("i", "int64"), ("f", "double"), ("s", "string"), ("z", "null"), ("only", "bool")]
+    assert pq.read_table(paths[0]).column("s").to_pylist() == ['{"x": 1}']
+    assert pq.read_table(paths[2]).column("i").to_pylist() == [None]
+    assert sink.conform_extra_columns(paths, extras, config) == 0  # conformed files are read back, not rewritten
+
 class RecordsWorker(Stage[Any]):
     """Records which Dask worker ran it, and whether that worker advertises a GPU."""
 
