@@ -137,6 +137,13 @@ def _detect_format(files: list[str], declared: str) -> str:
             kinds.add("webdataset")
         elif suffix in TABLE_EXTENSIONS:
             kinds.add(TABLE_EXTENSIONS[suffix])
+    if "webdataset" in kinds and len(kinds) > 1:
+        # A WebDataset folder: img2dataset writes 00000.parquet and 00000_stats.json beside each 00000.tar, curate
+        # writes sizes.json beside its shards. The tars hold the samples; the rest are their sidecars.
+        others = sum(1 for f in files if _table_suffix(f) not in TAR_EXTENSIONS)
+        log.warning("input.format auto: taking the .tar files as WebDataset and leaving %d other file(s) beside them "
+                    "(their .parquet/.json sidecars); set input.format to read those instead", others)
+        return "webdataset"
     if len(kinds) != 1:
         found = ", ".join(sorted(kinds)) or "no known extension"
         raise ConfigError("input.format", f"cannot pick a format from the files ({found}); set input.format")

@@ -394,3 +394,17 @@ def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path:
     again = run(load_config(None, overrides, data={}), progress=False, echo=lambda _m: None)
     assert first.stats["input_rows"] == again.stats["input_rows"] == 5
     assert again.partitions_skipped == again.partitions_total == 1 and again.partitions_run == 0
+
+
+def test_an_img2dataset_output_folder_is_read_as_webdataset(tmp_path: Path) -> None:
+    """img2dataset writes 00000.parquet and 00000_stats.json beside each 00000.tar (curate writes sizes.json beside
+    its shards): `input.format: auto` refused such a folder ("cannot pick a format"). The tars are the samples."""
+    (tmp_path / "00000.tar").write_bytes(plain_tar([("000000000.jpg", b"x"), ("000000000.txt", b"caption")]))
+    pq.write_table(pa.table({"key": ["000000000"], "status": ["success"]}), tmp_path / "00000.parquet")
+    (tmp_path / "00000_stats.json").write_text('{"count": 1}')
+    cfg = load_config(None, [f"input.path={tmp_path}", "output.path=o"], data={})
+    plan = inputs.plan_input(cfg.input, str(tmp_path / "w"))
+    assert plan.format == "webdataset" and plan.total_rows == 1 and [Path(s).name for s in plan.sources] == ["00000.tar"]
+    (tmp_path / "00000.tar").unlink()  # without tars a mix of tables is still a question for the user
+    with pytest.raises(ConfigError, match="cannot pick a format"):
+        inputs.plan_input(cfg.input, str(tmp_path / "w"))
