@@ -30,7 +30,8 @@ class InputConfig:
     path: str = option("", help="Input table(s): a file, folder, glob or brace pattern (every file it names must "
                        "exist); local or fsspec URL.", path=True)
     format: InputFormat = option("auto", help="Input format; `auto` picks it from the file extension (CSV/TSV/JSONL "
-                                 "may be .gz, .bz2 or .xz compressed).")
+                                 "may be .gz, .bz2 or .xz compressed; .tar files win over the .parquet/.json files "
+                                 "img2dataset writes beside them).")
     url_column: str = option("url", help="Column holding the image URL (LAION: `URL`).")
     caption_column: str = option("caption", help="Column holding the caption (LAION: `TEXT`).")
     shard_size: int = option(10000, help="Rows per partition (the unit of work, resume and stats).", range=(1, None))
