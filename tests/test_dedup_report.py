@@ -150,6 +150,14 @@ def test_bad_input_raises_clear_errors(tmp_path: Path, real_images: dict[str, by
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="expected a run directory"):
         dedup_report(str(tmp_path / "notes.txt"), [index_path], str(tmp_path / "o"))
+    # an img2dataset output folder: 00000.parquet (metadata, no images) beside 00000.tar; the tars are the corpus
+    wds = tmp_path / "wds"
+    wds.mkdir()
+    _write_tar(wds / "00000.tar", {"chelsea.jpg": real_images["chelsea.jpg"]})
+    pq.write_table(pa.table({"key": ["0"], "status": ["success"]}), wds / "00000.parquet")
+    from curate.stages.phash_dedup.report import resolve_corpus
+
+    assert resolve_corpus(str(wds)) == resolve_corpus(str(wds / "00000.tar"))
     not_index = tmp_path / "plain.parquet"
     pq.write_table(pa.table({"a": [1]}), not_index)
     with pytest.raises(ValueError, match="missing columns"):

@@ -69,9 +69,9 @@ def resolve_corpus(source: str) -> CorpusSource:
         raise ValueError(f"corpus {source!r}: no such file, folder or glob match")
     tars = tuple(f for f in files if f.endswith(".tar"))
     parquets = tuple(f for f in files if f.endswith(".parquet"))
-    if tars and not parquets:
+    if tars:  # Parquet beside tars: img2dataset's per-shard metadata (00000.parquet), no images: the tars are the corpus
         return CorpusSource("webdataset", tars)
-    if parquets and not tars:
+    if parquets:
         return CorpusSource("parquet", parquets)
     raise ValueError(
         f"corpus {source!r}: expected a run directory (shards/*.tar), WebDataset .tar files or .parquet files"
