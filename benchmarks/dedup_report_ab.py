@@ -23,7 +23,6 @@ import hashlib
 import io
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -127,9 +126,7 @@ def main() -> None:
     files = e2e.corpus_files(5000, procs)[: args.images]
     e2e.SCRATCH.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="report-ab-", dir=e2e.SCRATCH))
-    machine = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-               "note": "2-core sandbox VM shared with other tenants: compare A and B within this file only",
-               "loadavg_before": os.getloadavg()}
+    machine = e2e.shared_machine("2-core sandbox VM shared with other tenants: compare A and B within this file only")
     try:
         corpus = work / "corpus.tar"
         with tarfile.open(corpus, "w") as tar:

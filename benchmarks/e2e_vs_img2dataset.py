@@ -571,6 +571,13 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def shared_machine(note: str) -> dict[str, Any]:
+    """The machine a benchmark ran on, for its JSON (the A/B benchmarks built on this one use it too); the caller
+    adds `loadavg_after` when it is done."""
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "note": note, "loadavg_before": os.getloadavg()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog="See the module docstring for what exactly is measured.")
@@ -611,12 +618,8 @@ def main() -> None:
     sizes = sorted(len(b) for b in bodies.values())
     SCRATCH.mkdir(parents=True, exist_ok=True)
     work = Path(os.path.realpath(__import__("tempfile").mkdtemp(prefix="e2e-", dir=SCRATCH)))
-    machine: dict[str, Any] = {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-        "note": "2-core sandbox VM SHARED with other engineers' jobs: absolute times are noisy; read the paired "
-                "per-repeat ratios (runs alternate within one invocation)",
-        "loadavg_before": os.getloadavg(),
-    }
+    machine = shared_machine("2-core sandbox VM SHARED with other engineers' jobs: absolute times are noisy; read "
+                             "the paired per-repeat ratios (runs alternate within one invocation)")
     results: dict[str, list[dict[str, Any]]] = {"img2dataset": [], **{f"curate_{c}": [] for c in configs}}
     index_info: dict[str, Any] = {}
     try:

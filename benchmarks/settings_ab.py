@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -79,9 +78,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in variants}
     e2e.SCRATCH.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="ab-", dir=e2e.SCRATCH))
-    machine = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-               "note": "2-core sandbox VM shared with other tenants: compare the variants within this file only",
-               "loadavg_before": os.getloadavg()}
+    machine = e2e.shared_machine("2-core sandbox VM shared with other tenants: compare the variants within this file only")
     try:
         with FaultServer({p: Respond(b) for p, b in bodies.items()}, latency=(e2e.LATENCY_S, e2e.LATENCY_S),
                          max_connections=4096, idle_timeout=30) as srv:
