@@ -570,8 +570,9 @@ class Runner:
         plan = self._plan()
         context = RunContext(layout.root, layout.work)
         specs = stage_specs(self.config)
-        done_ids = {p.partition_id for p in plan.partitions if self._is_done(p.partition_id)}
-        lost = self._outputs_lost(done_ids)
+        markers = {p.partition_id: m for p in plan.partitions if (m := self._done_marker(p.partition_id)) is not None}
+        done_ids = set(markers)
+        lost = self._outputs_lost(markers)
         if lost:  # deleted (or never fully copied) outputs of finished partitions: make them again
             for partition_id, _name in lost:
                 storage.remove(layout.done_marker(partition_id))
@@ -588,21 +589,22 @@ class Runner:
         return self._finalize(plan, specs, started, len(todo), len(done_ids))
 
     # steps -------------------------------------------------------------------------------------------
-    def _is_done(self, partition_id: int) -> bool:
-        """A partition is done when its marker exists and reads; a corrupt marker means: redo that partition."""
+    def _done_marker(self, partition_id: int) -> dict[str, Any] | None:
+        """The partition's done marker when it is done: the marker exists and reads; a corrupt marker means: redo
+        that partition."""
         marker = self.layout.done_marker(partition_id)
         if not storage.exists(marker):
-            return False
+            return None
         try:
             done = storage.read_json(marker)
         except storage.CorruptFile as err:
             log.warning("%s; partition %d will run again", err, partition_id)
             storage.remove(marker)
-            return False
+            return None
         # A marker without its shard list (a run folder of an older curate) cannot feed the manifest: redo it.
-        return "shards" in done or not self.config.write.enabled
+        return done if "shards" in done or not self.config.write.enabled else None
 
-    def _outputs_lost(self, done_ids: set[int]) -> list[tuple[int, str]]:
+    def _outputs_lost(self, markers: dict[int, dict[str, Any]]) -> list[tuple[int, str]]:
         """(partition, first missing file) of each finished partition whose curated/rejected Parquet or shards are
         gone, or whose shard has another size than its marker records (a copy cut short). One listing per folder,
         not a request per file (40,000 partitions on object storage)."""
@@ -612,14 +614,10 @@ class Runner:
                                           (layout.shards_dir, ".tar"))
                    for name, size in storage.file_sizes(folder, suffix).items()}
         lost = []
-        for partition_id in sorted(done_ids):
+        for partition_id, marker in sorted(markers.items()):
             expected: dict[str, int | None] = {f"{folder}/{part_name(partition_id, '.parquet')}": None
                                                for folder in ("curated", "rejected")}
             if self.config.write.enabled:
-                try:
-                    marker = storage.read_json(layout.done_marker(partition_id))
-                except (storage.CorruptFile, FileNotFoundError):
-                    continue  # _is_done judged the marker already
                 expected.update({f"shards/{info['name']}": info.get("bytes") for info in marker.get("shards", [])})
             missing = next((name for name, size in expected.items()
                             if name not in present or (size is not None and present[name] != size)), None)
