@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 from curate.pipeline import columns as C
 from curate.pipeline import registry, storage
 from curate.pipeline.layout import WORK_DIR, RunLayout
-from curate.pipeline.tario import iter_members, split_sample_name
+from curate.pipeline.tario import TarDamage, iter_members, split_sample_name
 
 log = logging.getLogger("curate.report")
 
@@ -730,8 +730,9 @@ def _damage_html(damage: list[dict[str, Any]], shown: int = 20) -> str:
     there, so it must not hide behind a balanced funnel."""
     if not damage:
         return ""
-    items = "".join(f"<li>{_e(str(d.get('source', '?')))}: from byte {int(d.get('start', 0)):,}: "
-                    f"{_e(str(d.get('reason', '')))}</li>" for d in damage[:shown])
+    items = "".join(f"<li>{_e(str(d.get('source', '?')))}: "
+                    f"{_e(TarDamage(int(d.get('start', 0)), d.get('end'), str(d.get('reason', ''))).describe())}</li>"
+                    for d in damage[:shown])
     more = f"<li>{len(damage) - shown:,} more in stats.json input_damage</li>" if len(damage) > shown else ""
     return (f'<div class="warn"><b>Damaged input: {len(damage):,} range(s) of the input tars could not be read.</b> '
             f"Samples stored there, if any, are in no count.<ul>{items}{more}</ul></div>")

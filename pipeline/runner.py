@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.ipc as ipc
 
 from curate.pipeline import columns as C
-from curate.pipeline import inputs, registry, runlock, shards, sink, stats, storage
+from curate.pipeline import inputs, registry, runlock, shards, sink, stats, storage, tario
 from curate.pipeline.config import RunConfig, to_dict
 from curate.pipeline.configspec import ConfigError
 from curate.pipeline.layout import MAX_PASSES, RunLayout, part_name
@@ -378,8 +378,8 @@ def _damage_warnings(damaged: Sequence[dict[str, Any]], shown: int = 5) -> list[
     """One line per damaged input tar range (the first `shown`), then how many more."""
     lines = []
     for d in damaged[:shown]:
-        where = f"bytes {d['start']:,}-{d['end']:,}" if d.get("end") is not None else f"from byte {d['start']:,}"
-        lines.append(f"{d['source']}: {where}: {d['reason']} (stats.json input_damage)")
+        lines.append(f"{d['source']}: {tario.TarDamage(d['start'], d.get('end'), d['reason']).describe()} "
+                     "(stats.json input_damage)")
     if len(damaged) > shown:
         lines.append(f"{len(damaged) - shown} more damaged range(s) in the input tars: stats.json input_damage")
     return lines
