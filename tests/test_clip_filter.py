@@ -721,6 +721,46 @@ def failing_hub_download(calls: list[str]) -> Callable[..., Any]:
     return download
 
 
+def test_a_checkpoint_that_cannot_load_is_refused_before_the_run_as_in_the_worker(
+        tiny_clip, context, tmp_path, make_stage) -> None:
+    """validate = run's checks: the client compares names and shapes (meta-device model, memory-mapped file)
+    and says what the worker's full load would say, without unpickling code or reading the tensors."""
+    state = torch.load(tiny_clip["pretrained"], weights_only=True)["state_dict"]
+    ok = tmp_path / "ok.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, ok)
+    other_width = tmp_path / "other.pt"
+    torch.save({k: (torch.zeros(v.shape[0], 48) if k in ("text_projection", "visual.proj") else v)
+                for k, v in state.items()}, other_width)
+    headless = tmp_path / "headless.pt"
+    torch.save({k: v for k, v in state.items() if not k.startswith("visual.")}, headless)
+    pickled = tmp_path / "pickle.pt"
+    torch.save({"state_dict": state, "payload": NotATensor()}, pickled)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(ok.read_bytes()[:4096])
+    legacy = tmp_path / "legacy.pt"  # torch's pre-1.6 format cannot be memory-mapped: read whole
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+
+    def preflight(path: Any) -> ConfigError | None:
+        stage = ClipFilterStage(ClipConfig(**{**tiny_clip, "pretrained": str(path), "device": "cpu"}), context)
+        try:
+            stage.preflight()
+        except ConfigError as err:
+            return err
+        return None
+
+    assert preflight(ok) is None and preflight(legacy) is None
+    for path, words in ((other_width, "2 tensors of another shape (e.g. text_projection (64, 48) vs (64, 64)"),
+                        (headless, "missing keys (e.g. ['visual."),
+                        (pickled, "torch.load(weights_only=True) refused it"),
+                        (cut, "cannot read CLIP checkpoint")):
+        err = preflight(path)
+        assert err is not None and err.key_path == "clip.pretrained" and words in err.message, (path, err)
+        with pytest.raises(StageError) as worker:  # the worker's full load refuses it with the same words
+            make_stage(pretrained=str(path))
+        assert words in str(worker.value), (path, worker.value)
+    assert "weights_only` set to `False`" not in preflight(pickled).message  # torch's advice to run the code
+
+
 def test_preflight_refuses_what_cannot_load(tiny_tag, context, tmp_path, monkeypatch) -> None:
     import huggingface_hub.constants
 
@@ -736,6 +776,10 @@ def test_preflight_refuses_what_cannot_load(tiny_tag, context, tmp_path, monkeyp
     assert err.key_path == "clip.pretrained" and "laion2b_s34b_b79k" in err.message  # lists the valid tags
     err = preflight(model="ViT-Q-99", pretrained="openai")
     assert err.key_path == "clip.model"
+    for pretrained in ("", str(tmp_path / "missing.bin")):  # random init and a checkpoint need a known model too
+        (tmp_path / "missing.bin").write_bytes(b"")
+        err = preflight(model="ViT-Q-99", pretrained=pretrained)
+        assert err.key_path == "clip.model" and "unknown open_clip model" in err.message
     err = preflight(model="local-dir:" + str(tmp_path / "nowhere"))
     assert err.key_path == "clip.model"
 

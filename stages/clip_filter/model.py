@@ -31,11 +31,12 @@ import contextlib
 import hashlib
 import logging
 import os
+import pickle
 import re
 import threading
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -311,10 +312,12 @@ def _one_line(err: BaseException, limit: int = 300) -> str:
 # --------------------------------------------------------------------------------------------
 # Checkpoints
 # --------------------------------------------------------------------------------------------
-def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike[str], mmap: bool = False) -> dict[str, torch.Tensor]:
     """Read a local checkpoint safely: `torch.load(weights_only=True)` or safetensors.
 
     Accepts a bare state_dict or `{"state_dict": ...}` and strips a DataParallel/DDP `module.` prefix.
+    `mmap=True` maps the tensors' storage instead of reading it (what `check_checkpoint` needs: names and
+    shapes); a checkpoint in torch's legacy (non-zip) format is then read whole.
     """
     import torch
 
@@ -322,9 +325,17 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        loaded: Any = load_file(path, device="cpu")
+        loaded: Any = load_file(path, device="cpu")  # safetensors maps the file itself
     else:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            try:
+                loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            except RuntimeError as err:
+                if not mmap or "mmap" not in str(err):
+                    raise
+                loaded = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise ClipModelError(_refused_pickle(path, err)) from err
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, dict) or not loaded:
@@ -332,6 +343,68 @@ def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if all(isinstance(k, str) and k.startswith("module.") for k in loaded):
         loaded = {k[len("module."):]: v for k, v in loaded.items()}
     return loaded
+
+
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", re.S)
+_TORCH_BOILERPLATE = ("Weights only load failed", "Check the documentation", "Please file an issue")
+
+
+def _refused_pickle(path: str, err: pickle.UnpicklingError) -> str:
+    # torch's message advises weights_only=False, which would run whatever code the file holds: keep only its
+    # reason ("Unsupported global: GLOBAL posix.system", "Unsupported operand 110")
+    text = str(err)
+    found = _UNPICKLER_REASON.search(text)
+    if found:
+        reason = found.group(1)
+    else:  # torch words some refusals without that marker, as a paragraph between its boilerplate ones
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+        reason = next((p for p in paragraphs if not p.startswith(_TORCH_BOILERPLATE)), type(err).__name__)
+    reason = " ".join(reason.split()).rstrip(".")
+    return (f"{path} is not a plain weights checkpoint: torch.load(weights_only=True) refused it "
+            f"({reason}). curate never unpickles code: save the model's "
+            "state_dict() (torch.save(model.state_dict(), path)) or a .safetensors file")
+
+
+def checkpoint_mismatch(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why a checkpoint's tensors (name -> shape) cannot load into a model whose state_dict has `expected`."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    resized = [f"{k} {tuple(got[k])} vs {tuple(expected[k])}" for k in expected
+               if k in got and tuple(got[k]) != tuple(expected[k])]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+    if resized:
+        parts.append(f"{len(resized)} tensors of another shape (e.g. {'; '.join(resized[:2])}: checkpoint vs model)")
+    return ", ".join(parts) or None
+
+
+def check_checkpoint(model: str, path: str, model_config: str = "") -> None:
+    """ClipModelError unless the checkpoint at `path` loads into open_clip model `model`.
+
+    Cheap enough for the client before a run: the model is built on torch's meta device (no memory, no init
+    cost) and the checkpoint memory-mapped, so only names and shapes are compared; a worker's full load
+    (`_create_from_checkpoint`) applies the same comparison.
+    """
+    import open_clip
+    import torch
+
+    if model_config:
+        open_clip.add_model_config(model_config)
+    with _quiet_model_creation(), torch.device("meta"):
+        expected = open_clip.create_model(model, pretrained=None, device="meta").state_dict()
+    try:
+        state = load_state_dict(path, mmap=True)
+    except ClipModelError:
+        raise
+    except Exception as err:
+        raise ClipModelError(f"cannot read CLIP checkpoint {path}: {_one_line(err)}") from err
+    problem = checkpoint_mismatch({k: tuple(v.shape) for k, v in expected.items()},
+                                  {k: tuple(getattr(v, "shape", ())) for k, v in state.items()})
+    if problem:
+        raise ClipModelError(f"checkpoint {path} does not match model {model!r}: {problem}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -696,13 +769,11 @@ def _create_from_checkpoint(spec: ModelSpec) -> Any:
         raise
     except Exception as err:
         raise ClipModelError(f"cannot read CLIP checkpoint {spec.pretrained}: {_one_line(err)}") from err
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ClipModelError(
-            f"checkpoint {spec.pretrained} does not match model {spec.model!r}: "
-            f"{len(result.missing_keys)} missing keys (e.g. {result.missing_keys[:3]}), "
-            f"{len(result.unexpected_keys)} unexpected keys (e.g. {result.unexpected_keys[:3]})"
-        )
+    problem = checkpoint_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()},
+                                  {k: tuple(getattr(v, "shape", ())) for k, v in state.items()})
+    if problem:
+        raise ClipModelError(f"checkpoint {spec.pretrained} does not match model {spec.model!r}: {problem}")
+    model.load_state_dict(state)
     return model
 
 

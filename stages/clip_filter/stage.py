@@ -35,6 +35,7 @@ from curate.stages.clip_filter.model import (
     ClipModelError,
     ClipScorer,
     ModelSpec,
+    check_checkpoint,
     get_scorer,
     hub_cache_dir,
     is_random_init,
@@ -246,16 +247,17 @@ class ClipFilterStage(Stage[ClipConfig]):
         if config.model.startswith(MODEL_SCHEMAS):
             return
         if is_random_init(config.model, config.pretrained):
+            self._known_model()
             log.warning(random_weights_message(config.model))  # the run's only random-weights warning
             return
         if looks_like_checkpoint_path(config.pretrained):
             if not os.path.isfile(config.pretrained):
                 raise ConfigError("clip.pretrained", f"checkpoint file not found: {config.pretrained}")
+            self._preflight_checkpoint()
             return
         self._preflight_tag()
 
-    def _preflight_tag(self) -> None:
-        # open_clip (and torch with it) is imported only here: a tag needs its registry
+    def _known_model(self) -> None:
         import open_clip
 
         config = self.config
@@ -264,6 +266,20 @@ class ClipFilterStage(Stage[ClipConfig]):
         if config.model.replace("/", "-") not in open_clip.list_models():
             raise ConfigError("clip.model", f"unknown open_clip model {config.model!r} (open_clip.list_models() "
                                             "lists them; `model_config` registers your own)")
+
+    def _preflight_checkpoint(self) -> None:
+        # names and shapes only (meta-device model, memory-mapped file): a checkpoint that cannot load stops the
+        # run here, not in every worker after its first partition's download
+        self._known_model()
+        try:
+            check_checkpoint(self.config.model, self.config.pretrained, self.config.model_config)
+        except ClipModelError as err:
+            raise ConfigError("clip.pretrained", str(err)) from err
+
+    def _preflight_tag(self) -> None:
+        # open_clip (and torch with it) is imported only for tags and checkpoints: they need its registry
+        self._known_model()
+        config = self.config
         weights = tag_weights(config.model, config.pretrained, config.cache_dir)
         if weights is None:
             tags = pretrained_tags(config.model)
