@@ -8,6 +8,7 @@ generate docs/config.md. Stages declare their own sections; `pipeline.config` as
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import types
@@ -187,7 +188,10 @@ def build(cls: type, data: Mapping[str, Any], key_path: str = "", base_dir: Path
         if key not in fields:
             where = f"{key_path}.{key}" if key_path else str(key)
             known = ", ".join(sorted(fields))
-            raise ConfigError(where, f"unknown key (known keys here: {known})")
+            # the likely intended key first: the list of known keys may be cut at MAX_MESSAGE_CHARS
+            close = difflib.get_close_matches(str(key).lower(), list(fields), n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(where, f"unknown key{hint} (known keys here: {known})")
     kwargs = {}
     for name, f in fields.items():
         if name not in data:

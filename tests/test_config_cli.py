@@ -22,7 +22,9 @@ BASE = ["input.path=in.parquet", "output.path=out"]
     [
         ("clip.threshold=high", "clip.threshold: expected a number in [-1, 1], got 'high'"),
         ("clip.threshold=1.5", "clip.threshold: expected a number in [-1, 1], got 1.5"),
-        ("clip.thresold=0.3", "clip.thresold: unknown key"),
+        ("clip.thresold=0.3", "clip.thresold: unknown key; did you mean threshold?"),
+        # the hint comes before the known keys, which a long section's message cuts off
+        ("captions.min_char=3", "captions.min_char: unknown key; did you mean min_chars"),
         ("nosuchsection.x=1", "nosuchsection: unknown key"),
         ("input.shard_size=0", "input.shard_size: expected an integer >= 1, got 0"),
         ("input.shard_size=ten", "input.shard_size: expected an integer >= 1, got 'ten'"),
@@ -59,6 +61,15 @@ def test_yaml_paths_relative_to_the_file_and_safe_load(tmp_path: Path) -> None:
         load_config(tmp_path / "evil.yaml")
 
 
+def _shapes_only_checkpoint(path: Path, model: str) -> None:
+    """A checkpoint of `model` whose tensors have names and shapes but no data (meta tensors, ~40 KB)."""
+    import open_clip
+    import torch
+
+    with torch.device("meta"):
+        torch.save(open_clip.create_model(model, pretrained=None, device="meta").state_dict(), path)
+
+
 def test_shipped_configs_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
     import pyarrow as pa
@@ -77,8 +88,9 @@ def test_shipped_configs_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "dedup.indexes[0]" in capsys.readouterr().err
     (tmp_path / "idx").mkdir()
     hash_evalset(str(REPO / "configs" / "demo" / "evalset"), "idx/a.parquet", name="a")
-    # --set paths are relative to the current directory, in lists too. Offline, the CLIP weights must be a file.
-    (tmp_path / "vit-b-32.pt").write_bytes(b"")
+    # --set paths are relative to the current directory, in lists too. Offline, the CLIP weights must be a file
+    # that loads into the model: validate compares names and shapes, so a checkpoint without data will do.
+    _shapes_only_checkpoint(tmp_path / "vit-b-32.pt", "ViT-B-32")
     assert main(["validate", laion, "--set", "input.path=part.parquet", "--set", "dedup.indexes=[idx/a.parquet]",
                  "--set", "output.path=out", "--set", "clip.pretrained=vit-b-32.pt"]) == 0
     assert f"output {tmp_path / 'out'}" in capsys.readouterr().out
@@ -115,9 +127,13 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "clip.threshold: expected a number in [-1, 1], got 'high'" in capsys.readouterr().err
     assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
-    # validate checks what run checks: the input exists, and offline the CLIP weights are a local file
+    # validate checks what run checks: the input exists, and offline the CLIP weights are a local file that loads
     (tmp_path / "x.parquet").write_bytes(b"")
     (tmp_path / "weights.pt").write_bytes(b"")
+    assert main(["validate", str(tmp_path / "bad.yaml"), "--set", "clip.threshold=0.3",
+                 "--set", f"clip.pretrained={tmp_path / 'weights.pt'}"]) == 2
+    assert "clip.pretrained: cannot read CLIP checkpoint" in capsys.readouterr().err
+    _shapes_only_checkpoint(tmp_path / "weights.pt", "ViT-B-32")
     assert main(["validate", str(tmp_path / "bad.yaml"), "--set", "clip.threshold=0.3",
                  "--set", f"clip.pretrained={tmp_path / 'weights.pt'}"]) == 0
     assert main([]) == 2
