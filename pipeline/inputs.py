@@ -434,7 +434,7 @@ def _read_jsonl(data: bytes, text_columns: tuple[str, ...]) -> tuple[pa.Table, i
         log.info("JSONL needs the line-by-line reader: %s", err)
     # Line by line: a line that is not a JSON object becomes a rejected row; URL/caption values that are not
     # strings follow the column type rule here (pyarrow cannot hold a column whose type changes between lines).
-    out: list[bytes] = []
+    out: list[dict[str, Any]] = []
     reasons: list[str | None] = []
     messages: list[str | None] = []
     malformed = 0
@@ -449,7 +449,7 @@ def _read_jsonl(data: bytes, text_columns: tuple[str, ...]) -> tuple[pa.Table, i
         if problem is not None or not isinstance(obj, dict):
             malformed += 1
             text = line.decode("utf-8", "replace")[:MAX_LINE_TEXT]
-            out.append(b"{}")
+            out.append({})
             reasons.append("malformed_line")
             messages.append(f"line {number}: {problem}: {text}")
             continue
@@ -462,10 +462,13 @@ def _read_jsonl(data: bytes, text_columns: tuple[str, ...]) -> tuple[pa.Table, i
             obj[column], error = _value_text(value, kind)
             if error is not None and reason is None:
                 reason, message = f"bad_{kind}_type", f"line {number}: {kind} value: {error}"
-        out.append(json.dumps(obj).encode())
+        out.append(obj)
         reasons.append(reason)
         messages.append(message)
-    table = pajson.read_json(io.BytesIO(b"\n".join(out))) if out else pa.table({})
+    names: dict[str, None] = {}  # every field any line has, in first-seen order (as pyarrow's reader does)
+    for obj in out:
+        names.update(dict.fromkeys(obj))
+    table = pa.table({name: _values_array([obj.get(name) for obj in out]) for name in names}) if out else pa.table({})
     if any(r is not None for r in reasons):
         table = table.append_column(_REJECT_REASON_COLUMN, pa.array(reasons, pa.string()))
         table = table.append_column(_REJECT_MESSAGE_COLUMN, pa.array(messages, pa.string()))
@@ -681,6 +684,17 @@ def _tar_record(sample: tario.TarRow, fields: dict[str, bytes], source: str
     return row, problem
 
 
+def _values_array(values: list[Any]) -> pa.Array:
+    """An extra column from Python values (a tar sample's .json field, a JSONL field): the type pyarrow infers when
+    the values agree on one (ints and floats make float64), else text, JSON for what is not a string (`640` and
+    `"640px"` -> "640", "640px"), the rule finalize applies across partitions (sink.conform_extra_columns)."""
+    try:
+        return pa.array(values)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return pa.array([v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values],
+                        pa.string())
+
+
 def _tar_table(rows: list[dict[str, Any]]) -> pa.Table:
     names: dict[str, None] = {}  # every field any sample has, in first-seen order
     for row in rows:
@@ -693,10 +707,7 @@ def _tar_table(rows: list[dict[str, Any]]) -> pa.Table:
         elif name in (C.URL, C.CAPTION, C.IMAGE_EXT, "source_key", "source_shard"):
             arrays[name] = pa.array(values, pa.string())
         else:
-            try:
-                arrays[name] = pa.array(values)
-            except (pa.ArrowInvalid, pa.ArrowTypeError):
-                arrays[name] = pa.array([None if v is None else str(v) for v in values], pa.string())
+            arrays[name] = _values_array(values)
     if not rows:
         return pa.table({C.URL: pa.array([], pa.string()), C.CAPTION: pa.array([], pa.string()),
                          C.IMAGE: pa.array([], pa.binary()), C.IMAGE_EXT: pa.array([], pa.string())})

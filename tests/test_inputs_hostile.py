@@ -332,6 +332,24 @@ def test_malformed_tsv_and_jsonl_lines(tmp_path: Path) -> None:
     assert rows[3]["caption"] == "3"
 
 
+def test_jsonl_extra_field_whose_type_changes_between_lines_becomes_text(tmp_path: Path) -> None:
+    """Scraped JSONL often has a field that is a number on one line and text on another: pyarrow refuses such a
+    file, and the run used to stop on it with a config error. The field becomes text (JSON for non-strings), the
+    rule a tar sample's .json fields and finalize's unified schema follow; agreeing fields keep their types."""
+    jsonl = tmp_path / "x.jsonl"
+    lines = [{"url": f"http://a/{i}", "caption": f"c {i}", "width": 640 if i % 2 else "640px",
+              "tags": ["a", "b"] if i < 2 else "a,b", "score": 1 if i < 3 else 0.5, "n": i, "deep": {"k": i}}
+             for i in range(4)]
+    jsonl.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    stats = run_stats(tmp_path, jsonl)
+    assert stats["input_rows"] == 4 and stats["rejected"] == {"input": {"no_image": 4}}
+    table = pq.read_table(tmp_path / "run" / "rejected")
+    assert table.column("input_width").to_pylist() == ["640px", "640", "640px", "640"]  # `width` is curate's
+    assert table.column("tags").to_pylist() == ['["a", "b"]', '["a", "b"]', "a,b", "a,b"]
+    assert table.column("score").to_pylist() == [1.0, 1.0, 1.0, 0.5]
+    assert table.schema.field("n").type == pa.int64() and table.column("deep").to_pylist()[3] == {"k": 3}
+
+
 # -- text tables: encodings, compression, brace patterns --------------------------------------------------
 
 def test_invalid_utf8_in_a_csv_value_is_that_rows_problem_not_the_files(tmp_path: Path,
