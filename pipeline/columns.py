@@ -59,6 +59,12 @@ def is_internal(name: str) -> bool:
     return name in INTERNAL_COLUMNS or name.startswith(PIXELS_PREFIX)
 
 
+def input_column(name: str) -> str:
+    """The row column an extra input column (or tar `.json` field) becomes: its own name, or `input_<name>` where
+    that name is one of curate's columns (DataComp's `sha256`, a table's own `status`)."""
+    return f"input_{name}" if name in known_schema().names or is_internal(name) else name
+
+
 def known_schema() -> pa.Schema:
     """The output schema of this install: engine columns, then each registered stage's `adds`."""
     from curate.pipeline import registry  # the registry imports the stage contract, which imports us

@@ -26,7 +26,7 @@ import lzma
 import os
 import sys
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import PurePosixPath
@@ -228,8 +228,12 @@ def resolve_input(input_cfg: Any, run_dir: str | None = None) -> tuple[list[str]
     return files, fmt
 
 
-def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0, run_dir: str | None = None) -> InputPlan:
-    """Resolve, (convert) and partition the input. Raises ConfigError for unusable input."""
+def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0, run_dir: str | None = None,
+               required: Mapping[str, str] | None = None) -> InputPlan:
+    """Resolve, (convert) and partition the input. Raises ConfigError for unusable input.
+
+    `required`: {config key path: input column} the enabled stages read besides URL and caption
+    (`Stage.input_columns`); a table input without one is a config error naming that key."""
     files, fmt = resolve_input(input_cfg, run_dir)
     limit = limit or input_cfg.limit
     partitions: list[PartitionSpec] = []
@@ -259,7 +263,7 @@ def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0, run_dir: str 
                 n_rows, names, bad = _convert_text_table(source, fmt, readable, input_cfg.shard_size,
                                                          (input_cfg.url_column, input_cfg.caption_column))
                 malformed += bad
-            _check_columns(names, input_cfg, source)
+            _check_columns(names, input_cfg, source, required or {})
             part_format = "parquet"
         if limit:
             n_rows = min(n_rows, limit - position)
@@ -271,13 +275,39 @@ def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0, run_dir: str 
     return InputPlan(tuple(partitions), position, tuple(files), fmt, malformed, tuple(damaged))
 
 
-def _check_columns(names: list[str], input_cfg: Any, source: str) -> None:
-    if input_cfg.url_column not in names:
-        raise ConfigError("input.url_column", f"column {input_cfg.url_column!r} not found in {source} "
-                          f"(columns: {', '.join(names)})")
-    if input_cfg.caption_column not in names:
-        raise ConfigError("input.caption_column", f"column {input_cfg.caption_column!r} not found in {source} "
-                          f"(columns: {', '.join(names)})")
+def _check_columns(names: list[str], input_cfg: Any, source: str, required: Mapping[str, str]) -> None:
+    wanted = {"input.url_column": input_cfg.url_column, "input.caption_column": input_cfg.caption_column, **required}
+    for key_path, column in wanted.items():
+        if column not in names:
+            raise ConfigError(key_path, f"column {column!r} not found in {source} (columns: {', '.join(names)})")
+
+
+def check_input_columns(input_cfg: Any, files: list[str], fmt: str, required: Mapping[str, str]) -> None:
+    """What planning checks of the columns, where it is cheap (`curate validate`, and `run` before planning): each
+    Parquet file's schema (its footer) and each CSV/TSV file's header line. JSONL lines may each have other fields,
+    so a JSONL input is checked when it is converted, at planning; a WebDataset input has no columns to check."""
+    for source in files:
+        if fmt == "parquet":
+            try:
+                with fsspec.open(source, "rb") as f:
+                    names = pq.ParquetFile(f).schema_arrow.names
+            except Exception as err:
+                raise ConfigError("input.path", f"cannot read Parquet {source!r}: {err}") from err
+        elif fmt in ("csv", "tsv"):
+            try:
+                with fsspec.open(source, "rb", compression="infer") as f:
+                    reader = pacsv.open_csv(
+                        f, read_options=pacsv.ReadOptions(block_size=1 << 16, use_threads=False),
+                        parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
+                                                         newlines_in_values=fmt == "csv",
+                                                         invalid_row_handler=lambda _row: "skip"),
+                        convert_options=pacsv.ConvertOptions(check_utf8=False))
+                    names = reader.schema.names
+            except (pa.ArrowInvalid, OSError, EOFError, zlib.error, lzma.LZMAError) as err:
+                raise ConfigError("input.path", f"cannot read {fmt} file {source!r}: {err}") from err
+        else:
+            return
+        _check_columns(names, input_cfg, source, required)
 
 
 def _convert_text_table(
@@ -536,10 +566,8 @@ def _rename_input_columns(table: pa.Table, url_column: str, caption_column: str
             names.append(C.URL)
         elif name == caption_column:
             names.append(C.CAPTION)
-        elif name in C.known_schema().names or C.is_internal(name):
-            names.append(f"input_{name}")
         else:
-            names.append(name)
+            names.append(C.input_column(name))
     table = table.rename_columns(names)
     for name in (C.URL, C.CAPTION):
         column, errors = _text_column(table.column(name), name)
@@ -679,8 +707,7 @@ def _tar_record(sample: tario.TarRow, fields: dict[str, bytes], source: str
     for name, value in meta.items():
         if name in ("url", "caption") or not isinstance(value, str | int | float | bool) or value is None:
             continue
-        target = f"input_{name}" if name in C.known_schema().names or name in row else name
-        row[target] = value
+        row[f"input_{name}" if name in row else C.input_column(name)] = value
     return row, problem
 
 

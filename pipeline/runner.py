@@ -550,14 +550,23 @@ class Runner:
 
         Returns the client's one instance of each enabled stage (preflight now, run-wide decisions later).
         """
-        files, _fmt = inputs.resolve_input(self.config.input, self.layout.root)
+        files, fmt = inputs.resolve_input(self.config.input, self.layout.root)
         _check_resume_compatible(self.config, self.layout, record=False)
         self._check_input_unchanged(files)
+        if not storage.exists(self.layout.plan):  # a planned run's columns were checked when it was planned
+            inputs.check_input_columns(self.config.input, files, fmt, self._input_columns())
         context = RunContext(self.layout.root, self.layout.work)
         stages = {spec.section: spec.cls(spec.config, context) for spec in stage_specs(self.config)}
         for stage in stages.values():  # fail fast, before a cluster starts, on what the user must fix
             stage.preflight()
         return stages
+
+    def _input_columns(self) -> dict[str, str]:
+        """{config key path: input column} that the enabled stages read besides URL and caption."""
+        columns: dict[str, str] = {}
+        for spec in stage_specs(self.config):
+            columns.update(spec.cls.input_columns(spec.config))
+        return columns
 
     def _run(self) -> RunResult:
         started = time.time()
@@ -655,7 +664,8 @@ class Runner:
             parts = tuple(inputs.PartitionSpec(**p) for p in data["partitions"])
             return inputs.InputPlan(parts, data["total_rows"], tuple(data["sources"]), data["format"],
                                     data.get("malformed_lines", 0), tuple(data.get("damaged", ())))
-        plan = inputs.plan_input(self.config.input, self.layout.input_dir, run_dir=self.layout.root)
+        plan = inputs.plan_input(self.config.input, self.layout.input_dir, run_dir=self.layout.root,
+                                 required=self._input_columns())
         stamps = [inputs.source_stamp(source) for source in plan.sources]
         storage.write_json(cached, {"partitions": [p.__dict__ for p in plan.partitions],
                                     "total_rows": plan.total_rows, "sources": list(plan.sources),

@@ -112,7 +112,7 @@ class Command:
 # Class-level facts of the contract: a subclass sets them as plain class attributes, never as properties, so
 # the engine can read them from the class without building (or setting up) an instance.
 _CLASS_LEVEL = ("name", "config_class", "requires", "adds", "reason_hints", "run_wide", "resources", "report_parts",
-                "commands", "pixel_type")
+                "commands", "pixel_type", "input_columns")
 
 
 class Stage(Generic[ConfigT]):
@@ -155,6 +155,14 @@ class Stage(Generic[ConfigT]):
     @classmethod
     def resources(cls, config: ConfigT) -> Resources:
         return Resources()
+
+    @classmethod
+    def input_columns(cls, config: ConfigT) -> Mapping[str, str]:
+        """With this config, the input's columns the stage reads besides URL and caption, as {config key path:
+        column name in the input file}: a table input without one stops the run (and `validate`) with a config
+        error naming that key. In a row the column is `columns.input_column(name)` (`input_<name>` where the name
+        is one of curate's own columns)."""
+        return {}
 
     @classmethod
     def pixel_type(cls, config: ConfigT) -> pa.DataType | None:

@@ -128,7 +128,13 @@ def test_cli_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["validate", str(tmp_path / "bad.yaml")]) == 2
     assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
     # validate checks what run checks: the input exists, and offline the CLIP weights are a local file that loads
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     (tmp_path / "x.parquet").write_bytes(b"")
+    assert main(["validate", str(tmp_path / "bad.yaml"), "--set", "clip.threshold=0.3"]) == 2
+    assert "input.path: cannot read Parquet" in capsys.readouterr().err  # planning would refuse it too
+    pq.write_table(pa.table({"url": ["http://x/a.jpg"], "caption": ["a"]}), tmp_path / "x.parquet")
     (tmp_path / "weights.pt").write_bytes(b"")
     assert main(["validate", str(tmp_path / "bad.yaml"), "--set", "clip.threshold=0.3",
                  "--set", f"clip.pretrained={tmp_path / 'weights.pt'}"]) == 2

@@ -463,3 +463,73 @@ def test_empty_partition() -> None:
     out = stage.process(rows([]))
     assert out.num_rows == 0 and C.IMAGE in out.column_names
     stage.teardown()
+
+
+# -- verifying the bytes against the input's digests (DataComp's sha256, img2dataset's verify_hash) --------------
+def test_verify_hash_checks_the_bytes_as_received_through_a_real_run(
+        tmp_path: Any, server: FaultServer, real_images: dict[str, bytes], capsys: pytest.CaptureFixture[str]) -> None:
+    """A DataComp-style table names each image's sha256: bytes with another digest (the URL now serves something
+    else) fail as hash_mismatch before decoding; a null digest is not checked; the column name `sha256`, which is
+    also curate's own column of the stored bytes, is read from `input_sha256`. A tar input's .json digest too."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from curate.pipeline.cli import main
+    from curate.pipeline.config import load_config
+    from curate.pipeline.runner import run as run_pipeline
+
+    names = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
+    digests = [hashlib.sha256(real_images[n]).hexdigest() for n in names]
+    expected = [digests[0].upper(), digests[0], None, "not-a-digest"]  # case-insensitive; row 1 gets chelsea
+    pq.write_table(pa.table({"url": [server.url(f"/{n}") for n in names], "caption": ["c"] * 4,
+                             "sha256": expected}), tmp_path / "in.parquet")
+    base = [f"input.path={tmp_path / 'in.parquet'}", "download.allowed_networks=[127.0.0.1/32]",
+            "download.verify_hash_column=sha256", "captions.enabled=false", "dedup.enabled=false",
+            "clip.enabled=false", "cluster.processes=false", "cluster.n_workers=1", "cluster.dashboard=false"]
+
+    def outcome(run_dir: Any, *extra: str) -> list[dict[str, Any]]:
+        run_pipeline(load_config(None, [*base, f"output.path={run_dir}", *extra], data={}), progress=False,
+                     echo=lambda _m: None)
+        stats = json.loads((run_dir / "stats.json").read_text())
+        assert stats["input_rows"] == stats["kept"] + sum(sum(r.values()) for r in stats["rejected"].values())
+        table = pa.concat_tables([pq.read_table(run_dir / d) for d in ("curated", "rejected")
+                                  if list((run_dir / d).glob("*.parquet"))], promote_options="default")
+        return sorted(table.to_pylist(), key=lambda r: r["key"])
+
+    got = outcome(tmp_path / "run")
+    assert [r["reject_reason"] for r in got] == [None, "hash_mismatch", None, "hash_mismatch"]
+    assert [r["input_sha256"] for r in got] == expected
+    assert f"sha256 of the {len(real_images['chelsea.jpg']):,} bytes received is {digests[1]}" in got[1]["error_message"]
+    assert "is not a sha256 hex digest" in got[3]["error_message"]
+    assert got[0]["sha256"] != digests[0]  # curate's own column: the digest of the stored (re-encoded) bytes
+    counters = json.loads((tmp_path / "run" / "stats.json").read_text())["stages"]["download"]["counters"]
+    assert counters["hash_verified"] == 1 and counters["hash_unchecked"] == 1
+
+    md5 = [hashlib.md5(real_images[n]).hexdigest() for n in names]
+    pq.write_table(pa.table({"url": [server.url(f"/{n}") for n in names], "caption": ["c"] * 4, "md5": md5}),
+                   tmp_path / "in.parquet")
+    got = outcome(tmp_path / "run-md5", "download.verify_hash_column=md5", "download.verify_hash_type=md5")
+    assert [r["status"] for r in got] == ["success"] * 4
+
+    # a WebDataset input's bytes are checked too (the digest in the sample's .json)
+    with tarfile.open(tmp_path / "in.tar", "w") as tar:
+        for i, (name, digest) in enumerate(zip(names[:2], [digests[0], digests[0]], strict=True)):
+            for suffix, data in ((".jpg", real_images[name]), (".txt", b"c"),
+                                 (".json", json.dumps({"sha256": digest}).encode())):
+                member = tarfile.TarInfo(f"{i:03d}{suffix}")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    got = outcome(tmp_path / "run-tar", f"input.path={tmp_path / 'in.tar'}")
+    assert [r["reject_reason"] for r in got] == [None, "hash_mismatch"]
+
+    # a table without the column: validate and run refuse it, naming the key
+    pq.write_table(pa.table({"url": [server.url("/astronaut.jpg")], "caption": ["c"]}), tmp_path / "in.parquet")
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"input": {"path": str(tmp_path / "in.parquet")},
+                                  "output": {"path": str(tmp_path / "run-missing")},
+                                  "download": {"verify_hash_column": "sha256"}}))
+    for command in ("validate", "run"):
+        assert main([command, str(config)]) == 2
+        assert "download.verify_hash_column: column 'sha256' not found in" in capsys.readouterr().err
+    assert not (tmp_path / "run-missing" / "stats.json").exists()

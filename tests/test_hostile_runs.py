@@ -391,3 +391,30 @@ def test_local_workers_are_born_deaf_to_ctrl_c_and_the_client_still_hears_it(tmp
         time.sleep(0.05)
         held_back = True
     assert held_back
+
+
+@pytest.mark.parametrize("suffix", [".parquet", ".csv", ".tsv.gz"])
+def test_a_missing_url_or_caption_column_is_found_by_validate_as_by_run(
+        tmp_path: Path, suffix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """`validate` passed a table without the configured URL/caption column, which `run` then refused at planning:
+    validate now reads each Parquet file's schema and each CSV/TSV file's header line."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    table = pa.table({"URL": ["http://127.0.0.1/a.jpg"], "caption": ["a cat"]})
+    path = tmp_path / f"in{suffix}"
+    if suffix == ".parquet":
+        pq.write_table(table, path)
+    else:
+        sink = pa.BufferOutputStream()
+        pacsv.write_csv(table, sink, pacsv.WriteOptions(delimiter="\t" if ".tsv" in suffix else ","))
+        path.write_bytes(gzip.compress(sink.getvalue().to_pybytes()) if suffix.endswith(".gz") else
+                         sink.getvalue().to_pybytes())
+    config = tmp_path / "c.yaml"
+    config.write_text(f"input: {{path: {path}}}\noutput: {{path: {tmp_path / 'out'}}}\nclip: {{enabled: false}}\n")
+    for command in ("validate", "run"):
+        assert main([command, str(config)]) == 2
+        assert f"input.url_column: column 'url' not found in {path} (columns: URL, caption)" in capsys.readouterr().err
+    assert main(["validate", str(config), "--set", "input.url_column=URL"]) == 0

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import ipaddress
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import pyarrow as pa
 
@@ -117,6 +118,15 @@ class DownloadConfig:
     disallowed_directives: tuple[str, ...] = option(
         DEFAULT_DISALLOWED_DIRECTIVES,
         help="X-Robots-Tag directives that reject the row as `opted_out`; empty list = ignore X-Robots-Tag.",
+    )
+    verify_hash_column: str = option(
+        "",
+        help="Input column holding the hex digest of each image's bytes as first downloaded (DataComp's `sha256`, "
+        "img2dataset's `verify_hash`): bytes with another digest fail as `hash_mismatch` (the URL now serves "
+        "something else) before any decoding; rows where it is null are not checked. '' = no check.",
+    )
+    verify_hash_type: Literal["sha256", "md5"] = option(
+        "sha256", help="Digest of `verify_hash_column`: sha256 or md5."
     )
     verify_tls: bool = option(True, help="Verify HTTPS certificates (false = accept any certificate).")
     ca_bundle: str = option(
@@ -279,7 +289,13 @@ class DownloadStage(Stage[DownloadConfig]):
                            "(`download.allowed_networks: [\"127.0.0.1/32\"]`) or set download.allow_private: true",
         "timeout": "raise download.timeout, or lower download.threads if the servers throttle",
         "unsupported_scheme": "only http(s) URLs are fetched; local paths need download.allow_file: true",
+        "hash_mismatch": "download.verify_hash_column must hold the digest of the image bytes as first downloaded "
+                         "(download.verify_hash_type: sha256 or md5), not of a resized copy",
     }
+
+    @classmethod
+    def input_columns(cls, config: DownloadConfig) -> dict[str, str]:
+        return {"download.verify_hash_column": config.verify_hash_column} if config.verify_hash_column else {}
 
     @classmethod
     def report_parts(cls, section: dict[str, Any]) -> Any:
@@ -324,7 +340,8 @@ class DownloadStage(Stage[DownloadConfig]):
         n = table.num_rows
         urls = table.column(C.URL).to_pylist() if C.URL in table.column_names else [None] * n
         existing = table.column(C.IMAGE).to_pylist() if C.IMAGE in table.column_names else [None] * n
-        outcomes = list(self._pool.map(self._one_row, urls, existing))
+        expected = self._expected_digests(table)
+        outcomes = list(self._pool.map(self._one_row, urls, existing, expected))
 
         failed: list[str | None] = [None] * n
         rejected: list[str | None] = [None] * n
@@ -358,13 +375,44 @@ class DownloadStage(Stage[DownloadConfig]):
         # EXIF of the bytes as received, like img2dataset: re-encoding has stripped it from `image`.
         return _RowOutcome(image, exif=original_exif(source), pixels=pixels, counts=counts)
 
-    def _one_row(self, url: str | None, existing: bytes | None) -> _RowOutcome:
+    def _expected_digests(self, table: pa.Table) -> list[Any]:
+        """Per row, the digest `verify_hash_column` gives (None: not checked)."""
+        if not self.config.verify_hash_column:
+            return [None] * table.num_rows
+        column = C.input_column(self.config.verify_hash_column)
+        if column not in table.column_names:  # a table input without it stops at planning; a tar sample may lack it
+            return [None] * table.num_rows
+        return table.column(column).to_pylist()
+
+    def _hash_mismatch(self, data: bytes, expected: Any, counts: dict[str, int]) -> _RowOutcome | None:
+        """A failed row when `data` is not what the input's digest says, else None (counted either way)."""
+        if expected is None:
+            counts["hash_unchecked"] = 1
+            return None
+        kind = self.config.verify_hash_type
+        digest = hashlib.new(kind, data).hexdigest()
+        if isinstance(expected, bytes):  # a binary column: the raw digest, or its hex as ASCII
+            expected = expected.hex() if len(expected) * 2 == len(digest) else expected.decode("ascii", "replace")
+        wanted = expected.strip().lower() if isinstance(expected, str) else expected
+        if wanted == digest:
+            counts["hash_verified"] = 1
+            return None
+        shown = repr(expected)[:80]
+        if not isinstance(wanted, str) or len(wanted) != len(digest) or any(c not in "0123456789abcdef" for c in wanted):
+            message = f"{self.config.verify_hash_column} value {shown} is not a {kind} hex digest"
+        else:
+            message = f"{kind} of the {len(data):,} bytes received is {digest}, the input says {wanted}"
+        return _RowOutcome(reason="hash_mismatch", message=message, status=C.STATUS_FAILED, counts=counts)
+
+    def _one_row(self, url: str | None, existing: bytes | None, expected: Any = None) -> _RowOutcome:
         """Never raises: every row ends with an image or a reason."""
         counts: dict[str, int] = {}
         try:
             assert self._cpu_gate is not None
             if existing is not None:
                 counts["input_bytes"] = 1
+                if self.config.verify_hash_column and (mismatch := self._hash_mismatch(existing, expected, counts)):
+                    return mismatch
                 with self._cpu_gate:
                     if self.config.reprocess_existing:
                         return self._done(process_image(existing, self._spec), existing, counts)
@@ -380,6 +428,8 @@ class DownloadStage(Stage[DownloadConfig]):
                 counts["retried_rows"] = 1
             if result.redirects:
                 counts["redirected"] = 1
+            if self.config.verify_hash_column and (mismatch := self._hash_mismatch(result.data, expected, counts)):
+                return mismatch
             with self._cpu_gate:
                 image = process_image(result.data, self._spec)
                 counts["reencoded" if image.reencoded else "kept_original_bytes"] = 1
