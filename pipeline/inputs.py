@@ -705,8 +705,8 @@ def _tar_record(sample: tario.TarRow, fields: dict[str, bytes], source: str
             if error is not None and problem is None:
                 problem = (f"bad_{name}_type", f"{name} in {sample.key}.json: {error}")
     for name, value in meta.items():
-        if name in ("url", "caption") or not isinstance(value, str | int | float | bool) or value is None:
-            continue
+        if name in ("url", "caption") or value is None:
+            continue  # lists and objects are kept too (DataComp's `face_bboxes`); _values_array types them
         row[f"input_{name}" if name in row else C.input_column(name)] = value
     return row, problem
 

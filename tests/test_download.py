@@ -533,3 +533,163 @@ def test_verify_hash_checks_the_bytes_as_received_through_a_real_run(
         assert main([command, str(config)]) == 2
         assert "download.verify_hash_column: column 'sha256' not found in" in capsys.readouterr().err
     assert not (tmp_path / "run-missing" / "stats.json").exists()
+
+
+# -- blurring given boxes (DataComp's face_bboxes, img2dataset's bbox_col) ------------------------------------
+def _textured(width: int, height: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _changed_region(a: bytes, b: bytes) -> tuple[int, int, int, int]:
+    """Bounding box (x0, y0, x1, y1) of the pixels that differ clearly between two decoded images."""
+    diff = np.abs(pixels(a).astype(int) - pixels(b).astype(int)).max(axis=2) > 24
+    ys, xs = np.nonzero(diff)
+    return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+@pytest.mark.parametrize(("mode", "only_if_bigger"), [("keep_ratio", False), ("center_crop", False),
+                                                       ("border", False), ("none", True)])
+def test_blur_lands_on_the_box_in_every_geometry_and_orientation(orientation: int, mode: str,
+                                                                 only_if_bigger: bool) -> None:
+    """The box is given relative to the picture as stored; the output is upright, resized, cropped or padded: the
+    blurred pixels must be where the box went, and nothing else may change."""
+    from curate.stages.download.blur import displayed_boxes
+
+    stored = _textured(600, 400)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(stored, quality=95, exif=exif.tobytes())
+    box = (0.55, 0.1, 0.8, 0.45)  # stored frame: right, upper part
+    spec = ImageSpec(resize_mode=mode, image_size=200, resize_only_if_bigger=only_if_bigger)
+    plain, blurred = process_image(data, spec), process_image(data, spec, blur=[box])
+    assert (blurred.width, blurred.height) == (plain.width, plain.height)
+    # where the box should be in the output picture
+    (dx0, dy0, dx1, dy1), = displayed_boxes([box], orientation)
+    shown = (400, 600) if orientation in (6, 8) else (600, 400)
+    scale = {"keep_ratio": 200 / min(shown), "center_crop": 200 / min(shown), "border": 200 / max(shown),
+             "none": 1.0}[mode]
+    frame = (round(shown[0] * scale), round(shown[1] * scale))
+    offset = ((frame[0] - 200) // 2, (frame[1] - 200) // 2) if mode == "center_crop" else (0, 0)
+    if mode == "border":
+        offset = (-((200 - frame[0]) // 2), -((200 - frame[1]) // 2))
+    want = (dx0 * frame[0] - offset[0], dy0 * frame[1] - offset[1], dx1 * frame[0] - offset[0],
+            dy1 * frame[1] - offset[1])
+    got = _changed_region(plain.data, blurred.data)
+    side = max(want[2] - want[0], want[3] - want[1])
+    # the box grows by 10% of its side and the mask's soft edge reaches ~2 sigma (20% of the side) further
+    slack = 0.3 * side + 3
+    visible = (max(want[0], 0), max(want[1], 0), min(want[2], blurred.width), min(want[3], blurred.height))
+    assert all(abs(g - w) <= slack for g, w in zip(got, visible, strict=True)), (got, want)
+
+
+def test_blur_hides_the_box_content_and_keeps_the_rest() -> None:
+    from curate.stages.download.blur import blur_boxes
+
+    img = _textured(300, 200)
+    out = np.asarray(blur_boxes(img, [(100, 50, 200, 150)])).astype(float)
+    src = np.asarray(img).astype(float)
+    inside = np.abs(np.diff(out[60:140, 110:190], axis=1)).mean()
+    assert inside < 0.2 * np.abs(np.diff(src[60:140, 110:190], axis=1)).mean()  # the texture inside is gone
+    assert np.array_equal(out[:, :60], src[:, :60]) and np.array_equal(out[:, 260:], src[:, 260:])
+    assert blur_boxes(img, []) is img
+
+
+@pytest.mark.parametrize(("value", "error"), [
+    ("[[0.1, 0.1, 0.2]]", "4 finite numbers"), ([[0.1, 0.1, 0.2, float("nan")]], "4 finite numbers"),
+    ([[0.5, 0.1, 0.2, 0.3]], "not [x_min, y_min, x_max, y_max]"), ([[10, 10, 50, 50]], "relative to the picture"),
+    ("not json", "not JSON"), (7, "expected a list of boxes"), ([[0, 0, 1, 1]] * 300, "more than 256")])
+def test_box_values_that_cannot_be_read_are_refused(value: object, error: str) -> None:
+    from curate.stages.download.blur import BadBoxes, parse_boxes
+
+    with pytest.raises(BadBoxes, match=error.replace("[", r"\[").replace("]", r"\]")):
+        parse_boxes(value)
+
+
+def test_box_values_that_can_be_read() -> None:
+    from curate.stages.download.blur import parse_boxes
+
+    assert parse_boxes(None) == [] and parse_boxes([]) == [] and parse_boxes("") == []
+    assert parse_boxes("[[0.1, 0.2, 0.3, 0.4]]") == [(0.1, 0.2, 0.3, 0.4)]
+    assert parse_boxes([[-0.01, 0.0, 1.02, 1]]) == [(0.0, 0.0, 1.0, 1.0)]  # detectors overshoot a little: clipped
+
+
+def test_blur_column_through_a_real_run(tmp_path: Any, server: FaultServer, real_images: dict[str, bytes]) -> None:
+    """DataComp's face_bboxes column: rows with boxes are stored blurred, rows without are as without the option,
+    an unreadable value fails the row before it is fetched; a tar sample's .json boxes and its bytes too."""
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from curate.pipeline.config import load_config
+    from curate.pipeline.runner import run as run_pipeline
+
+    url = server.url("/astronaut.jpg")
+    boxes = [[[0.3, 0.1, 0.7, 0.5]], None, [], "[[0.3, 0.1, 0.7, 0.5]]", [[0.3, 0.1, 0.7]]]
+    pq.write_table(pa.table({"url": [f"{url}?{i}" for i in range(5)], "caption": ["c"] * 5,
+                             "face_bboxes": pa.array([json.dumps(b) if b is not None and not isinstance(b, str) else b
+                                                      for b in boxes], pa.string())}), tmp_path / "in.parquet")
+    base = [f"input.path={tmp_path / 'in.parquet'}", "download.allowed_networks=[127.0.0.1/32]",
+            "download.blur_bbox_column=face_bboxes", "captions.enabled=false", "dedup.enabled=false",
+            "clip.enabled=false", "cluster.processes=false", "cluster.n_workers=1", "cluster.dashboard=false"]
+
+    def outcome(run_dir: Any, *extra: str) -> list[dict[str, Any]]:
+        run_pipeline(load_config(None, [*base, f"output.path={run_dir}", *extra], data={}), progress=False,
+                     echo=lambda _m: None)
+        import glob
+
+        images = {}
+        for shard in sorted(glob.glob(str(run_dir / "shards" / "*.tar"))):
+            with tarfile.open(shard) as tar:
+                for member in tar.getmembers():
+                    if member.name.endswith(".jpg"):
+                        images[member.name.split(".")[0]] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        table = pa.concat_tables([pq.read_table(run_dir / d) for d in ("curated", "rejected")
+                                  if list((run_dir / d).glob("*.parquet"))], promote_options="default")
+        return [{**r, "jpg": images.get(r["key"])} for r in sorted(table.to_pylist(), key=lambda r: r["key"])]
+
+    got = outcome(tmp_path / "run")
+    assert [r["reject_reason"] for r in got] == [None, None, None, None, "bad_blur_boxes"]
+    assert got[1]["jpg"] == got[2]["jpg"] and got[0]["jpg"] == got[3]["jpg"] and got[0]["jpg"] != got[1]["jpg"]
+    # 320 x 320 (not enlarged): the box is 96-224 x 32-160; blurred a little past it (10% growth, soft edge)
+    assert (got[0]["width"], got[0]["height"]) == (320, 320)
+    x0, y0, x1, y1 = _changed_region(got[1]["jpg"], got[0]["jpg"])
+    assert 55 <= x0 <= 96 and 224 <= x1 <= 265 and y0 <= 32 and 160 <= y1 <= 201, (x0, y0, x1, y1)
+    assert got[4]["url"].endswith("?4") and "face_bboxes: a box must be 4 finite numbers" in got[4]["error_message"]
+    plain = outcome(tmp_path / "plain", "download.blur_bbox_column=")
+    assert plain[1]["jpg"] == got[1]["jpg"]  # rows without boxes: the same bytes as without the option
+
+    with tarfile.open(tmp_path / "in.tar", "w") as tar:  # bytes already downloaded, boxes in the sample's .json
+        for i, sample_boxes in enumerate([[[0.3, 0.1, 0.7, 0.5]], []]):
+            for suffix, data in ((".jpg", real_images["astronaut.jpg"]), (".txt", b"c"),
+                                 (".json", json.dumps({"face_bboxes": sample_boxes}).encode())):
+                member = tarfile.TarInfo(f"{i:03d}{suffix}")
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    got = outcome(tmp_path / "run-tar", f"input.path={tmp_path / 'in.tar'}")
+    assert got[1]["jpg"] == real_images["astronaut.jpg"]  # no boxes: kept byte for byte
+    assert got[0]["jpg"] != real_images["astronaut.jpg"] and (got[0]["width"], got[0]["height"]) == (320, 320)
+    x0, y0, x1, y1 = _changed_region(real_images["astronaut.jpg"], got[0]["jpg"])
+    assert 55 <= x0 <= 96 and 224 <= x1 <= 265 and y0 <= 32 and 160 <= y1 <= 201, (x0, y0, x1, y1)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_boxes_turn_as_pillow_turns_the_picture(orientation: int) -> None:
+    """displayed_boxes against Pillow's own exif_transpose of a picture with the box drawn in."""
+    from PIL import ImageDraw, ImageOps
+
+    from curate.stages.download.blur import displayed_boxes
+
+    stored = Image.new("L", (200, 100))
+    box = (0.55, 0.1, 0.8, 0.45)
+    ImageDraw.Draw(stored).rectangle((110, 10, 159, 44), fill=255)  # box * (200, 100), inclusive corners
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.info["exif"] = exif.tobytes()
+    stored.getexif()[0x0112] = orientation
+    shown = ImageOps.exif_transpose(stored)
+    ys, xs = np.nonzero(np.asarray(shown))
+    want = (xs.min() / shown.width, ys.min() / shown.height, (xs.max() + 1) / shown.width, (ys.max() + 1) / shown.height)
+    (got,) = displayed_boxes([box], orientation)
+    assert np.allclose(got, want, atol=0.011), (got, want)

@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -31,6 +32,7 @@ import exifread
 from PIL import Image
 
 from curate.pipeline.images import DEFAULT_INPUT_FORMATS, DEFAULT_MAX_PIXELS, open_image
+from curate.stages.download.blur import Box, blur_boxes, displayed_boxes
 
 ResizeMode = Literal["none", "keep_ratio", "keep_ratio_largest", "center_crop", "border"]
 OutputFormat = Literal["jpg", "png", "webp"]
@@ -193,8 +195,11 @@ def _encode(img: Image.Image, spec: ImageSpec) -> bytes:
     return buf.getvalue()
 
 
-def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
-    """Verify, filter, resize and encode one image. Raises ImageError or ImageFiltered."""
+def process_image(data: bytes, spec: ImageSpec, blur: Sequence[Box] = ()) -> ProcessedImage:
+    """Verify, filter, resize and encode one image. Raises ImageError or ImageFiltered.
+
+    `blur`: boxes relative to the picture as stored (see :mod:`curate.stages.download.blur`), blurred in the output
+    picture (after resizing and cropping, before padding); the bytes are then always re-encoded."""
     opened = open_image(data, max_pixels=spec.max_pixels, input_formats=spec.input_formats)
     fmt = opened.format
     original_w, original_h = opened.size
@@ -214,6 +219,10 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
 
     geometry_changed = False
     size = spec.image_size
+    # where the displayed picture's relative coordinates land in `img` once scaled and cropped (for `blur`)
+    frame, offset = planned or img.size, (0, 0)
+    if planned is not None and spec.resize_mode == "center_crop":
+        offset = ((planned[0] - size) // 2, (planned[1] - size) // 2) if min(planned) >= size else (0, 0)
     if planned is not None and spec.resize_mode == "center_crop" and img.size != planned:
         # Resample only the source region that survives the crop, straight to the square: the
         # same pixels as resize-then-crop without scaling the parts that are thrown away.
@@ -232,13 +241,18 @@ def process_image(data: bytes, spec: ImageSpec) -> ProcessedImage:
             left, top = (img.width - size) // 2, (img.height - size) // 2
             img = img.crop((left, top, left + size, top + size))
             geometry_changed = True
-        elif spec.resize_mode == "border" and img.size != (size, size):
-            img = _pad(img, size, spec.output_format)
-            geometry_changed = True
+    if blur:
+        img = blur_boxes(_normalize_mode(img, spec.output_format), [
+            (x0 * frame[0] - offset[0], y0 * frame[1] - offset[1], x1 * frame[0] - offset[0], y1 * frame[1] - offset[1])
+            for x0, y0, x1, y1 in displayed_boxes(blur, opened.orientation)])
+    if planned is not None and spec.resize_mode == "border" and img.size != (size, size):
+        img = _pad(img, size, spec.output_format)
+        geometry_changed = True
 
     keep_original = (
         spec.reencode == "if_needed"
         and not geometry_changed
+        and not blur
         and opened.orientation == 1
         and EXT_BY_FORMAT.get(fmt) == spec.output_format
         and getattr(img, "n_frames", 1) == 1

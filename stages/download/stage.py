@@ -28,6 +28,7 @@ from curate.pipeline import columns as C
 from curate.pipeline.configspec import ConfigError, option
 from curate.pipeline.images import DEFAULT_INPUT_FORMATS, DEFAULT_MAX_PIXELS, SNIFFED_FORMATS, ImageError
 from curate.pipeline.stage import RunContext, Stage
+from curate.stages.download.blur import BadBoxes, parse_boxes
 from curate.stages.download.fetch import (
     DEFAULT_DISALLOWED_DIRECTIVES,
     DEFAULT_ROBOTS_TOKENS,
@@ -127,6 +128,13 @@ class DownloadConfig:
     )
     verify_hash_type: Literal["sha256", "md5"] = option(
         "sha256", help="Digest of `verify_hash_column`: sha256 or md5."
+    )
+    blur_bbox_column: str = option(
+        "",
+        help="Input column of boxes to blur in each image (DataComp's `face_bboxes`, img2dataset's `bbox_col`): a "
+        "list of [x_min, y_min, x_max, y_max] relative to the picture as stored (before EXIF orientation), or its "
+        "JSON text; blurred in the output picture (docs/download.md). A value that cannot be read fails the row "
+        "as `bad_blur_boxes`. '' = no blurring.",
     )
     verify_tls: bool = option(True, help="Verify HTTPS certificates (false = accept any certificate).")
     ca_bundle: str = option(
@@ -295,7 +303,9 @@ class DownloadStage(Stage[DownloadConfig]):
 
     @classmethod
     def input_columns(cls, config: DownloadConfig) -> dict[str, str]:
-        return {"download.verify_hash_column": config.verify_hash_column} if config.verify_hash_column else {}
+        named = {"download.verify_hash_column": config.verify_hash_column,
+                 "download.blur_bbox_column": config.blur_bbox_column}
+        return {key: column for key, column in named.items() if column}
 
     @classmethod
     def report_parts(cls, section: dict[str, Any]) -> Any:
@@ -307,6 +317,8 @@ class DownloadStage(Stage[DownloadConfig]):
         super().__init__(config, context)
         self._resolver = resolver  # tests inject a resolver; production uses the system's
         self._spec = config.image_spec()
+        # rows arriving with bytes that have boxes to blur: their size, the configured encoding
+        self._as_stored = dataclasses.replace(self._spec, resize_mode="none", reencode="always")
         self._fetcher: Fetcher | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._cpu_gate: threading.BoundedSemaphore | None = None
@@ -340,8 +352,9 @@ class DownloadStage(Stage[DownloadConfig]):
         n = table.num_rows
         urls = table.column(C.URL).to_pylist() if C.URL in table.column_names else [None] * n
         existing = table.column(C.IMAGE).to_pylist() if C.IMAGE in table.column_names else [None] * n
-        expected = self._expected_digests(table)
-        outcomes = list(self._pool.map(self._one_row, urls, existing, expected))
+        expected = self._input_values(table, self.config.verify_hash_column)
+        boxes = self._input_values(table, self.config.blur_bbox_column)
+        outcomes = list(self._pool.map(self._one_row, urls, existing, expected, boxes))
 
         failed: list[str | None] = [None] * n
         rejected: list[str | None] = [None] * n
@@ -375,12 +388,12 @@ class DownloadStage(Stage[DownloadConfig]):
         # EXIF of the bytes as received, like img2dataset: re-encoding has stripped it from `image`.
         return _RowOutcome(image, exif=original_exif(source), pixels=pixels, counts=counts)
 
-    def _expected_digests(self, table: pa.Table) -> list[Any]:
-        """Per row, the digest `verify_hash_column` gives (None: not checked)."""
-        if not self.config.verify_hash_column:
-            return [None] * table.num_rows
-        column = C.input_column(self.config.verify_hash_column)
-        if column not in table.column_names:  # a table input without it stops at planning; a tar sample may lack it
+    @staticmethod
+    def _input_values(table: pa.Table, name: str) -> list[Any]:
+        """Per row, the value of input column `name` ('' or absent: None for every row). A table input without the
+        column stops at planning (`input_columns`); tar samples whose .json lacks the field have none."""
+        column = C.input_column(name) if name else ""
+        if not column or column not in table.column_names:
             return [None] * table.num_rows
         return table.column(column).to_pylist()
 
@@ -404,18 +417,29 @@ class DownloadStage(Stage[DownloadConfig]):
             message = f"{kind} of the {len(data):,} bytes received is {digest}, the input says {wanted}"
         return _RowOutcome(reason="hash_mismatch", message=message, status=C.STATUS_FAILED, counts=counts)
 
-    def _one_row(self, url: str | None, existing: bytes | None, expected: Any = None) -> _RowOutcome:
+    def _one_row(self, url: str | None, existing: bytes | None, expected: Any = None,
+                 box_value: Any = None) -> _RowOutcome:
         """Never raises: every row ends with an image or a reason."""
         counts: dict[str, int] = {}
         try:
             assert self._cpu_gate is not None
+            try:
+                boxes = parse_boxes(box_value)
+            except BadBoxes as err:
+                return _RowOutcome(reason="bad_blur_boxes", message=f"{self.config.blur_bbox_column}: {err}",
+                                   counts=counts)
+            if boxes:
+                counts["blurred_rows"] = 1
+                counts["blurred_boxes"] = len(boxes)
             if existing is not None:
                 counts["input_bytes"] = 1
                 if self.config.verify_hash_column and (mismatch := self._hash_mismatch(existing, expected, counts)):
                     return mismatch
                 with self._cpu_gate:
                     if self.config.reprocess_existing:
-                        return self._done(process_image(existing, self._spec), existing, counts)
+                        return self._done(process_image(existing, self._spec, blur=boxes), existing, counts)
+                    if boxes:  # kept at its size, but never unblurred: re-encoded with the boxes blurred
+                        return self._done(process_image(existing, self._as_stored, blur=boxes), existing, counts)
                     return self._done(verify_image(existing, self._spec), existing, counts)
             if url is None or not str(url).strip():
                 return _RowOutcome(reason="missing_url", message="the row has no URL and no image bytes")
@@ -431,7 +455,7 @@ class DownloadStage(Stage[DownloadConfig]):
             if self.config.verify_hash_column and (mismatch := self._hash_mismatch(result.data, expected, counts)):
                 return mismatch
             with self._cpu_gate:
-                image = process_image(result.data, self._spec)
+                image = process_image(result.data, self._spec, blur=boxes)
                 counts["reencoded" if image.reencoded else "kept_original_bytes"] = 1
                 counts["fetch_ms"] = int((time.monotonic() - started) * 1000)
                 return self._done(image, result.data, counts)
