@@ -95,6 +95,20 @@ def test_shipped_configs_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
                  "--set", "output.path=out", "--set", "clip.pretrained=vit-b-32.pt"]) == 0
     assert f"output {tmp_path / 'out'}" in capsys.readouterr().out
 
+    # datacomp.yaml reads the pool's sha256 and face_bboxes columns: a metadata file without them is refused
+    datacomp = str(REPO / "configs" / "datacomp.yaml")
+    (tmp_path / "pool").mkdir()
+    pq.write_table(pa.table({"uid": ["0" * 32], "url": ["http://x/a.jpg"], "text": ["a"]}), "pool/0.parquet")
+    _shapes_only_checkpoint(tmp_path / "vit-l-14.pt", "ViT-L-14")
+    overrides = ["--set", "input.path=pool", "--set", "dedup.indexes=[idx/a.parquet]", "--set", "output.path=dc",
+                 "--set", "clip.pretrained=vit-l-14.pt"]
+    assert main(["validate", datacomp, *overrides]) == 2
+    assert "download.verify_hash_column: column 'sha256' not found in" in capsys.readouterr().err
+    pq.write_table(pa.table({"uid": ["0" * 32], "url": ["http://x/a.jpg"], "text": ["a"], "sha256": ["0" * 64],
+                             "face_bboxes": pa.array([[[0.1, 0.1, 0.2, 0.2]]], pa.list_(pa.list_(pa.float64())))}),
+                   "pool/0.parquet")
+    assert main(["validate", datacomp, *overrides]) == 0
+
 
 
 def test_validate_checks_that_eval_indexes_fit_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -122,7 +122,7 @@ class DownloadConfig:
     )
     verify_hash_column: str = option(
         "",
-        help="Input column holding the hex digest of each image's bytes as first downloaded (DataComp's `sha256`, "
+        help="Input column holding the hex digest of each image's bytes as first downloaded (DataComp's `sha256`; "
         "img2dataset's `verify_hash`): bytes with another digest fail as `hash_mismatch` (the URL now serves "
         "something else) before any decoding; rows where it is null are not checked. '' = no check.",
     )
