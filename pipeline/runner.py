@@ -544,17 +544,21 @@ class Runner:
         with runlock.hold(self.layout.lock, self.out):
             return self._run()
 
-    def check(self) -> dict[str, Stage]:
-        """Everything a run checks before any work, and all that `curate validate` runs: the input finds files,
-        every enabled stage's preflight passes, and an existing run folder was made with this config.
+    def check(self, every_file: bool = True) -> dict[str, Stage]:
+        """Everything a run checks before any work, and all that `curate validate` runs: the input finds files
+        with the columns the config names, every enabled stage's preflight passes, and an existing run folder was
+        made with this config.
 
+        `every_file=False` (a run, which plans next): the columns of the first file only, to fail fast; planning
+        reads every file's schema anyway, and reading thousands of remote footers twice would double its time.
         Returns the client's one instance of each enabled stage (preflight now, run-wide decisions later).
         """
         files, fmt = inputs.resolve_input(self.config.input, self.layout.root)
         _check_resume_compatible(self.config, self.layout, record=False)
         self._check_input_unchanged(files)
         if not storage.exists(self.layout.plan):  # a planned run's columns were checked when it was planned
-            inputs.check_input_columns(self.config.input, files, fmt, self._input_columns())
+            inputs.check_input_columns(self.config.input, files if every_file else files[:1], fmt,
+                                       self._input_columns())
         context = RunContext(self.layout.root, self.layout.work)
         stages = {spec.section: spec.cls(spec.config, context) for spec in stage_specs(self.config)}
         for stage in stages.values():  # fail fast, before a cluster starts, on what the user must fix
@@ -571,7 +575,7 @@ class Runner:
     def _run(self) -> RunResult:
         started = time.time()
         layout = self.layout
-        stages = self.check()
+        stages = self.check(every_file=False)
         storage.makedirs(layout.work)
         _check_resume_compatible(self.config, layout, record=True)
         # This run owns output.path: temporaries of a killed earlier attempt are garbage.
