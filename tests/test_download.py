@@ -693,3 +693,18 @@ def test_boxes_turn_as_pillow_turns_the_picture(orientation: int) -> None:
     want = (xs.min() / shown.width, ys.min() / shown.height, (xs.max() + 1) / shown.width, (ys.max() + 1) / shown.height)
     (got,) = displayed_boxes([box], orientation)
     assert np.allclose(got, want, atol=0.011), (got, want)
+
+
+def test_proxy_variables_are_named_in_one_warning_before_the_run(monkeypatch: pytest.MonkeyPatch,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The downloader connects directly; on a proxied cluster every row would fail without a hint otherwise."""
+    for name in ("HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level("WARNING"):
+        make_stage().preflight()
+    assert "proxies" not in caplog.text
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("no_proxy", "localhost")  # not a proxy
+    with caplog.at_level("WARNING"):
+        make_stage().preflight()
+    assert "HTTPS_PROXY is set: curate's downloader does not use proxies" in caplog.text

@@ -16,6 +16,7 @@ import collections
 import dataclasses
 import hashlib
 import ipaddress
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -273,6 +274,7 @@ class _RowOutcome:
 
 
 _INT = pa.int32()
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy")
 
 
 class DownloadStage(Stage[DownloadConfig]):
@@ -323,6 +325,15 @@ class DownloadStage(Stage[DownloadConfig]):
         self._pool: ThreadPoolExecutor | None = None
         self._cpu_gate: threading.BoundedSemaphore | None = None
         self.counters: collections.Counter[str] = collections.Counter()
+
+    def preflight(self) -> None:
+        # img2dataset (urllib) goes through HTTP(S)_PROXY; this downloader connects directly (its address checks need
+        # the real peer). On a cluster that can only reach the web through a proxy every row would fail as
+        # connect_error/dns_error with no hint why: say it once, up front.
+        proxies = sorted({name for name in os.environ if name.lower() in _PROXY_VARIABLES and os.environ[name]})
+        if proxies and self.config.enabled:
+            self.log.warning("%s set: curate's downloader does not use proxies, it connects to each host directly "
+                             "(docs/download.md, Fetching)", " and ".join(proxies) + (" is" if len(proxies) == 1 else " are"))
 
     def __getstate__(self) -> dict[str, Any]:  # shipped to workers before setup(): no threads/sockets
         state = self.__dict__.copy()
