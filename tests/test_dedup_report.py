@@ -237,3 +237,30 @@ def test_a_corpus_thumbnail_left_from_an_earlier_report_is_not_shown_for_a_sampl
     assert [p["key"] for p in json.loads((out / "pairs.json").read_text())] == ["k0"]
     assert not (out / "thumbs" / "corpus-0.jpg").exists()
     assert "image not available" in (out / "index.html").read_text()
+
+
+def test_the_report_replaces_an_earlier_report_but_never_files_it_did_not_write(
+    tmp_path: Path, real_images: dict[str, bytes], index_path: str
+) -> None:
+    """A second report into the same folder leaves none of the first one's pages or thumbnails behind; a folder with
+    anything else in it (a website, a run folder) is refused before any file is touched."""
+    from curate.pipeline.cli import main
+
+    _write_tar(tmp_path / "corpus.tar", real_images)
+    out = tmp_path / "report"
+    dedup_report(str(tmp_path / "corpus.tar"), [index_path], str(out))
+    (out / "page-7.html").write_text("a page of a bigger, earlier report")
+    (out / "thumbs" / "corpus-99.jpg").write_bytes(b"stale")
+    _write_tar(tmp_path / "one.tar", {"chelsea.jpg": real_images["chelsea.jpg"]})
+    dedup_report(str(tmp_path / "one.tar"), [index_path], str(out))
+    assert not (out / "page-7.html").exists() and len(list((out / "thumbs").iterdir())) == 2
+    assert _pairs(out) == {("chelsea", "animal/chelsea_text.jpg")}
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("my website")
+    (site / "style.css").write_text("body{}")
+    with pytest.raises(ValueError, match="holds files that are not a dedup report's \\(style.css\\)"):
+        dedup_report(str(tmp_path / "one.tar"), [index_path], str(site))
+    assert (site / "index.html").read_text() == "my website"
+    assert main(["dedup-report", "--corpus", str(tmp_path / "one.tar"), "--index", index_path, "-o", str(site)]) == 2

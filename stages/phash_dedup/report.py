@@ -22,6 +22,8 @@ import html
 import json
 import logging
 import os
+import re
+import shutil
 import tarfile  # TarError only: tars are read through curate.pipeline.tario
 from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
@@ -293,8 +295,7 @@ def dedup_report(
         log.warning("corpus %s has no image bytes (phash only): pairs are reported unverified", corpus)
     verified_mode = verify and has_descriptors and with_images
     settings = match_settings(threshold, verified_mode, candidate_threshold, max_candidates, n_bits)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _report_folder(Path(output_dir))
     matcher = EvalMatcher(index, settings, n_bits, descriptors=store if verified_mode else None)
 
     # One pass over the corpus, a chunk of samples at a time: hash (a run's stored hashes where they are trustworthy),
@@ -427,6 +428,30 @@ def _histogram(pairs: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
     for p in pairs:
         hist[p["distance"]]["rejected" if p["verified"] is False else "confirmed"] += 1
     return {str(d): {"confirmed": hist[d]["confirmed"], "rejected": hist[d]["rejected"]} for d in sorted(hist)}
+
+
+_REPORT_FILE = re.compile(r"(index|page-\d+)\.html|pairs\.(csv|json)|summary\.json")
+
+
+def _report_folder(out: Path) -> Path:
+    """`out`, created, or emptied of an earlier report's files (a bigger report's pages and thumbnails would
+    otherwise stay behind, linked from nowhere). A folder holding anything else is refused: the report must not
+    overwrite files it did not write (a website's index.html, a run folder's summary)."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"report folder {out} is a file")
+    entries = sorted(out.iterdir()) if out.exists() else []
+    foreign = [e.name for e in entries if not (_REPORT_FILE.fullmatch(e.name) and e.is_file())
+               and not (e.name == "thumbs" and e.is_dir())]
+    if foreign:
+        raise ValueError(f"report folder {out} holds files that are not a dedup report's ({', '.join(foreign[:3])}"
+                         f"{', ...' if len(foreign) > 3 else ''}): choose a new or empty folder")
+    for entry in entries:
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _write_tables(out: Path, pairs: list[dict[str, Any]], summary: dict[str, Any]) -> None:
