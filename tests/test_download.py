@@ -465,6 +465,36 @@ def test_empty_partition() -> None:
     stage.teardown()
 
 
+_RUN = ["download.allowed_networks=[127.0.0.1/32]", "captions.enabled=false", "dedup.enabled=false",
+        "clip.enabled=false", "cluster.processes=false", "cluster.n_workers=1", "cluster.dashboard=false"]
+
+
+def _run_rows(run_dir: Any, *overrides: str) -> list[dict[str, Any]]:
+    """A real run (threads-only cluster, download + write): every row of curated/ and rejected/ by key, each with the
+    `jpg` bytes its shard holds (None for a rejected row); the accounting invariant is checked on the way."""
+    import glob
+    import tarfile
+
+    import pyarrow.parquet as pq
+
+    from curate.pipeline.config import load_config
+    from curate.pipeline.runner import run as run_pipeline
+
+    run_pipeline(load_config(None, [*_RUN, f"output.path={run_dir}", *overrides], data={}), progress=False,
+                 echo=lambda _m: None)
+    stats = json.loads((run_dir / "stats.json").read_text())
+    assert stats["input_rows"] == stats["kept"] + sum(sum(r.values()) for r in stats["rejected"].values())
+    images: dict[str, bytes] = {}
+    for shard in sorted(glob.glob(str(run_dir / "shards" / "*.tar"))):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".jpg"):
+                    images[member.name.split(".")[0]] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    table = pa.concat_tables([pq.read_table(run_dir / d) for d in ("curated", "rejected")
+                              if list((run_dir / d).glob("*.parquet"))], promote_options="default")
+    return [{**r, "jpg": images.get(r["key"])} for r in sorted(table.to_pylist(), key=lambda r: r["key"])]
+
+
 # -- verifying the bytes against the input's digests (DataComp's sha256, img2dataset's verify_hash) --------------
 def test_verify_hash_checks_the_bytes_as_received_through_a_real_run(
         tmp_path: Any, server: FaultServer, real_images: dict[str, bytes], capsys: pytest.CaptureFixture[str]) -> None:
@@ -476,26 +506,16 @@ def test_verify_hash_checks_the_bytes_as_received_through_a_real_run(
     import pyarrow.parquet as pq
 
     from curate.pipeline.cli import main
-    from curate.pipeline.config import load_config
-    from curate.pipeline.runner import run as run_pipeline
 
     names = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "rocket.jpg"]
     digests = [hashlib.sha256(real_images[n]).hexdigest() for n in names]
     expected = [digests[0].upper(), digests[0], None, "not-a-digest"]  # case-insensitive; row 1 gets chelsea
     pq.write_table(pa.table({"url": [server.url(f"/{n}") for n in names], "caption": ["c"] * 4,
                              "sha256": expected}), tmp_path / "in.parquet")
-    base = [f"input.path={tmp_path / 'in.parquet'}", "download.allowed_networks=[127.0.0.1/32]",
-            "download.verify_hash_column=sha256", "captions.enabled=false", "dedup.enabled=false",
-            "clip.enabled=false", "cluster.processes=false", "cluster.n_workers=1", "cluster.dashboard=false"]
+    base = [f"input.path={tmp_path / 'in.parquet'}", "download.verify_hash_column=sha256"]
 
     def outcome(run_dir: Any, *extra: str) -> list[dict[str, Any]]:
-        run_pipeline(load_config(None, [*base, f"output.path={run_dir}", *extra], data={}), progress=False,
-                     echo=lambda _m: None)
-        stats = json.loads((run_dir / "stats.json").read_text())
-        assert stats["input_rows"] == stats["kept"] + sum(sum(r.values()) for r in stats["rejected"].values())
-        table = pa.concat_tables([pq.read_table(run_dir / d) for d in ("curated", "rejected")
-                                  if list((run_dir / d).glob("*.parquet"))], promote_options="default")
-        return sorted(table.to_pylist(), key=lambda r: r["key"])
+        return _run_rows(run_dir, *base, *extra)
 
     got = outcome(tmp_path / "run")
     assert [r["reject_reason"] for r in got] == [None, "hash_mismatch", None, "hash_mismatch"]
@@ -622,32 +642,15 @@ def test_blur_column_through_a_real_run(tmp_path: Any, server: FaultServer, real
 
     import pyarrow.parquet as pq
 
-    from curate.pipeline.config import load_config
-    from curate.pipeline.runner import run as run_pipeline
-
     url = server.url("/astronaut.jpg")
     boxes = [[[0.3, 0.1, 0.7, 0.5]], None, [], "[[0.3, 0.1, 0.7, 0.5]]", [[0.3, 0.1, 0.7]]]
     pq.write_table(pa.table({"url": [f"{url}?{i}" for i in range(5)], "caption": ["c"] * 5,
                              "face_bboxes": pa.array([json.dumps(b) if b is not None and not isinstance(b, str) else b
                                                       for b in boxes], pa.string())}), tmp_path / "in.parquet")
-    base = [f"input.path={tmp_path / 'in.parquet'}", "download.allowed_networks=[127.0.0.1/32]",
-            "download.blur_bbox_column=face_bboxes", "captions.enabled=false", "dedup.enabled=false",
-            "clip.enabled=false", "cluster.processes=false", "cluster.n_workers=1", "cluster.dashboard=false"]
+    base = [f"input.path={tmp_path / 'in.parquet'}", "download.blur_bbox_column=face_bboxes"]
 
     def outcome(run_dir: Any, *extra: str) -> list[dict[str, Any]]:
-        run_pipeline(load_config(None, [*base, f"output.path={run_dir}", *extra], data={}), progress=False,
-                     echo=lambda _m: None)
-        import glob
-
-        images = {}
-        for shard in sorted(glob.glob(str(run_dir / "shards" / "*.tar"))):
-            with tarfile.open(shard) as tar:
-                for member in tar.getmembers():
-                    if member.name.endswith(".jpg"):
-                        images[member.name.split(".")[0]] = tar.extractfile(member).read()  # type: ignore[union-attr]
-        table = pa.concat_tables([pq.read_table(run_dir / d) for d in ("curated", "rejected")
-                                  if list((run_dir / d).glob("*.parquet"))], promote_options="default")
-        return [{**r, "jpg": images.get(r["key"])} for r in sorted(table.to_pylist(), key=lambda r: r["key"])]
+        return _run_rows(run_dir, *base, *extra)
 
     got = outcome(tmp_path / "run")
     assert [r["reject_reason"] for r in got] == [None, None, None, None, "bad_blur_boxes"]
