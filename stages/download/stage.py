@@ -299,8 +299,9 @@ class DownloadStage(Stage[DownloadConfig]):
                            "(`download.allowed_networks: [\"127.0.0.1/32\"]`) or set download.allow_private: true",
         "timeout": "raise download.timeout, or lower download.threads if the servers throttle",
         "unsupported_scheme": "only http(s) URLs are fetched; local paths need download.allow_file: true",
-        "hash_mismatch": "download.verify_hash_column must hold the digest of the image bytes as first downloaded "
-                         "(download.verify_hash_type: sha256 or md5), not of a resized copy",
+        "hash_mismatch": "download.verify_hash_column must hold the digest of the bytes the row's image arrives as "
+                         "(download.verify_hash_type: sha256 or md5); an img2dataset tar's own sha256 is of what it "
+                         "downloaded, before re-encoding, so re-encoded shards never match it",
     }
 
     @classmethod
