@@ -17,11 +17,13 @@ Model code lives in :mod:`curate.stages.clip_filter.model`; see docs/clip.md.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -247,7 +249,7 @@ class ClipFilterStage(Stage[ClipConfig]):
         if config.model.startswith(MODEL_SCHEMAS):
             return
         if is_random_init(config.model, config.pretrained):
-            self._known_model()
+            self._known_model(registry_files_only=True)
             log.warning(random_weights_message(config.model))  # the run's only random-weights warning
             return
         if looks_like_checkpoint_path(config.pretrained):
@@ -257,13 +259,23 @@ class ClipFilterStage(Stage[ClipConfig]):
             return
         self._preflight_tag()
 
-    def _known_model(self) -> None:
+    def _known_model(self, registry_files_only: bool = False) -> None:
+        """ConfigError unless `clip.model` names an open_clip model. `registry_files_only`: look for its config file
+        (open_clip's registry is its `model_configs/*.json` plus `model_config`) without importing open_clip, which
+        takes torch with it (~6 s and ~700 MB in the client): enough where nothing else needs open_clip here."""
+        config = self.config
+        name = config.model.replace("/", "-")
+        if registry_files_only:
+            found = importlib.util.find_spec("open_clip")
+            folders = [Path(p) / "model_configs" for p in (found.submodule_search_locations or [])] if found else []
+            if any((folder / f"{name}.json").is_file() for folder in folders) or (
+                    config.model_config and Path(config.model_config).stem == name):
+                return
         import open_clip
 
-        config = self.config
         if config.model_config and os.path.isfile(config.model_config):
             open_clip.add_model_config(config.model_config)
-        if config.model.replace("/", "-") not in open_clip.list_models():
+        if name not in open_clip.list_models():
             raise ConfigError("clip.model", f"unknown open_clip model {config.model!r} (open_clip.list_models() "
                                             "lists them; `model_config` registers your own)")
 
