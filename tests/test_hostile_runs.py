@@ -418,3 +418,33 @@ def test_a_missing_url_or_caption_column_is_found_by_validate_as_by_run(
         assert main([command, str(config)]) == 2
         assert f"input.url_column: column 'url' not found in {path} (columns: URL, caption)" in capsys.readouterr().err
     assert main(["validate", str(config), "--set", "input.url_column=URL"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["broken_hf", "empty_folder", "single_image"])
+def test_an_eval_set_that_cannot_be_read_is_refused_by_validate_naming_it(
+        tmp_path: Path, kind: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """It used to pass `validate` and stop the run in every worker's set-up ("phash_dedup could not set up"), with
+    pyarrow's words naming no file ("File is too small: 15")."""
+    import pyarrow as pa
+
+    source = tmp_path / kind
+    if kind == "broken_hf":
+        source.mkdir()
+        (source / "state.json").write_text('{"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}')
+        (source / "data-00000-of-00001.arrow").write_bytes(b"ARROW1\0\0cut")
+        expected = "cannot read Hugging Face Arrow file"
+    elif kind == "empty_folder":
+        source.mkdir()
+        expected = "holds no images"
+    else:
+        source = tmp_path / "one.jpg"
+        source.write_bytes((REPO / "configs" / "demo" / "images" / IMAGES[0]).read_bytes())
+        expected = "cannot tell the format"
+    pq.write_table(pa.table({"url": ["http://127.0.0.1/a.jpg"], "caption": ["a cat"]}), tmp_path / "in.parquet")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"input": {"path": str(tmp_path / "in.parquet")},
+                                      "output": {"path": str(tmp_path / "out")}, "clip": {"enabled": False},
+                                      "dedup": {"eval_sets": [{"path": str(source)}]}}))
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "dedup.eval_sets[0].path: " in err and expected in err, err

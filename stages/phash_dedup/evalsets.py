@@ -115,7 +115,8 @@ def detect_format(source: str) -> str:
     if suffixes <= {".arrow"}:
         return "hf"
     raise ValueError(
-        f"eval set {source!r}: cannot tell the format from {sorted(suffixes)}; pass fmt= one of {', '.join(FORMATS)}"
+        f"eval set {source!r}: cannot tell the format from {sorted(suffixes)}; give it (`--format` of hash-evalset, "
+        f"`format` of a dedup.eval_sets entry): one of {', '.join(FORMATS)}; a folder of images is `folder`"
     )
 
 
@@ -311,10 +312,13 @@ def _hf_image_column(root: Path) -> str | None:
 def _open_arrow(file: Path) -> tuple[pa.Schema, Iterator[pa.RecordBatch]]:
     source = pa.memory_map(str(file), "r")
     try:
-        reader: Any = pa.ipc.open_stream(source)  # what datasets writes
-    except pa.ArrowInvalid:
-        reader = pa.ipc.open_file(source)
-        return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+        try:
+            reader: Any = pa.ipc.open_stream(source)  # what datasets writes
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(source)
+            return reader.schema, (reader.get_batch(i) for i in range(reader.num_record_batches))
+    except (pa.ArrowInvalid, OSError) as err:  # pyarrow's own words name no file ("File is too small: 15")
+        raise ValueError(f"cannot read Hugging Face Arrow file {file}: {err}") from err
     return reader.schema, iter(reader)
 
 

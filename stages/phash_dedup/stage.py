@@ -233,6 +233,16 @@ class PhashDedupStage(Stage[DedupConfig]):
                 continue  # remote or pattern: resolved by the adapter, which reports what it cannot read
             if not os.path.exists(source.path):
                 raise ConfigError(f"dedup.eval_sets[{i}].path", f"eval set {source.path!r} does not exist")
+            # Its format and first item, cheaply (hashing it all is the workers' set-up, cached): an eval set the
+            # adapters cannot read at all stops the run here, not in every worker's set-up.
+            from curate.stages.phash_dedup import evalsets
+
+            try:
+                first = next(iter(evalsets.iter_eval_images(source.path, source.format)), None)
+            except (ValueError, OSError) as err:
+                raise ConfigError(f"dedup.eval_sets[{i}].path", str(err)) from err
+            if first is None:
+                raise ConfigError(f"dedup.eval_sets[{i}].path", f"eval set {source.path!r} holds no images")
 
     def setup(self) -> None:
         from curate.stages.phash_dedup.phash import PhashParams
