@@ -643,10 +643,10 @@ def test_blur_column_through_a_real_run(tmp_path: Any, server: FaultServer, real
     import pyarrow.parquet as pq
 
     url = server.url("/astronaut.jpg")
-    boxes = [[[0.3, 0.1, 0.7, 0.5]], None, [], "[[0.3, 0.1, 0.7, 0.5]]", [[0.3, 0.1, 0.7]]]
+    boxes = [[[0.3, 0.1, 0.7, 0.5]], None, [], [[0.3, 0.1, 0.7, 0.5]], [[0.3, 0.1, 0.7]]]  # DataComp's list type
     pq.write_table(pa.table({"url": [f"{url}?{i}" for i in range(5)], "caption": ["c"] * 5,
-                             "face_bboxes": pa.array([json.dumps(b) if b is not None and not isinstance(b, str) else b
-                                                      for b in boxes], pa.string())}), tmp_path / "in.parquet")
+                             "face_bboxes": pa.array(boxes, pa.list_(pa.list_(pa.float64())))}),
+                   tmp_path / "in.parquet")
     base = [f"input.path={tmp_path / 'in.parquet'}", "download.blur_bbox_column=face_bboxes"]
 
     def outcome(run_dir: Any, *extra: str) -> list[dict[str, Any]]:
@@ -660,6 +660,12 @@ def test_blur_column_through_a_real_run(tmp_path: Any, server: FaultServer, real
     x0, y0, x1, y1 = _changed_region(got[1]["jpg"], got[0]["jpg"])
     assert 55 <= x0 <= 96 and 224 <= x1 <= 265 and y0 <= 32 and 160 <= y1 <= 201, (x0, y0, x1, y1)
     assert got[4]["url"].endswith("?4") and "face_bboxes: a box must be 4 finite numbers" in got[4]["error_message"]
+    assert server.hits["/astronaut.jpg"] == 4  # rows 0-3: the bad value's row was refused before it was fetched
+    # the same boxes as JSON text (a CSV column) give the same bytes
+    pq.write_table(pa.table({"url": [f"{url}?0"], "caption": ["c"], "face_bboxes": [json.dumps(boxes[0])]}),
+                   tmp_path / "text.parquet")
+    assert _run_rows(tmp_path / "run-text", f"input.path={tmp_path / 'text.parquet'}",
+                     "download.blur_bbox_column=face_bboxes")[0]["jpg"] == got[0]["jpg"]
     plain = outcome(tmp_path / "plain", "download.blur_bbox_column=")
     assert plain[1]["jpg"] == got[1]["jpg"]  # rows without boxes: the same bytes as without the option
 
