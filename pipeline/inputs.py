@@ -251,13 +251,7 @@ def plan_input(input_cfg: Any, converted_dir: str, limit: int = 0, run_dir: str 
         else:
             if fmt == "parquet":
                 readable = source
-                try:
-                    with fsspec.open(source, "rb") as f:
-                        meta = pq.ParquetFile(f).metadata
-                        n_rows = meta.num_rows
-                        names = meta.schema.to_arrow_schema().names
-                except Exception as err:
-                    raise ConfigError("input.path", f"cannot read Parquet {source!r}: {err}") from err
+                names, n_rows = _parquet_footer(source)
             else:
                 readable = f"{converted_dir}/file-{file_index:05d}.parquet"
                 n_rows, names, bad = _convert_text_table(source, fmt, readable, input_cfg.shard_size,
@@ -288,19 +282,13 @@ def check_input_columns(input_cfg: Any, files: list[str], fmt: str, required: Ma
     so a JSONL input is checked when it is converted, at planning; a WebDataset input has no columns to check."""
     for source in files:
         if fmt == "parquet":
-            try:
-                with fsspec.open(source, "rb") as f:
-                    names = pq.ParquetFile(f).schema_arrow.names
-            except Exception as err:
-                raise ConfigError("input.path", f"cannot read Parquet {source!r}: {err}") from err
+            names, _rows = _parquet_footer(source)
         elif fmt in ("csv", "tsv"):
             try:
                 with fsspec.open(source, "rb", compression="infer") as f:
                     reader = pacsv.open_csv(
                         f, read_options=pacsv.ReadOptions(block_size=1 << 16, use_threads=False),
-                        parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
-                                                         newlines_in_values=fmt == "csv",
-                                                         invalid_row_handler=lambda _row: "skip"),
+                        parse_options=_csv_parse_options(fmt, lambda _row: "skip"),
                         convert_options=pacsv.ConvertOptions(check_utf8=False))
                     names = reader.schema.names
             except (pa.ArrowInvalid, OSError, EOFError, zlib.error, lzma.LZMAError) as err:
@@ -308,6 +296,22 @@ def check_input_columns(input_cfg: Any, files: list[str], fmt: str, required: Ma
         else:
             return
         _check_columns(names, input_cfg, source, required)
+
+
+def _parquet_footer(source: str) -> tuple[list[str], int]:
+    """(column names, row count) of a Parquet input file, from its footer alone."""
+    try:
+        with fsspec.open(source, "rb") as f:
+            meta = pq.ParquetFile(f).metadata
+            return meta.schema.to_arrow_schema().names, meta.num_rows
+    except Exception as err:
+        raise ConfigError("input.path", f"cannot read Parquet {source!r}: {err}") from err
+
+
+def _csv_parse_options(fmt: str, invalid_row_handler: Any) -> pacsv.ParseOptions:
+    """How a CSV/TSV input is split into fields (quoted newlines in CSV only), for conversion and header checks."""
+    return pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",", newlines_in_values=fmt == "csv",
+                              invalid_row_handler=invalid_row_handler)
 
 
 def _convert_text_table(
@@ -350,8 +354,7 @@ def _read_delimited(data: bytes, fmt: str, text_columns: tuple[str, ...]) -> tup
             try:
                 table = pacsv.read_csv(
                     io.BytesIO(data),
-                    parse_options=pacsv.ParseOptions(delimiter="\t" if fmt == "tsv" else ",",
-                                                     newlines_in_values=fmt == "csv", invalid_row_handler=keep_bad),
+                    parse_options=_csv_parse_options(fmt, keep_bad),
                     # Keep every value as text: a caption "1984" must stay a caption. Invalid UTF-8 in a value is
                     # that row's problem, not the file's (_binary_where_not_utf8).
                     convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns},
