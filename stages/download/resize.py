@@ -219,14 +219,15 @@ def process_image(data: bytes, spec: ImageSpec, blur: Sequence[Box] = ()) -> Pro
 
     geometry_changed = False
     size = spec.image_size
-    # where the displayed picture's relative coordinates land in `img` once scaled and cropped (for `blur`)
+    # The scaled picture's size, and where center_crop's square starts in it (its shorter side is `size`); also
+    # where the displayed picture's relative coordinates land once scaled and cropped (for `blur`).
     frame, offset = planned or img.size, (0, 0)
     if planned is not None and spec.resize_mode == "center_crop":
-        offset = ((planned[0] - size) // 2, (planned[1] - size) // 2) if min(planned) >= size else (0, 0)
+        offset = ((planned[0] - size) // 2, (planned[1] - size) // 2)
     if planned is not None and spec.resize_mode == "center_crop" and img.size != planned:
         # Resample only the source region that survives the crop, straight to the square: the
         # same pixels as resize-then-crop without scaling the parts that are thrown away.
-        left, top = (planned[0] - size) // 2, (planned[1] - size) // 2
+        left, top = offset
         scale_x, scale_y = img.width / planned[0], img.height / planned[1]
         box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
         resample = _FILTERS[spec.downscale_interpolation if downscale else spec.upscale_interpolation]
@@ -238,7 +239,7 @@ def process_image(data: bytes, spec: ImageSpec, blur: Sequence[Box] = ()) -> Pro
             img = img.resize(planned, resample=resample, reducing_gap=_reducing_gap(img.width / planned[0]))
             geometry_changed = True
         if spec.resize_mode == "center_crop" and img.size != (size, size):
-            left, top = (img.width - size) // 2, (img.height - size) // 2
+            left, top = offset  # img is the scaled picture (`planned`) here
             img = img.crop((left, top, left + size, top + size))
             geometry_changed = True
     if blur:
